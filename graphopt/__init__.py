@@ -1,0 +1,38 @@
+"""graphopt: a compiler-style graph optimizer for PyTorch.
+
+    compiled = torch.compile(model, backend="graphopt", options={"target": "cpu"})
+    optimized = graphopt.optimize(model, example_inputs, target="llvm")
+    print(optimized.report)
+"""
+
+from graphopt.api import OptimizedModule, optimize
+from graphopt.backend import graphopt_backend
+from graphopt.compiler import REPORTS
+from graphopt.config import Config
+from graphopt.errors import UnsupportedOpError, VerificationError
+from graphopt.report import Report
+
+__version__ = "0.1.0"
+
+
+def reports() -> list[Report]:
+    """Reports of every graph graphopt compiled in this process (oldest first)."""
+    return list(REPORTS)
+
+
+def clear_reports() -> None:
+    REPORTS.clear()
+
+
+__all__ = [
+    "Config",
+    "OptimizedModule",
+    "Report",
+    "UnsupportedOpError",
+    "VerificationError",
+    "clear_reports",
+    "graphopt_backend",
+    "optimize",
+    "reports",
+    "__version__",
+]

@@ -1,0 +1,131 @@
+"""The torch.compile backend: `torch.compile(model, backend="graphopt", options={...})`.
+
+Registered through the `torch_dynamo_backends` entry point, so no `import graphopt` is needed.
+dynamo's graph is traced to core ATen by aot_autograd (which also handles input mutation,
+aliasing, dynamic shapes and the forward/backward split); graphopt's compilers then
+  * inference (grad disabled, or nothing requires grad): freeze parameters and buffers into
+    constants, run the full pipeline, lower for the target;
+  * training: run the training-safe passes on the forward and backward graphs and lower both.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.capture import concrete, freeze_placeholders, is_param_source
+from graphopt.compiler import compile_graph, new_report
+from graphopt.config import Config
+
+
+def graphopt_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | Config | None = None,
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """dynamo backend entry point. `options` are `Config` fields; unknown keys raise ValueError."""
+    if kwargs.get("mode") not in (None, "default"):
+        raise ValueError(
+            f"graphopt does not take torch.compile(mode={kwargs['mode']!r}); use options= "
+            f"with the fields of graphopt.Config"
+        )
+    cfg = Config.from_options(options)
+    return compile_dynamo_graph(gm, list(example_inputs), cfg)
+
+
+def compile_dynamo_graph(
+    dynamo_gm: torch.fx.GraphModule, example_inputs: list[Any], cfg: Config
+) -> Callable[..., Any]:
+    from torch._decomp import core_aten_decompositions
+    from torch._dynamo.backends.common import aot_autograd
+
+    start = time.perf_counter()
+    placeholders = dynamo_gm.graph.find_nodes(op="placeholder")
+    param_indices = [i for i, node in enumerate(placeholders) if is_param_source(node)]
+    real_inputs = [concrete(x) for x in example_inputs]
+    training = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
+    decompositions = core_aten_decompositions()
+    if training:
+        fw = functools.partial(_training_compiler, cfg=cfg, mode="training-forward", start=start)
+        bw = functools.partial(_training_compiler, cfg=cfg, mode="training-backward", start=None)
+        return aot_autograd(fw_compiler=fw, bw_compiler=bw, decompositions=decompositions)(
+            dynamo_gm, example_inputs
+        )
+    inference = functools.partial(
+        _inference_compiler, cfg=cfg, param_indices=param_indices, real_inputs=real_inputs,
+        start=start,
+    )
+    return aot_autograd(
+        fw_compiler=inference,
+        inference_compiler=inference,
+        decompositions=decompositions,
+        keep_inference_input_mutations=True,
+    )(dynamo_gm, example_inputs)
+
+
+def _inference_compiler(
+    gm: torch.fx.GraphModule,
+    fake_inputs: list[Any],
+    *,
+    cfg: Config,
+    param_indices: list[int],
+    real_inputs: list[Any],
+    start: float,
+) -> Callable[..., Any]:
+    from torch._functorch.aot_autograd import MutationType
+    from torch._guards import TracingContext
+
+    report = new_report(cfg)
+    report.capture_seconds = time.perf_counter() - start  # aot_autograd's trace to ATen
+    context = TracingContext.try_get()
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    frozen: dict[int, torch.Tensor] = {}
+    # aot_autograd's inputs are dynamo's, in order (with inlined nn.Modules no separate
+    # params are lifted). Anything else, we do not freeze rather than guess.
+    if context is not None and context.fw_metadata is not None and not context.params_flat and (
+        len(placeholders) == len(real_inputs)
+    ):
+        meta = context.fw_metadata
+        unsafe = {i for i, info in enumerate(meta.input_info)
+                  if info.mutation_type != MutationType.NOT_MUTATED}
+        unsafe |= {o.base_idx for o in meta.output_info if o.base_idx is not None}
+        frozen = {i: real_inputs[i] for i in param_indices if i not in unsafe}
+    kept = freeze_placeholders(gm, frozen)
+    compiled = compile_graph(
+        gm,
+        [fake_inputs[i] for i in kept],
+        cfg,
+        report,
+        real_inputs=[real_inputs[i] for i in kept] if len(real_inputs) == len(placeholders)
+        else None,
+    )
+
+    def run(args: list[Any]) -> Any:
+        return compiled(*[args[i] for i in kept])
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+def _training_compiler(
+    gm: torch.fx.GraphModule, fake_inputs: list[Any], *, cfg: Config, mode: str,
+    start: float | None,
+) -> Callable[..., Any]:
+    report = new_report(cfg, mode=mode)
+    if start is not None:
+        report.capture_seconds = time.perf_counter() - start
+    compiled = compile_graph(gm, fake_inputs, cfg, report, training=True)
+
+    def run(args: list[Any]) -> Any:
+        return compiled(*args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run

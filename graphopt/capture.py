@@ -1,0 +1,125 @@
+"""Capture: turn a model into a frozen, functional core-ATen FX graph.
+
+Two entry points, one result:
+  * `torch.compile` (dynamo) hands us a torch-IR graph; `aot_autograd` traces it to core ATen
+    and calls our compilers (see `graphopt.backend`). `freeze_params` then replaces the
+    parameter/buffer inputs with constants, as inductor's freezing does.
+  * `graphopt.optimize` / `graphopt.export` use `torch.export` + `run_decompositions()`
+    (`capture_export`), frozen with the same `freeze_placeholders`.
+Both give a GraphModule whose placeholders are the user inputs only and whose weights are
+`get_attr` constants, with `meta["val"]` fake tensors on every node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from graphopt.passes.base import add_constant
+
+
+@dataclass
+class CapturedGraph:
+    """A frozen core-ATen graph and what is needed to call it like the original model.
+
+    Args:
+        gm: placeholders are user inputs (tensors, maybe SymInts); weights are constants.
+        example_inputs: real values for the placeholders, in order.
+        in_spec / out_spec: pytree specs of the model's (args, kwargs) and outputs
+            (export path only; None for dynamo graphs, which dynamo flattens itself).
+    """
+
+    gm: torch.fx.GraphModule
+    example_inputs: list[Any]
+    in_spec: pytree.TreeSpec | None = None
+    out_spec: pytree.TreeSpec | None = None
+
+
+def is_param_source(placeholder: torch.fx.Node) -> bool:
+    """True if a dynamo placeholder is a module parameter or buffer (by its dynamo source)."""
+    grapharg = placeholder.meta.get("grapharg")
+    if grapharg is None or grapharg.source is None:
+        return False
+    name = grapharg.source.name
+    return "._parameters[" in name or "._buffers[" in name
+
+
+def freeze_placeholders(gm: torch.fx.GraphModule, values: dict[int, torch.Tensor]) -> list[int]:
+    """Replace placeholder number i by a constant `values[i]`, in place.
+
+    Returns the indices of the placeholders that remain (the runtime inputs).
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    kept = []
+    with unset_fake_temporarily():
+        for i, node in enumerate(placeholders):
+            if i not in values:
+                kept.append(i)
+                continue
+            name = add_constant(gm, values[i], node.name)
+            with gm.graph.inserting_before(node):
+                const = gm.graph.get_attr(name)
+            const.meta.update(node.meta)
+            const.meta.pop("grapharg", None)
+            node.replace_all_uses_with(const)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return kept
+
+
+def capture_export(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> CapturedGraph:
+    """Capture `model` with torch.export, decompose to core ATen and freeze its weights.
+
+    Raises ValueError if the model mutates its buffers (e.g. BatchNorm in training mode):
+    a frozen graph cannot carry those updates; call `model.eval()` first.
+    """
+    from torch.export.graph_signature import InputKind
+
+    args = tuple(example_inputs)
+    ep = torch.export.export(
+        model, args, kwargs=example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False
+    )
+    ep = ep.run_decompositions()
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
+        mutated = sorted({**sig.buffers_to_mutate, **getattr(sig, "user_inputs_to_mutate", {})}.values())
+        raise ValueError(
+            f"{type(model).__name__} mutates {mutated} when called; graphopt freezes weights and "
+            "buffers for inference. Call model.eval() (BatchNorm in training mode updates its "
+            "running statistics) or pass a model that does not change its state."
+        )
+    gm = ep.graph_module
+    values = {}
+    for i, spec in enumerate(sig.input_specs):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            values[i] = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            values[i] = ep.constants[spec.target]
+        elif spec.kind != InputKind.USER_INPUT:
+            raise ValueError(f"graphopt cannot freeze export input {spec.arg} of kind {spec.kind}")
+    freeze_placeholders(gm, values)
+    flat_inputs = pytree.tree_leaves((args, example_kwargs or {}))
+    return CapturedGraph(gm, list(flat_inputs), ep.call_spec.in_spec, ep.call_spec.out_spec)
+
+
+def concrete(value: Any) -> Any:
+    """A SymInt/SymFloat replaced by its hint (the value seen while tracing); others unchanged."""
+    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+        node = value.node
+        return node.hint if node.hint is not None else guard_scalar(value)
+    return value

@@ -1,0 +1,142 @@
+"""Lowering: hand the optimized graph to the target's backend, falling back to PyTorch per node."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.backends.registry import OpRegistry
+from graphopt.config import Config
+from graphopt.errors import UnsupportedOpError
+from graphopt.passes.base import count_call_nodes
+from graphopt.passes.partition import PREFIX, partition_by_capability, unsupported_nodes
+from graphopt.report import FallbackRecord, PartitionRecord, PassRecord, Report, op_histogram
+
+log = logging.getLogger("graphopt")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    registry: OpRegistry
+    compile: Callable[..., Callable[..., Any]]  # (gm, example_inputs, cfg) -> callable
+    lowering_error: type[Exception] | None = None  # a partition it cannot build falls back
+
+
+def backend_for(target: str) -> Backend:
+    """The backend that lowers graphs for `target` (see Config.target)."""
+    if target == "cpu":
+        from graphopt.backends.inductor import INDUCTOR, compile_inductor
+
+        return Backend("inductor", INDUCTOR, compile_inductor)
+    if target in ("llvm", "cuda", "aarch64"):
+        try:
+            from graphopt.backends.tvm import TVM, LoweringError, compile_subgraph
+        except ImportError as err:
+            raise RuntimeError(
+                f"target={target!r} needs Apache TVM: pip install 'graphopt[tvm]' ({err})"
+            ) from err
+        return Backend(f"tvm-{target}", TVM, compile_subgraph, LoweringError)
+    raise NotImplementedError(
+        f"target={target!r} is accepted by Config but its backend is not implemented yet; "
+        "implemented targets: 'cpu', 'llvm', 'cuda'"
+    )
+
+
+class LoweredModule(torch.nn.Module):
+    """A partition compiled by a backend, callable from the stitching FX graph."""
+
+    def __init__(self, fn: Callable[..., Any], backend: str, single_output: bool):
+        super().__init__()
+        self.fn, self.backend, self.single_output = fn, backend, single_output
+
+    def forward(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        return out[0] if self.single_output else tuple(out)
+
+
+def lower(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    cfg: Config,
+    report: Report,
+    *,
+    training: bool = False,
+) -> Callable[..., Any]:
+    """Compile `gm` for `cfg.target`; returns a function of gm's placeholders."""
+    backend = backend_for(cfg.target)
+    start = time.perf_counter()
+    try:
+        if backend.registry.supports_all:
+            report.partitions.append(
+                PartitionRecord("graph", backend.name, op_histogram(gm), count_call_nodes(gm))
+            )
+            kwargs = {"training": training} if backend.name == "inductor" else {}
+            return backend.compile(gm, list(example_inputs), cfg, **kwargs)
+        return _lower_partitioned(gm, cfg, report, backend)
+    finally:
+        report.lowering_seconds += time.perf_counter() - start
+
+
+def _lower_partitioned(
+    gm: torch.fx.GraphModule, cfg: Config, report: Report, backend: Backend
+) -> torch.fx.GraphModule:
+    missing = unsupported_nodes(gm, backend.registry, cfg)
+    if missing and cfg.fallback == "error":
+        raise UnsupportedOpError(cfg.target, missing)
+    report.fallbacks.extend(FallbackRecord(*m) for m in missing)
+    before = count_call_nodes(gm)
+    start = time.perf_counter()
+    result = partition_by_capability(gm, cfg, backend.registry)
+    split = result.gm
+    report.passes.append(
+        PassRecord("partition_by_capability", before, count_call_nodes(split), result.modified,
+                   dict(result.stats), time.perf_counter() - start)
+    )
+    torch_ops: dict[str, int] = {}
+    for node in list(split.graph.nodes):
+        if node.op == "call_function":
+            key = _name(node)
+            torch_ops[key] = torch_ops.get(key, 0) + 1
+        if node.op != "call_module" or not node.target.startswith(PREFIX):
+            continue
+        sub: torch.fx.GraphModule = getattr(split, node.target)
+        fakes = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
+        out = sub.graph.find_nodes(op="output")[0].args[0]
+        single = not isinstance(out, tuple | list)
+        try:
+            fn = backend.compile(sub, fakes, cfg)
+        except Exception as err:
+            if backend.lowering_error is None or not isinstance(err, backend.lowering_error):
+                raise
+            if cfg.fallback == "error":
+                raise UnsupportedOpError(cfg.target, [(node.target, "partition", str(err))]) from err
+            log.warning("graphopt: %s falls back to PyTorch: %s", node.target, err)
+            report.partitions.append(PartitionRecord(
+                node.target, "torch", op_histogram(sub), count_call_nodes(sub),
+                note=f"{backend.name} could not build it: {err}"))
+            continue
+        setattr(split, node.target, LoweredModule(fn, backend.name, single))
+        report.partitions.append(
+            PartitionRecord(node.target, backend.name, op_histogram(sub), count_call_nodes(sub))
+        )
+    torch_ops.pop("operator.getitem", None)
+    if torch_ops:
+        report.partitions.append(
+            PartitionRecord("(top level)", "torch", torch_ops, sum(torch_ops.values()),
+                            note="ops no backend rule covers, run eagerly")
+        )
+    split.recompile()
+    return split
+
+
+def _name(node: torch.fx.Node) -> str:
+    from graphopt.backends.registry import op_name
+
+    return op_name(node.target)

@@ -1,0 +1,151 @@
+"""The pass pipeline: one ordered list, a reason beside each entry, and the runner.
+
+Each pass is `verb_object(gm, cfg) -> PassResult`. The runner records what every pass did in
+the report, writes the graph before/after each pass when GRAPHOPT_DUMP=dir is set, and with
+`verify=True` re-runs the graph after each pass on the example inputs and names the first pass
+that changed the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.config import Config
+from graphopt.errors import VerificationError
+from graphopt.passes.base import PassResult, count_call_nodes
+from graphopt.passes.cse import eliminate_common_subexpressions
+from graphopt.passes.dce import eliminate_dead_code
+from graphopt.passes.fold_batchnorm import fold_batchnorm
+from graphopt.passes.fold_constants import fold_constants
+from graphopt.passes.remove_noops import remove_noops
+from graphopt.report import PassRecord, Report
+from graphopt.testing import compare_outputs
+
+log = logging.getLogger("graphopt")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    fn: Callable[[torch.fx.GraphModule, Config], PassResult]
+    why: str
+    training: bool  # safe when weights are trainable graph inputs (no frozen constants)
+
+
+PIPELINE: list[Step] = [
+    Step("remove_noops", remove_noops,
+         "first: clones, identity views and eval dropout hide conv->bn patterns", training=True),
+    Step("fold_batchnorm", fold_batchnorm,
+         "before fold_constants: rewrites BN into weight arithmetic that folding precomputes",
+         training=False),
+    Step("fold_constants", fold_constants,
+         "precompute everything that depends only on frozen weights", training=False),
+    Step("eliminate_common_subexpressions", eliminate_common_subexpressions,
+         "after folding: folded constants expose more identical expressions", training=True),
+    Step("eliminate_dead_code", eliminate_dead_code,
+         "last: drop nodes and constants the rewrites orphaned", training=True),
+]
+
+
+def pass_names() -> tuple[str, ...]:
+    return tuple(step.name for step in PIPELINE)
+
+
+def _check_implemented(cfg: Config) -> None:
+    missing = []
+    if cfg.quantize is not None:
+        missing.append("quantize='int8' (issue #4)")
+    if cfg.sparsity > 0:
+        missing.append("sparsity (issue #5)")
+    if cfg.devices is not None:
+        missing.append("devices (issue #6)")
+    if missing:
+        raise NotImplementedError(
+            "graphopt does not implement these options yet: " + ", ".join(missing)
+        )
+
+
+class _Dumper:
+    """Writes graphs to $GRAPHOPT_DUMP/<graph>/NN_<stage>.txt (debugging aid)."""
+
+    def __init__(self, graph_id: str):
+        root = os.environ.get("GRAPHOPT_DUMP")
+        self.dir = Path(root) / graph_id if root else None
+        self.count = 0
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, stage: str, gm: torch.fx.GraphModule) -> None:
+        if self.dir is None:
+            return
+        text = gm.print_readable(print_output=False, include_stride=False, include_device=False)
+        (self.dir / f"{self.count:02d}_{stage}.txt").write_text(text)
+        self.count += 1
+
+
+def run_graph(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+    """Run a graph on real inputs outside any active fake mode."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        return gm(*inputs)
+
+
+def run_pipeline(
+    gm: torch.fx.GraphModule,
+    cfg: Config,
+    report: Report,
+    *,
+    real_inputs: list[Any] | None = None,
+    training: bool = False,
+) -> torch.fx.GraphModule:
+    """Run every enabled pipeline pass on `gm` and record each in `report`.
+
+    Args:
+        real_inputs: real values for gm's placeholders; needed by `cfg.verify`.
+        training: run only the passes that are safe when weights are graph inputs.
+    """
+    _check_implemented(cfg)
+    dump = _Dumper(report.graph_id)
+    dump("captured", gm)
+    reference = None
+    if cfg.verify and real_inputs is not None:
+        reference = run_graph(gm, real_inputs)
+    done: list[str] = []
+    for step in PIPELINE:
+        if step.name in cfg.disable_passes or (training and not step.training):
+            continue
+        before = count_call_nodes(gm)
+        start = time.perf_counter()
+        try:
+            result = step.fn(gm, cfg)
+            result.gm.graph.lint()
+        except Exception as err:
+            ran = ", ".join(done) or "none"
+            raise RuntimeError(
+                f"graphopt pass {step.name!r} failed (passes run before it: {ran}): {err}"
+            ) from err
+        gm = result.gm
+        if result.modified:
+            gm.recompile()
+        seconds = time.perf_counter() - start
+        record = PassRecord(step.name, before, count_call_nodes(gm), result.modified,
+                            dict(result.stats), seconds)
+        report.passes.append(record)
+        log.info("graphopt: %s", record.summary())
+        dump(step.name, gm)
+        done.append(step.name)
+        if reference is not None and result.modified:
+            problem = compare_outputs(reference, run_graph(gm, real_inputs))
+            if problem is not None:
+                raise VerificationError(step.name, problem)
+    return gm

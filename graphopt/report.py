@@ -1,0 +1,156 @@
+"""What graphopt did to a graph: per pass, per partition, and totals (params, FLOPs)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.backends.registry import op_name
+
+
+@dataclass
+class PassRecord:
+    name: str
+    nodes_before: int
+    nodes_after: int
+    modified: bool
+    stats: dict[str, int]
+    seconds: float
+
+    def summary(self) -> str:
+        what = ", ".join(f"{k}={v}" for k, v in self.stats.items() if v) or "no change"
+        return f"{self.name}: {self.nodes_before} -> {self.nodes_after} nodes ({what})"
+
+
+@dataclass
+class PartitionRecord:
+    name: str
+    target: str  # the backend that runs it ("inductor", "tvm-llvm", "torch" for fallback ...)
+    ops: dict[str, int]
+    nodes: int
+    note: str = ""
+
+
+@dataclass
+class FallbackRecord:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """Filled in while a graph is compiled; `str(report)` is a readable table."""
+
+    graph_id: str
+    target: str
+    options: dict[str, Any] = field(default_factory=dict)
+    mode: str = "inference"  # or "training-forward" / "training-backward"
+    passes: list[PassRecord] = field(default_factory=list)
+    partitions: list[PartitionRecord] = field(default_factory=list)
+    fallbacks: list[FallbackRecord] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    capture_seconds: float = 0.0
+    passes_seconds: float = 0.0
+    lowering_seconds: float = 0.0
+    verified: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        lines = [f"graphopt report: graph {self.graph_id} ({self.mode}), target={self.target!r}"]
+        lines.append(f"  {'pass':<34}{'nodes':>15}  {'seconds':>8}  changes")
+        for p in self.passes:
+            what = ", ".join(f"{k}={v}" for k, v in p.stats.items() if v) or "-"
+            nodes = f"{p.nodes_before} -> {p.nodes_after}"
+            lines.append(f"  {p.name:<34}{nodes:>15}  {p.seconds:>8.3f}  {what}")
+        lines.append(f"  {'partition':<20}{'runs on':<14}{'nodes':>6}  ops")
+        for part in self.partitions:
+            ops = ", ".join(f"{k.split('.')[1] if '.' in k else k}x{v}" for k, v in
+                            sorted(part.ops.items(), key=lambda kv: -kv[1])[:8])
+            more = " ..." if len(part.ops) > 8 else ""
+            note = f"  [{part.note}]" if part.note else ""
+            lines.append(f"  {part.name:<20}{part.target:<14}{part.nodes:>6}  {ops}{more}{note}")
+        if self.fallbacks:
+            lines.append(f"  ops run in PyTorch ({len(self.fallbacks)}):")
+            for f in self.fallbacks:
+                lines.append(f"    {f.node}: {f.op} ({f.reason})")
+        lines.append(
+            f"  params {_human(self.params_before)} -> {_human(self.params_after)}, "
+            f"FLOPs {_human(self.flops_before)} -> {_human(self.flops_after)}"
+        )
+        lines.append(
+            f"  time: capture {self.capture_seconds:.2f}s, passes {self.passes_seconds:.2f}s, "
+            f"lowering {self.lowering_seconds:.2f}s"
+            + ("" if self.verified is None else f", verified against eager: {self.verified}")
+        )
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def count_params(gm: torch.fx.GraphModule) -> int:
+    """Elements in the constants the graph uses (frozen weights) plus parameter inputs."""
+    seen: set[str] = set()
+    total = 0
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if node.target in seen or not node.users:
+            continue
+        seen.add(node.target)
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel()
+    return total
+
+
+def count_flops(gm: torch.fx.GraphModule) -> int:
+    """FLOPs of one call, from torch's flop formulas applied to node.meta["val"] shapes.
+
+    Symbolic sizes count at the value seen while tracing.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.utils.flop_counter import flop_registry
+
+    from graphopt.capture import concrete
+
+    def val(x: Any) -> Any:
+        return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
+
+    total = 0
+    with unset_fake_temporarily():
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or not hasattr(node.target, "overloadpacket"):
+                continue
+            formula = flop_registry.get(node.target.overloadpacket)
+            if formula is None:
+                continue
+            args = torch.fx.node.map_aggregate(node.args, val)
+            kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
+            try:
+                total += int(concrete(formula(*args, out_val=node.meta.get("val"), **kwargs)))
+            except Exception:  # noqa: BLE001 - a formula that rejects these args counts as 0
+                continue
+    return total
+
+
+def op_histogram(gm: torch.fx.GraphModule) -> dict[str, int]:
+    return dict(Counter(op_name(n.target) for n in gm.graph.nodes if n.op == "call_function"))

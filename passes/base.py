@@ -1,0 +1,115 @@
+"""What every pass returns, and the small graph helpers passes share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """The outcome of one pass.
+
+    Args:
+        gm: the rewritten graph module (may be the same object, changed in place).
+        modified: whether the graph changed.
+        stats: counters of what the pass did, e.g. {"folded": 3}; shown in the report.
+    """
+
+    gm: torch.fx.GraphModule
+    modified: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def get_attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    """The tensor a `get_attr` node refers to."""
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def add_constant(gm: torch.fx.GraphModule, value: torch.Tensor, hint: str) -> str:
+    """Register `value` as a buffer of `gm` under a fresh name and return that name.
+
+    Constants are buffers (not parameters) so inductor's freezing folds and prepacks them.
+    """
+    base = "_graphopt_" + "".join(c if c.isalnum() else "_" for c in hint)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach(), persistent=True)
+    return name
+
+
+def insert_constant(
+    gm: torch.fx.GraphModule, value: torch.Tensor, hint: str, before: torch.fx.Node
+) -> torch.fx.Node:
+    """Add `value` as a constant and insert a `get_attr` node for it before `before`.
+
+    The node's meta["val"] is set to a fake tensor of the same shape, dtype and strides
+    (from the graph's fake mode when there is one), so later passes see correct metadata.
+    """
+    name = add_constant(gm, value, hint)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = fake_like(gm, value)
+    return node
+
+
+def fake_mode_of(gm: torch.fx.GraphModule):
+    """The fake mode the graph's meta["val"] tensors belong to, or None."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def fake_like(gm: torch.fx.GraphModule, value: torch.Tensor) -> torch.Tensor:
+    """A fake tensor (in the graph's fake mode) describing a real constant."""
+    mode = fake_mode_of(gm)
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return mode.from_tensor(value, static_shapes=True)
+
+
+def count_call_nodes(gm: torch.fx.GraphModule) -> int:
+    """Nodes that compute something (call_function/call_module/call_method)."""
+    return sum(n.op in ("call_function", "call_module", "call_method") for n in gm.graph.nodes)
+
+
+# Ops whose result is uninitialized memory: no value to fold, and two of them are not "the same".
+_UNINITIALIZED = frozenset(
+    {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+     "aten::new_empty_strided", "aten::empty_permuted"}
+)
+
+
+def is_pure(node: torch.fx.Node) -> bool:
+    """True if a call_function node's result depends only on its arguments.
+
+    False for mutating ops, random ops (they advance the RNG), ops with side effects,
+    higher-order ops, uninitialized memory (`aten.empty*`) and callables other than ATen ops
+    and `operator`/sym functions. Folding, CSE and BN folding may only move pure nodes.
+    """
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        if target._schema.name in _UNINITIALIZED:
+            return False
+        if torch.Tag.nondeterministic_seeded in target.tags:
+            return False
+        return not node.is_impure()
+    module = getattr(target, "__module__", None)
+    if module == "torch":  # torch.sym_max, torch.sym_int, ... on SymInts
+        return getattr(target, "__name__", "").startswith("sym_")
+    return module in ("_operator", "math")

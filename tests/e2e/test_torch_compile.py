@@ -1,0 +1,176 @@
+"""torch.compile(model, backend="graphopt") against eager, end to end."""
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.testing import assert_same_outputs
+from tests.conftest import HAS_TVM
+from tests.models import (
+    MLP,
+    DataDependentBranch,
+    DepthwiseSeparable,
+    ResidualCNN,
+    SpectralHead,
+    TransformerBlock,
+    tiny_bert,
+)
+
+TARGETS = ["cpu"] + (["llvm"] if HAS_TVM else [])
+
+CASES = {
+    "mlp": (MLP, lambda: (torch.randn(4, 32),)),
+    "residual_cnn": (ResidualCNN, lambda: (torch.randn(2, 3, 16, 16),)),
+    "depthwise_separable": (DepthwiseSeparable, lambda: (torch.randn(2, 16, 8, 8),)),
+    "transformer_layer": (TransformerBlock, lambda: (torch.randn(2, 6, 32),)),
+}
+
+
+def compile_and_compare(model, inputs, **options):
+    compiled = torch.compile(model, backend="graphopt", options=options)
+    with torch.no_grad():
+        assert_same_outputs(model(*inputs), compiled(*inputs))
+    return graphopt.reports()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_model_matches_eager(case, target):
+    make, inputs = CASES[case]
+    reports = compile_and_compare(make().eval(), inputs(), target=target)
+    assert len(reports) == 1, "one graph, no graph breaks"
+    report = reports[0]
+    assert report.passes, "the pipeline ran"
+    if target == "llvm":  # everything in these models has a TVM rule: nothing may fall back
+        assert not report.fallbacks, str(report)
+        assert all(p.target == "tvm-llvm" for p in report.partitions), str(report)
+
+
+def test_batchnorm_is_folded_away():
+    reports = compile_and_compare(ResidualCNN().eval(), (torch.randn(2, 3, 16, 16),))
+    report = reports[0]
+    folds = {p.name: p for p in report.passes}
+    assert folds["fold_batchnorm"].stats.get("folded_into_conv", 0) == 5
+    lowered_ops = report.partitions[0].ops
+    assert not any("batch_norm" in op for op in lowered_ops), lowered_ops
+    assert report.flops_after <= report.flops_before
+
+
+@pytest.mark.skipif(not HAS_TVM, reason="TVM is an optional dependency (pip install graphopt[tvm])")
+def test_unsupported_op_falls_back_to_pytorch():
+    reports = compile_and_compare(SpectralHead().eval(), (torch.randn(3, 16),), target="llvm")
+    report = reports[0]
+    fallback_ops = {f.op for f in report.fallbacks}
+    assert "aten._fft_r2c.default" in fallback_ops, str(report)
+    assert {p.target for p in report.partitions} >= {"tvm-llvm", "torch"}
+    assert "_fft_r2c" in str(report)
+
+
+@pytest.mark.skipif(not HAS_TVM, reason="TVM is an optional dependency (pip install graphopt[tvm])")
+def test_fallback_error_lists_every_unsupported_node():
+    model = SpectralHead().eval()
+    compiled = torch.compile(model, backend="graphopt",
+                             options={"target": "llvm", "fallback": "error"})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        compiled(torch.randn(3, 16))
+    err = info.value
+    while err is not None and not isinstance(err, graphopt.UnsupportedOpError):
+        err = err.__cause__ or getattr(err, "inner_exception", None)
+    assert isinstance(err, graphopt.UnsupportedOpError), repr(info.value)
+    assert any(op == "aten._fft_r2c.default" for _, op, _ in err.nodes)
+    assert "_fft_r2c" in str(err)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_graph_break_on_item(target):
+    model = DataDependentBranch().eval()
+    compiled = torch.compile(model, backend="graphopt", options={"target": target})
+    with torch.no_grad():
+        for seed in range(4):  # both branches
+            torch.manual_seed(seed)
+            x = torch.randn(2, 8)
+            assert_same_outputs(model(x), compiled(x))
+    assert len(graphopt.reports()) >= 2, "the .item() splits the model into several graphs"
+
+
+def test_dynamic_batch_compiles_at_most_twice():
+    model = ResidualCNN().eval()
+    compiled = torch.compile(model, backend="graphopt")
+    with torch.no_grad():
+        for batch in (2, 3, 5, 8):
+            x = torch.randn(batch, 3, 16, 16)
+            assert_same_outputs(model(x), compiled(x))
+    # dynamo compiles batch 2 statically, then once with a symbolic batch for 3, 5 and 8.
+    assert len(graphopt.reports()) <= 2
+
+
+def test_dynamic_true_compiles_once():
+    model = MLP().eval()
+    compiled = torch.compile(model, backend="graphopt", dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3, 5, 8):
+            x = torch.randn(batch, 32)
+            assert_same_outputs(model(x), compiled(x))
+    assert len(graphopt.reports()) == 1
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [(ResidualCNN, (4, 3, 16, 16)), (lambda: MLP(dropout=0.0), (4, 32))],
+    ids=["residual_cnn", "mlp"],
+)
+def test_training_gradients_match_eager(make, shape):
+    torch.manual_seed(0)
+    model = make().train()
+    reference = make().train()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(*shape)
+    loss = torch.compile(model, backend="graphopt")(x).square().mean()
+    loss.backward()
+    ref_loss = reference(x).square().mean()
+    ref_loss.backward()
+    assert_same_outputs(ref_loss, loss)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert_same_outputs(q.grad, p.grad)
+    # BatchNorm's running statistics are updated by the compiled forward as in eager.
+    for b, c in zip(model.buffers(), reference.buffers()):
+        assert_same_outputs(c, b)
+    modes = {r.mode for r in graphopt.reports()}
+    assert modes == {"training-forward", "training-backward"}
+
+
+def test_transformer_training_gradients_match_eager():
+    torch.manual_seed(0)
+    model = TransformerBlock(dropout=0.0)  # dropout draws differ between eager and compiled
+    reference = TransformerBlock(dropout=0.0)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 32)
+    torch.compile(model, backend="graphopt")(x).square().mean().backward()
+    reference(x).square().mean().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert_same_outputs(q.grad, p.grad)
+
+
+def test_transformers_bert_from_config():
+    model = tiny_bert()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    compiled = torch.compile(model, backend="graphopt")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_same_outputs(expected, got)
+
+
+def test_options_are_validated():
+    model = MLP().eval()
+    with pytest.raises(Exception, match="quantise.*did you mean 'quantize'"):
+        torch.compile(model, backend="graphopt", options={"quantise": "int8"})(torch.randn(2, 32))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"'target' got 'tpu'; accepted values: \['cpu'"):
+        torch.compile(model, backend="graphopt", options={"target": "tpu"})(torch.randn(2, 32))
+
+
+def test_verify_passes_on_a_correct_pipeline():
+    compile_and_compare(ResidualCNN().eval(), (torch.randn(2, 3, 16, 16),), verify=True)
+    assert graphopt.reports()[0].verified is True
