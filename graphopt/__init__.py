@@ -1,10 +1,11 @@
 """graphopt: a compiler-style graph optimizer for PyTorch.
 
-    compiled = torch.compile(model, backend="graphopt", options={"target": "cpu"})
-    optimized = graphopt.optimize(model, example_inputs, target="llvm")
-    print(optimized.report)
+compiled = torch.compile(model, backend="graphopt", options={"target": "cpu"})
+optimized = graphopt.optimize(model, example_inputs, target="llvm")
+print(optimized.report)
 """
 
+from graphopt import testing
 from graphopt.api import OptimizedModule, optimize
 from graphopt.backend import graphopt_backend
 from graphopt.compiler import REPORTS
@@ -33,6 +34,7 @@ __all__ = [
     "clear_reports",
     "graphopt_backend",
     "optimize",
+    "testing",
     "reports",
     "__version__",
 ]

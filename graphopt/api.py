@@ -31,9 +31,7 @@ class OptimizedModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self._in_spec is not None and spec != self._in_spec:
-            raise TypeError(
-                f"optimized model was captured for inputs {self._in_spec}, got {spec}"
-            )
+            raise TypeError(f"optimized model was captured for inputs {self._in_spec}, got {spec}")
         out = self._compiled(*flat)
         if self._out_spec is None:
             return out
@@ -65,8 +63,10 @@ def optimize(
         example_inputs = (example_inputs,)
     captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     report.capture_seconds = time.perf_counter() - start
+    # Lower for the traced (fake, possibly symbolic) inputs so dynamic dims stay dynamic.
+    traced_inputs = [n.meta["val"] for n in captured.gm.graph.find_nodes(op="placeholder")]
     compiled = compile_graph(
-        captured.gm, captured.example_inputs, cfg, report, real_inputs=captured.example_inputs
+        captured.gm, traced_inputs, cfg, report, real_inputs=captured.example_inputs
     )
     optimized = OptimizedModule(compiled, captured, report, cfg)
     if cfg.verify:

@@ -60,7 +60,10 @@ def compile_dynamo_graph(
             dynamo_gm, example_inputs
         )
     inference = functools.partial(
-        _inference_compiler, cfg=cfg, param_indices=param_indices, real_inputs=real_inputs,
+        _inference_compiler,
+        cfg=cfg,
+        param_indices=param_indices,
+        real_inputs=real_inputs,
         start=start,
     )
     return aot_autograd(
@@ -90,12 +93,18 @@ def _inference_compiler(
     frozen: dict[int, torch.Tensor] = {}
     # aot_autograd's inputs are dynamo's, in order (with inlined nn.Modules no separate
     # params are lifted). Anything else, we do not freeze rather than guess.
-    if context is not None and context.fw_metadata is not None and not context.params_flat and (
-        len(placeholders) == len(real_inputs)
+    if (
+        context is not None
+        and context.fw_metadata is not None
+        and not context.params_flat
+        and (len(placeholders) == len(real_inputs))
     ):
         meta = context.fw_metadata
-        unsafe = {i for i, info in enumerate(meta.input_info)
-                  if info.mutation_type != MutationType.NOT_MUTATED}
+        unsafe = {
+            i
+            for i, info in enumerate(meta.input_info)
+            if info.mutation_type != MutationType.NOT_MUTATED
+        }
         unsafe |= {o.base_idx for o in meta.output_info if o.base_idx is not None}
         frozen = {i: real_inputs[i] for i in param_indices if i not in unsafe}
     kept = freeze_placeholders(gm, frozen)
@@ -104,7 +113,8 @@ def _inference_compiler(
         [fake_inputs[i] for i in kept],
         cfg,
         report,
-        real_inputs=[real_inputs[i] for i in kept] if len(real_inputs) == len(placeholders)
+        real_inputs=[real_inputs[i] for i in kept]
+        if len(real_inputs) == len(placeholders)
         else None,
     )
 
@@ -116,7 +126,11 @@ def _inference_compiler(
 
 
 def _training_compiler(
-    gm: torch.fx.GraphModule, fake_inputs: list[Any], *, cfg: Config, mode: str,
+    gm: torch.fx.GraphModule,
+    fake_inputs: list[Any],
+    *,
+    cfg: Config,
+    mode: str,
     start: float | None,
 ) -> Callable[..., Any]:
     report = new_report(cfg, mode=mode)

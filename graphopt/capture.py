@@ -95,7 +95,9 @@ def capture_export(
     ep = ep.run_decompositions()
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
-        mutated = sorted({**sig.buffers_to_mutate, **getattr(sig, "user_inputs_to_mutate", {})}.values())
+        mutated = sorted(
+            {**sig.buffers_to_mutate, **getattr(sig, "user_inputs_to_mutate", {})}.values()
+        )
         raise ValueError(
             f"{type(model).__name__} mutates {mutated} when called; graphopt freezes weights and "
             "buffers for inference. Call model.eval() (BatchNorm in training mode updates its "
@@ -105,7 +107,11 @@ def capture_export(
     values = {}
     for i, spec in enumerate(sig.input_specs):
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-            values[i] = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+            values[i] = (
+                ep.state_dict[spec.target]
+                if spec.target in ep.state_dict
+                else ep.constants[spec.target]
+            )
         elif spec.kind == InputKind.CONSTANT_TENSOR:
             values[i] = ep.constants[spec.target]
         elif spec.kind != InputKind.USER_INPUT:

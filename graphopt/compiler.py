@@ -25,8 +25,9 @@ REPORTS: list[Report] = []  # every graph compiled in this process, oldest first
 
 
 def new_report(cfg: Config, mode: str = "inference") -> Report:
-    return Report(graph_id=f"graph{next(_ids)}", target=cfg.target, options=cfg.describe(),
-                  mode=mode)
+    return Report(
+        graph_id=f"graph{next(_ids)}", target=cfg.target, options=cfg.describe(), mode=mode
+    )
 
 
 def compile_graph(

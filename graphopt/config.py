@@ -47,10 +47,13 @@ class Config:
         _check_choice("fallback", self.fallback, FALLBACKS)
         for name in ("structured", "verify"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"graphopt option {name!r} must be True or False, "
-                                 f"got {getattr(self, name)!r}")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float) or not (
-            0.0 <= float(self.sparsity) < 1.0
+                raise ValueError(
+                    f"graphopt option {name!r} must be True or False, got {getattr(self, name)!r}"
+                )
+        if (
+            isinstance(self.sparsity, bool)
+            or not isinstance(self.sparsity, int | float)
+            or not (0.0 <= float(self.sparsity) < 1.0)
         ):
             raise ValueError(
                 f"graphopt option 'sparsity' must be a number in [0, 1), got {self.sparsity!r}"
@@ -83,7 +86,9 @@ class Config:
             )
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | Config | None = None, **kwargs: Any) -> Config:
+    def from_options(
+        cls, options: Mapping[str, Any] | Config | None = None, **kwargs: Any
+    ) -> Config:
         """Build a Config from `options=` of torch.compile and/or keyword arguments.
 
         Raises `ValueError` naming an unknown key and listing the accepted ones.
@@ -115,7 +120,9 @@ class Config:
 
 def _check_choice(name: str, value: Any, accepted: tuple) -> None:
     if value not in accepted:
-        raise ValueError(f"graphopt option {name!r} got {value!r}; accepted values: {list(accepted)}")
+        raise ValueError(
+            f"graphopt option {name!r} got {value!r}; accepted values: {list(accepted)}"
+        )
 
 
 def _closest(key: str, accepted: list[str]) -> str:

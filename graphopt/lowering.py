@@ -96,8 +96,14 @@ def _lower_partitioned(
     result = partition_by_capability(gm, cfg, backend.registry)
     split = result.gm
     report.passes.append(
-        PassRecord("partition_by_capability", before, count_call_nodes(split), result.modified,
-                   dict(result.stats), time.perf_counter() - start)
+        PassRecord(
+            "partition_by_capability",
+            before,
+            count_call_nodes(split),
+            result.modified,
+            dict(result.stats),
+            time.perf_counter() - start,
+        )
     )
     torch_ops: dict[str, int] = {}
     for node in list(split.graph.nodes):
@@ -116,11 +122,19 @@ def _lower_partitioned(
             if backend.lowering_error is None or not isinstance(err, backend.lowering_error):
                 raise
             if cfg.fallback == "error":
-                raise UnsupportedOpError(cfg.target, [(node.target, "partition", str(err))]) from err
+                raise UnsupportedOpError(
+                    cfg.target, [(node.target, "partition", str(err))]
+                ) from err
             log.warning("graphopt: %s falls back to PyTorch: %s", node.target, err)
-            report.partitions.append(PartitionRecord(
-                node.target, "torch", op_histogram(sub), count_call_nodes(sub),
-                note=f"{backend.name} could not build it: {err}"))
+            report.partitions.append(
+                PartitionRecord(
+                    node.target,
+                    "torch",
+                    op_histogram(sub),
+                    count_call_nodes(sub),
+                    note=f"{backend.name} could not build it: {err}",
+                )
+            )
             continue
         setattr(split, node.target, LoweredModule(fn, backend.name, single))
         report.partitions.append(
@@ -129,8 +143,13 @@ def _lower_partitioned(
     torch_ops.pop("operator.getitem", None)
     if torch_ops:
         report.partitions.append(
-            PartitionRecord("(top level)", "torch", torch_ops, sum(torch_ops.values()),
-                            note="ops no backend rule covers, run eagerly")
+            PartitionRecord(
+                "(top level)",
+                "torch",
+                torch_ops,
+                sum(torch_ops.values()),
+                note="ops no backend rule covers, run eagerly",
+            )
         )
     split.recompile()
     return split

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from graphopt.config import Config
 from graphopt.errors import VerificationError
@@ -42,17 +43,36 @@ class Step:
 
 
 PIPELINE: list[Step] = [
-    Step("remove_noops", remove_noops,
-         "first: clones, identity views and eval dropout hide conv->bn patterns", training=True),
-    Step("fold_batchnorm", fold_batchnorm,
-         "before fold_constants: rewrites BN into weight arithmetic that folding precomputes",
-         training=False),
-    Step("fold_constants", fold_constants,
-         "precompute everything that depends only on frozen weights", training=False),
-    Step("eliminate_common_subexpressions", eliminate_common_subexpressions,
-         "after folding: folded constants expose more identical expressions", training=True),
-    Step("eliminate_dead_code", eliminate_dead_code,
-         "last: drop nodes and constants the rewrites orphaned", training=True),
+    Step(
+        "remove_noops",
+        remove_noops,
+        "first: clones, identity views and eval dropout hide conv->bn patterns",
+        training=True,
+    ),
+    Step(
+        "fold_batchnorm",
+        fold_batchnorm,
+        "before fold_constants: rewrites BN into weight arithmetic that folding precomputes",
+        training=False,
+    ),
+    Step(
+        "fold_constants",
+        fold_constants,
+        "precompute everything that depends only on frozen weights",
+        training=False,
+    ),
+    Step(
+        "eliminate_common_subexpressions",
+        eliminate_common_subexpressions,
+        "after folding: folded constants expose more identical expressions",
+        training=True,
+    ),
+    Step(
+        "eliminate_dead_code",
+        eliminate_dead_code,
+        "last: drop nodes and constants the rewrites orphaned",
+        training=True,
+    ),
 ]
 
 
@@ -127,7 +147,9 @@ def run_pipeline(
         before = count_call_nodes(gm)
         start = time.perf_counter()
         try:
-            result = step.fn(gm, cfg)
+            # Passes see real constants: under torch.compile dynamo's fake mode is active.
+            with unset_fake_temporarily():
+                result = step.fn(gm, cfg)
             result.gm.graph.lint()
         except Exception as err:
             ran = ", ".join(done) or "none"
@@ -138,8 +160,9 @@ def run_pipeline(
         if result.modified:
             gm.recompile()
         seconds = time.perf_counter() - start
-        record = PassRecord(step.name, before, count_call_nodes(gm), result.modified,
-                            dict(result.stats), seconds)
+        record = PassRecord(
+            step.name, before, count_call_nodes(gm), result.modified, dict(result.stats), seconds
+        )
         report.passes.append(record)
         log.info("graphopt: %s", record.summary())
         dump(step.name, gm)

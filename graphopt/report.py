@@ -78,8 +78,10 @@ class Report:
             lines.append(f"  {p.name:<34}{nodes:>15}  {p.seconds:>8.3f}  {what}")
         lines.append(f"  {'partition':<20}{'runs on':<14}{'nodes':>6}  ops")
         for part in self.partitions:
-            ops = ", ".join(f"{k.split('.')[1] if '.' in k else k}x{v}" for k, v in
-                            sorted(part.ops.items(), key=lambda kv: -kv[1])[:8])
+            ops = ", ".join(
+                f"{k.split('.')[1] if '.' in k else k}x{v}"
+                for k, v in sorted(part.ops.items(), key=lambda kv: -kv[1])[:8]
+            )
             more = " ..." if len(part.ops) > 8 else ""
             note = f"  [{part.note}]" if part.note else ""
             lines.append(f"  {part.name:<20}{part.target:<14}{part.nodes:>6}  {ops}{more}{note}")

@@ -10,8 +10,12 @@ class MLP(nn.Module):
     def __init__(self, d_in: int = 32, hidden: int = 64, d_out: int = 10, dropout: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden),
-            nn.GELU(), nn.Linear(hidden, d_out),
+            nn.Linear(d_in, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, d_out),
         )
 
     def forward(self, x):
@@ -29,8 +33,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.down = None
         if stride != 1 or c_in != c_out:
-            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                      nn.BatchNorm2d(c_out))
+            self.down = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -43,8 +48,9 @@ class ResidualCNN(nn.Module):
 
     def __init__(self, width: int = 16, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.MaxPool2d(2))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)
+        )
         self.layer1 = BasicBlock(width, width)
         self.layer2 = BasicBlock(width, 2 * width, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -62,8 +68,9 @@ class DepthwiseSeparable(nn.Module):
         super().__init__()
         h = c * expand
         self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
-        self.depthwise = nn.Sequential(nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False),
-                                       nn.BatchNorm2d(h), nn.ReLU6())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6()
+        )
         self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
 
     def forward(self, x):
@@ -73,8 +80,9 @@ class DepthwiseSeparable(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, d_model: int = 32, heads: int = 4, dropout: float = 0.1):
         super().__init__()
-        self.layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=64,
-                                                dropout=dropout, batch_first=True)
+        self.layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward=64, dropout=dropout, batch_first=True
+        )
 
     def forward(self, x):
         return self.layer(x)
@@ -112,6 +120,12 @@ def tiny_bert():
     """A 2-layer BERT from a transformers config (random init, nothing downloaded)."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(config).eval()

@@ -69,8 +69,9 @@ def test_unsupported_op_falls_back_to_pytorch():
 @pytest.mark.skipif(not HAS_TVM, reason="TVM is an optional dependency (pip install graphopt[tvm])")
 def test_fallback_error_lists_every_unsupported_node():
     model = SpectralHead().eval()
-    compiled = torch.compile(model, backend="graphopt",
-                             options={"target": "llvm", "fallback": "error"})
+    compiled = torch.compile(
+        model, backend="graphopt", options={"target": "llvm", "fallback": "error"}
+    )
     with pytest.raises(Exception) as info, torch.no_grad():
         compiled(torch.randn(3, 16))
     err = info.value

@@ -1,0 +1,109 @@
+"""The `graphopt` command: `graphopt bench ...`, `graphopt ops ...`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _load_factory(spec: str):
+    """'path/to/file.py:make_model' or 'package.module:make_model' -> the callable."""
+    if ":" not in spec:
+        raise SystemExit(f"graphopt: model must look like 'file.py:factory' or 'module:factory', "
+                         f"got {spec!r}")
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise SystemExit(f"graphopt: no such file {where!r}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise SystemExit(f"graphopt: {where!r} has no attribute {name!r}") from None
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    import ast
+
+    if "=" not in text:
+        raise SystemExit(f"graphopt: options look like key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be comma-separated ints, got {text!r}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import graphopt
+    from graphopt.bench import compare_speed, format_timings
+
+    options = dict(_parse_option(o) for o in args.option)
+    options.setdefault("target", args.target)
+    graphopt.Config.from_options(options)  # fail on a bad option before building anything
+    model = _load_factory(args.model)().eval()
+    inputs = tuple(torch.randn(*shape) for shape in args.input)
+    compiled = torch.compile(model, backend="graphopt", options=options)
+    print(f"compiling {args.model} with graphopt {options} ...", flush=True)
+    with torch.no_grad():
+        graphopt.testing.assert_same_outputs(model(*inputs), compiled(*inputs))
+    for report in graphopt.reports():
+        print(report)
+    print("outputs match eager")
+    timings = compare_speed({"eager": model, "graphopt": compiled}, inputs, rounds=args.rounds)
+    print(format_timings(timings))
+    return 0
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    from graphopt.lowering import backend_for
+
+    backend = backend_for(args.target)
+    if backend.registry.supports_all:
+        print(f"target={args.target!r} ({backend.name}) takes every ATen op")
+        return 0
+    ops = backend.registry.ops()
+    print(f"target={args.target!r} ({backend.name}): {len(ops)} ops with lowering rules")
+    for op in ops:
+        print(f"  {op}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="graphopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="compile a model with graphopt and time it against eager")
+    bench.add_argument("model", help="'file.py:factory' or 'module:factory' returning an nn.Module")
+    bench.add_argument("--input", type=_shape, action="append", required=True,
+                       help="input shape, e.g. 1,3,224,224 (repeat for several inputs)")
+    bench.add_argument("--target", default="cpu")
+    bench.add_argument("--option", action="append", default=[], help="Config field, key=value")
+    bench.add_argument("--rounds", type=int, default=20)
+    bench.set_defaults(func=cmd_bench)
+    ops = sub.add_parser("ops", help="list the ops a target lowers (its capability list)")
+    ops.add_argument("--target", default="llvm")
+    ops.set_defaults(func=cmd_ops)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
