@@ -13,8 +13,9 @@ from typing import Any
 def _load_factory(spec: str):
     """'path/to/file.py:make_model' or 'package.module:make_model' -> the callable."""
     if ":" not in spec:
-        raise SystemExit(f"graphopt: model must look like 'file.py:factory' or 'module:factory', "
-                         f"got {spec!r}")
+        raise SystemExit(
+            f"graphopt: model must look like 'file.py:factory' or 'module:factory', got {spec!r}"
+        )
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
         path = Path(where)
@@ -47,7 +48,9 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(d) for d in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be comma-separated ints, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"shape must be comma-separated ints, got {text!r}"
+        ) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -92,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="compile a model with graphopt and time it against eager")
     bench.add_argument("model", help="'file.py:factory' or 'module:factory' returning an nn.Module")
-    bench.add_argument("--input", type=_shape, action="append", required=True,
-                       help="input shape, e.g. 1,3,224,224 (repeat for several inputs)")
+    bench.add_argument(
+        "--input",
+        type=_shape,
+        action="append",
+        required=True,
+        help="input shape, e.g. 1,3,224,224 (repeat for several inputs)",
+    )
     bench.add_argument("--target", default="cpu")
     bench.add_argument("--option", action="append", default=[], help="Config field, key=value")
     bench.add_argument("--rounds", type=int, default=20)

@@ -26,7 +26,6 @@ class Backend:
     name: str
     registry: OpRegistry
     compile: Callable[..., Callable[..., Any]]  # (gm, example_inputs, cfg) -> callable
-    lowering_error: type[Exception] | None = None  # a partition it cannot build falls back
 
 
 def backend_for(target: str) -> Backend:
@@ -37,12 +36,12 @@ def backend_for(target: str) -> Backend:
         return Backend("inductor", INDUCTOR, compile_inductor)
     if target in ("llvm", "cuda", "aarch64"):
         try:
-            from graphopt.backends.tvm import TVM, LoweringError, compile_subgraph
+            from graphopt.backends.tvm import TVM, compile_subgraph
         except ImportError as err:
             raise RuntimeError(
                 f"target={target!r} needs Apache TVM: pip install 'graphopt[tvm]' ({err})"
             ) from err
-        return Backend(f"tvm-{target}", TVM, compile_subgraph, LoweringError)
+        return Backend(f"tvm-{target}", TVM, compile_subgraph)
     raise NotImplementedError(
         f"target={target!r} is accepted by Config but its backend is not implemented yet; "
         "implemented targets: 'cpu', 'llvm', 'cuda'"
@@ -74,11 +73,16 @@ def lower(
     start = time.perf_counter()
     try:
         if backend.registry.supports_all:
+            kwargs = {"training": training} if backend.name == "inductor" else {}
+            try:
+                fn = backend.compile(gm, list(example_inputs), cfg, **kwargs)
+            except Exception as err:
+                _fall_back_or_raise(cfg, report, "graph", gm, backend, err)
+                return gm
             report.partitions.append(
                 PartitionRecord("graph", backend.name, op_histogram(gm), count_call_nodes(gm))
             )
-            kwargs = {"training": training} if backend.name == "inductor" else {}
-            return backend.compile(gm, list(example_inputs), cfg, **kwargs)
+            return fn
         return _lower_partitioned(gm, cfg, report, backend)
     finally:
         report.lowering_seconds += time.perf_counter() - start
@@ -119,22 +123,7 @@ def _lower_partitioned(
         try:
             fn = backend.compile(sub, fakes, cfg)
         except Exception as err:
-            if backend.lowering_error is None or not isinstance(err, backend.lowering_error):
-                raise
-            if cfg.fallback == "error":
-                raise UnsupportedOpError(
-                    cfg.target, [(node.target, "partition", str(err))]
-                ) from err
-            log.warning("graphopt: %s falls back to PyTorch: %s", node.target, err)
-            report.partitions.append(
-                PartitionRecord(
-                    node.target,
-                    "torch",
-                    op_histogram(sub),
-                    count_call_nodes(sub),
-                    note=f"{backend.name} could not build it: {err}",
-                )
-            )
+            _fall_back_or_raise(cfg, report, node.target, sub, backend, err)
             continue
         setattr(split, node.target, LoweredModule(fn, backend.name, single))
         report.partitions.append(
@@ -153,6 +142,30 @@ def _lower_partitioned(
         )
     split.recompile()
     return split
+
+
+def _fall_back_or_raise(
+    cfg: Config,
+    report: Report,
+    name: str,
+    gm: torch.fx.GraphModule,
+    backend: Backend,
+    err: Exception,
+) -> None:
+    """A piece the backend failed to compile runs in PyTorch (reported), or raises."""
+    reason = f"{backend.name} failed to compile it: {type(err).__name__}: {_first_line(err)}"
+    if cfg.fallback == "error":
+        raise UnsupportedOpError(cfg.target, [(name, "partition", reason)]) from err
+    log.warning("graphopt: %s runs in PyTorch: %s", name, reason)
+    report.partitions.append(
+        PartitionRecord(name, "torch", op_histogram(gm), count_call_nodes(gm), note=reason)
+    )
+    report.fallbacks.append(FallbackRecord(name, "partition", reason))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _name(node: torch.fx.Node) -> str:
