@@ -88,8 +88,14 @@ def count_call_nodes(gm: torch.fx.GraphModule) -> int:
 
 # Ops whose result is uninitialized memory: no value to fold, and two of them are not "the same".
 _UNINITIALIZED = frozenset(
-    {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
-     "aten::new_empty_strided", "aten::empty_permuted"}
+    {
+        "aten::empty",
+        "aten::empty_like",
+        "aten::empty_strided",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+        "aten::empty_permuted",
+    }
 )
 
 
@@ -97,7 +103,7 @@ def is_pure(node: torch.fx.Node) -> bool:
     """True if a call_function node's result depends only on its arguments.
 
     False for mutating ops, random ops (they advance the RNG), ops with side effects,
-    higher-order ops, uninitialized memory (`aten.empty*`) and callables other than ATen ops
+    higher-order ops, uninitialized memory (`aten.empty*`) and callables other than torch ops
     and `operator`/sym functions. Folding, CSE and BN folding may only move pure nodes.
     """
     if node.op != "call_function":
