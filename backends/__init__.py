@@ -1,1 +1,1 @@
-"""Lowering targets. Each has an op-rule registry (`registry.OpRegistry`) that is its capability list."""
+"""Lowering targets. Each has an op-rule registry (`registry.OpRegistry`): its capabilities."""
