@@ -83,7 +83,10 @@ def lower(
                 PartitionRecord("graph", backend.name, op_histogram(gm), count_call_nodes(gm))
             )
             return fn
-        return _lower_partitioned(gm, cfg, report, backend)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # partitions move real constants; backends build them
+            return _lower_partitioned(gm, cfg, report, backend)
     finally:
         report.lowering_seconds += time.perf_counter() - start
 
