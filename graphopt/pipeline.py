@@ -25,6 +25,7 @@ from graphopt.errors import VerificationError
 from graphopt.passes.base import PassResult, count_call_nodes
 from graphopt.passes.cse import eliminate_common_subexpressions
 from graphopt.passes.dce import eliminate_dead_code
+from graphopt.passes.decompose_fused_ops import decompose_fused_ops
 from graphopt.passes.fold_batchnorm import fold_batchnorm
 from graphopt.passes.fold_constants import fold_constants
 from graphopt.passes.remove_noops import remove_noops
@@ -43,6 +44,12 @@ class Step:
 
 
 PIPELINE: list[Step] = [
+    Step(
+        "decompose_fused_ops",
+        decompose_fused_ops,
+        "first: fused fast-path kernels hide their matmuls from every pass and backend",
+        training=True,
+    ),
     Step(
         "remove_noops",
         remove_noops,

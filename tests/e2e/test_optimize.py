@@ -20,7 +20,7 @@ def test_optimize_returns_module_with_report():
     assert_same_outputs(model(x), optimized(x))
     report = optimized.report
     names = [p.name for p in report.passes]
-    assert names[:2] == ["remove_noops", "fold_batchnorm"]
+    assert names[:3] == ["decompose_fused_ops", "remove_noops", "fold_batchnorm"]
     assert report.params_before > report.params_after > 0, "BN parameters were folded away"
     assert report.flops_before > 0
     text = str(report)

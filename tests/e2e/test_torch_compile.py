@@ -41,17 +41,9 @@ def test_model_matches_eager(case, target):
     assert len(reports) == 1, "one graph, no graph breaks"
     report = reports[0]
     assert report.passes, "the pipeline ran"
-    if target == "llvm":
-        # Everything in these models has a TVM rule except the fused fast-path kernel that
-        # nn.TransformerEncoderLayer uses under no_grad (no decomposition in torch yet).
-        expected = (
-            {"aten._transformer_encoder_layer_fwd.default"}
-            if case == "transformer_layer"
-            else set()
-        )
-        assert {f.op for f in report.fallbacks} == expected, str(report)
-        if not expected:
-            assert all(p.target == "tvm-llvm" for p in report.partitions), str(report)
+    if target == "llvm":  # everything in these models has a TVM rule: nothing may fall back
+        assert not report.fallbacks, str(report)
+        assert all(p.target == "tvm-llvm" for p in report.partitions), str(report)
 
 
 def test_batchnorm_is_folded_away():
