@@ -105,14 +105,19 @@ def test_dynamic_batch_compiles_at_most_twice():
     assert len(graphopt.reports()) <= 2
 
 
-def test_dynamic_true_compiles_once():
-    model = MLP().eval()
-    compiled = torch.compile(model, backend="graphopt", dynamic=True)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", ["mlp", "transformer_layer"])
+def test_dynamic_true_compiles_once(case, target):
+    make, inputs = CASES[case]
+    model = make().eval()
+    shape = inputs()[0].shape[1:]
+    compiled = torch.compile(model, backend="graphopt", dynamic=True, options={"target": target})
     with torch.no_grad():
         for batch in (2, 3, 5, 8):
-            x = torch.randn(batch, 32)
+            x = torch.randn(batch, *shape)
             assert_same_outputs(model(x), compiled(x))
-    assert len(graphopt.reports()) == 1
+    (report,) = graphopt.reports()
+    assert not report.fallbacks, str(report)
 
 
 @pytest.mark.parametrize(
