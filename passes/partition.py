@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
@@ -28,6 +30,8 @@ def unsupported_nodes(
     """(node name, op, reason) for every call node the registry cannot lower."""
     out = []
     for node in gm.graph.nodes:
+        if node.target is operator.getitem and not registry.supports(node.args[0], cfg):
+            continue  # reading an output of an unsupported op: reported with that op
         if node.op in ("call_function", "call_method", "call_module"):
             reason = registry.unsupported_reason(node, cfg)
             if reason is not None:

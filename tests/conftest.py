@@ -4,17 +4,6 @@ import torch
 import graphopt
 
 
-def _tvm_available() -> bool:
-    try:
-        from graphopt.backends.tvm import TVM  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-HAS_TVM = _tvm_available()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_compile_state():
     """dynamo reuses compiled graphs across instances of one class: reset between tests."""

@@ -12,6 +12,7 @@ becomes a `tvm.tirx.Var(name, "int64")` per symbol, bound by the input tensor th
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import platform
 from collections.abc import Sequence
@@ -211,7 +212,7 @@ def _constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> relax.Constant:
     if value.dtype not in TVM_DTYPES:
         raise LoweringError(node.name, f"constant of dtype {value.dtype} has no TVM equivalent")
     copy = value.detach().clone(memory_format=torch.contiguous_format)
-    return relax.const(tvm.runtime.from_dlpack(copy))
+    return relax.const(tvm.runtime.from_dlpack(_compact_strides(copy)))
 
 
 def _lower_call(ctx: LoweringContext, node: torch.fx.Node) -> Any:
@@ -399,7 +400,15 @@ class CompiledSubgraph:
         tensor = tensor.detach()
         if not tensor.is_contiguous() or tensor.data_ptr() % ALIGNMENT:
             tensor = tensor.clone(memory_format=torch.contiguous_format)
+        return _compact_strides(tensor)
+
+
+def _compact_strides(tensor: torch.Tensor) -> torch.Tensor:
+    """An empty tensor restrided the way TVM checks it (torch gives (0, 0) strides (1, 1))."""
+    if tensor.numel() != 0:
         return tensor
+    strides = [math.prod(tensor.shape[i + 1 :]) for i in range(tensor.dim())]
+    return tensor.as_strided(tensor.shape, strides)
 
 
 def _within(a: torch.Tensor, b: torch.Tensor) -> bool:

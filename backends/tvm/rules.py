@@ -447,6 +447,8 @@ def _reduce(op, *, via_int8_for_bool: bool = False):
         axes = _axes(a.get("dim"), ndim)
         keepdim = a.get("keepdim", False)
         dtype = ctx.dtype(node)
+        if ndim == 0:  # a reduction of a 0-d tensor is the value itself (TVM rejects it)
+            return _cast(ctx, x, dtype)
         if via_int8_for_bool and dtype == "bool":  # TVM's max/min take no bool
             out = ctx.emit(op(_cast(ctx, x, "int8"), axes, keepdim))
             return _cast(ctx, out, "bool")
@@ -457,6 +459,13 @@ def _reduce(op, *, via_int8_for_bool: bool = False):
 
 rule(aten.sum.dim_IntList, aten.sum.default)(_reduce(R.sum))
 rule(aten.mean.dim, aten.mean.default)(_reduce(R.mean))
+
+
+def _not_0d(node, cfg):
+    """TVM's max/min/argmax/take reject 0-d tensors ("Cannot reduce a 0 dim Tensor")."""
+    return "0-d input" if node.args[0].meta["val"].dim() == 0 else None
+
+
 rule(aten.amax.default)(_reduce(R.max, via_int8_for_bool=True))
 rule(aten.amin.default)(_reduce(R.min, via_int8_for_bool=True))
 
@@ -505,8 +514,8 @@ def _arg_reduce(op):
 
 
 def _no_bool_input(node, cfg):
-    """TVM's argmax/argmin/max/min take no bool tensors."""
-    return "bool input" if node.args[0].meta["val"].dtype == torch.bool else None
+    """TVM's argmax/argmin/max/min take no bool or 0-d tensors."""
+    return "bool input" if node.args[0].meta["val"].dtype == torch.bool else _not_0d(node, cfg)
 
 
 rule(aten.argmax.default, check=_no_bool_input)(_arg_reduce(R.argmax))
@@ -731,7 +740,7 @@ def embedding(ctx, node):
     return ctx.emit(R.take(ctx[a["weight"]], ctx[a["indices"]], axis=0))
 
 
-@rule(aten.index_select.default)
+@rule(aten.index_select.default, check=_not_0d)
 def index_select(ctx, node):
     a = args(node)
     axis = _axis(a["dim"], ctx.val(a["input"]).dim())

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
-from graphopt.passes.base import PassResult, get_attr_value
 
 import graphopt
 from graphopt import pipeline
+from graphopt.passes.base import PassResult, get_attr_value
 from graphopt.testing import assert_same_outputs
 from tests.models import MLP, ResidualCNN
 

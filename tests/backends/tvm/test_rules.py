@@ -447,3 +447,30 @@ def test_symbolic_size_arithmetic_reaches_tir():
     gm = _traced("symbolic_sizes")[0]
     ops = {node.target for node in gm.graph.nodes if node.op == "call_function"}
     assert {aten.sym_size.int, operator.floordiv, operator.mod} <= ops
+
+
+def test_reduction_of_a_0d_tensor_is_the_value(tvm_matches):
+    """TVM rejects reductions of 0-d tensors; torch allows dim=0 on them (found by OpInfo)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fn(x):
+        return torch.amax(x, 0), torch.logsumexp(x, 0), torch.sum(x)
+
+    x = torch.tensor(1.5)
+    gm = make_fx(fn, decomposition_table=torch._decomp.core_aten_decompositions())(x)
+    tvm_matches(gm, [x], fn(x))
+
+
+def test_zero_element_inputs_and_constants(tvm_matches):
+    """torch gives empty tensors strides TVM rejects ((1, 1) for 2x0); they are restrided."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    bias = torch.zeros(1, 0)
+
+    def fn(x):
+        return torch.cat([x, bias]) * 2
+
+    x = torch.randn(2, 0)
+    assert x.stride() == (1, 1)
+    gm = make_fx(fn)(x)
+    tvm_matches(gm, [x], fn(x))
