@@ -23,6 +23,7 @@ def _load_factory(spec: str):
             raise SystemExit(f"graphopt: no such file {where!r}")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module  # dynamo's guards import the model's module by name
         module_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(where)
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     ops.add_argument("--target", default="llvm")
     ops.set_defaults(func=cmd_ops)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        print(f"graphopt {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
