@@ -34,13 +34,23 @@ def backend_for(target: str) -> Backend:
         from graphopt.backends.inductor import INDUCTOR, compile_inductor
 
         return Backend("inductor", INDUCTOR, compile_inductor)
-    if target in ("llvm", "cuda", "aarch64"):
+    if target == "aarch64":
+        raise NotImplementedError(
+            "target='aarch64' cross-compiles for an ARM device: it cannot run on this host "
+            "through torch.compile or graphopt.optimize, and graphopt.export (which will "
+            "write the ARM library) is not implemented yet; implemented targets: 'cpu', "
+            "'llvm', 'cuda'"
+        )
+    if target in ("llvm", "cuda"):
         try:
             from graphopt.backends.tvm import TVM, compile_subgraph
         except ImportError as err:
             raise RuntimeError(
                 f"target={target!r} needs Apache TVM: pip install 'graphopt[tvm]' ({err})"
             ) from err
+        from graphopt.backends.tvm.lower import runtime_device
+
+        runtime_device(Config(target=target))  # no GPU: one clear error, not a fallback per piece
         return Backend(f"tvm-{target}", TVM, compile_subgraph)
     raise NotImplementedError(
         f"target={target!r} is accepted by Config but its backend is not implemented yet; "

@@ -99,3 +99,23 @@ def test_entry_point_registers_backend_without_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("target", ["aarch64", "hls", "onnx"])
+def test_targets_without_a_runtime_here_say_so(target):
+    with pytest.raises(NotImplementedError, match=f"target='{target}'.*implemented targets"):
+        graphopt.optimize(MLP().eval(), (torch.randn(2, 32),), target=target)
+
+
+def _tvm_sees_a_gpu() -> bool:
+    import tvm
+
+    return tvm.cuda(0).exist
+
+
+@pytest.mark.skipif(_tvm_sees_a_gpu(), reason="a GPU is visible: target='cuda' runs there")
+def test_cuda_without_a_gpu_is_a_clear_compile_time_error():
+    compiled = torch.compile(MLP().eval(), backend="graphopt", options={"target": "cuda"})
+    with pytest.raises(Exception, match="target='cuda' needs a CUDA GPU visible to TVM"):
+        with torch.no_grad():
+            compiled(torch.randn(2, 32))
