@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,8 +15,12 @@ import torch
 @dataclass
 class Timing:
     name: str
-    median_ms: float
+    median_ms: float  # nan when the runner has no samples (it failed or was not timed)
     samples_ms: list[float]
+
+    @classmethod
+    def from_samples(cls, name: str, samples_ms: list[float]) -> Timing:
+        return cls(name, statistics.median(samples_ms) if samples_ms else math.nan, samples_ms)
 
 
 def compare_speed(
@@ -24,28 +29,50 @@ def compare_speed(
     *,
     rounds: int = 20,
     warmup: int = 3,
+    max_rounds: Mapping[str, int] | None = None,
+    max_warmup: Mapping[str, int] | None = None,
 ) -> list[Timing]:
     """Time each runner on `inputs`, interleaving them round by round so drift hits all alike.
 
     The first entry is the baseline that `format_timings` reports ratios against.
+    `max_rounds` / `max_warmup` cap a slow runner: it takes part in only the first N rounds.
     """
+    max_rounds, max_warmup = max_rounds or {}, max_warmup or {}
     with torch.no_grad():
-        for fn in runners.values():
-            for _ in range(warmup):
+        for name, fn in runners.items():
+            for _ in range(min(warmup, max_warmup.get(name, warmup))):
                 fn(*inputs)
         samples: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(rounds):
+        for i in range(rounds):
             for name, fn in runners.items():
+                if i >= max_rounds.get(name, rounds):
+                    continue
                 start = time.perf_counter()
                 fn(*inputs)
                 samples[name].append((time.perf_counter() - start) * 1e3)
-    return [Timing(name, statistics.median(s), s) for name, s in samples.items()]
+    return [Timing.from_samples(name, s) for name, s in samples.items()]
 
 
-def format_timings(timings: Sequence[Timing]) -> str:
-    """A markdown table: median ms and speed relative to the first (baseline) row."""
-    base = timings[0].median_ms
-    lines = ["| runner | median ms | speed vs " + timings[0].name + " |", "|---|---:|---:|"]
+def format_timings(
+    timings: Sequence[Timing],
+    *,
+    ratios_to: Sequence[str] | None = None,
+    columns: Mapping[str, Mapping[str, str]] | None = None,
+) -> str:
+    """A markdown table: median ms, speed relative to each of `ratios_to` (default: the first
+    row), then the `columns` given as {header: {runner name: text}}. Untimed rows show "-"."""
+    by_name = {t.name: t.median_ms for t in timings}
+    ratios_to = list(ratios_to or [timings[0].name])
+    columns = columns or {}
+    headers = ["runner", "median ms", *(f"speed vs {r}" for r in ratios_to), *columns]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---:|" + "---:|" * len(ratios_to)]
+    lines[1] += "---|" * len(columns)
     for t in timings:
-        lines.append(f"| {t.name} | {t.median_ms:.3f} | {base / t.median_ms:.2f}x |")
+        ok = not math.isnan(t.median_ms)
+        cells = [t.name, f"{t.median_ms:.3f}" if ok else "-"]
+        for r in ratios_to:
+            base = by_name.get(r, math.nan)
+            cells.append(f"{base / t.median_ms:.2f}x" if ok and not math.isnan(base) else "-")
+        cells += [col.get(t.name, "") for col in columns.values()]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -139,8 +139,11 @@ def _lower_partitioned(
             _fall_back_or_raise(cfg, report, node.target, sub, backend, err)
             continue
         setattr(split, node.target, LoweredModule(fn, backend.name, single))
+        note = "loaded from the compile cache" if getattr(fn, "cache_hit", False) else ""
         report.partitions.append(
-            PartitionRecord(node.target, backend.name, op_histogram(sub), count_call_nodes(sub))
+            PartitionRecord(
+                node.target, backend.name, op_histogram(sub), count_call_nodes(sub), note=note
+            )
         )
     torch_ops.pop("operator.getitem", None)
     if torch_ops:

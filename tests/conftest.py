@@ -5,8 +5,13 @@ import graphopt
 
 
 @pytest.fixture(autouse=True)
-def _fresh_compile_state():
-    """dynamo reuses compiled graphs across instances of one class: reset between tests."""
+def _fresh_compile_state(monkeypatch):
+    """dynamo reuses compiled graphs across instances of one class: reset between tests.
+
+    The TVM disk cache is off (tests compile for real and leave ~/.cache alone);
+    tests/backends/tvm/test_cache.py turns it on in a tmp folder.
+    """
+    monkeypatch.setenv("GRAPHOPT_CACHE", "0")
     torch._dynamo.reset()
     graphopt.clear_reports()
     torch.manual_seed(0)

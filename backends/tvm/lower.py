@@ -3,7 +3,8 @@
     build_relax(gm, inputs, cfg)      -> tvm.IRModule   (one rule per node, from `rules.TVM`)
     compile_relax(mod, cfg)           -> relax.VMExecutable (build only: works for any target)
     compile_subgraph(gm, inputs, cfg) -> CompiledSubgraph (callable: torch tensors in and out,
-                                         passed zero-copy through DLPack)
+                                         passed zero-copy through DLPack; the library is
+                                         cached on disk, see `cache.py`)
 
 Shapes come from `node.meta["val"]`; a symbolic dim (a SymInt over sympy symbols like s77)
 becomes a `tvm.tirx.Var(name, "int64")` per symbol, bound by the input tensor that carries it.
@@ -12,9 +13,11 @@ becomes a `tvm.tirx.Var(name, "int64")` per symbol, bound by the input tensor th
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import operator
 import platform
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,11 +27,13 @@ import tvm
 from tvm import relax, tirx
 
 from graphopt.backends.registry import op_name
+from graphopt.backends.tvm import cache
 from graphopt.backends.tvm.rules import TVM, TVM_DTYPES
 from graphopt.config import Config
 from graphopt.passes.base import get_attr_value
 
 aten = torch.ops.aten
+log = logging.getLogger(__name__)
 
 # TVM's generated kernels assume 64-byte aligned, contiguous buffers (tvm.runtime.from_dlpack
 # checks both); torch's CPU and CUDA allocators hand out such memory, views may not be.
@@ -353,17 +358,27 @@ class CompiledSubgraph:
     (TVM binds symbolic sizes from the tensors' shapes). An output that TVM hands back in an
     input's or an earlier output's memory (clone() lowers to nothing) is copied where torch
     returns a tensor of its own, so writing to it changes nothing else.
+
+    Attributes:
+        mod: the Relax IRModule it was compiled from; None when loaded from the disk cache.
+        executable: the compiled VM executable (built, or loaded from the cache).
+        cache_hit: whether the executable came from the disk cache (nothing was compiled).
+        compile_seconds: wall time of `compile_subgraph` (build + compile + store, or load).
     """
 
     def __init__(
         self,
         gm: torch.fx.GraphModule,
-        mod: tvm.IRModule,
+        mod: tvm.IRModule | None,
         executable: relax.VMExecutable,
         device: tvm.runtime.Device,
+        *,
+        cache_hit: bool = False,
     ):
         self.mod = mod
         self.executable = executable
+        self.cache_hit = cache_hit
+        self.compile_seconds = 0.0
         self.vm = relax.VirtualMachine(executable, device)
         self._main = self.vm["main"]
         self._tensor_inputs = tuple(
@@ -443,11 +458,34 @@ def compile_subgraph(
 ) -> CompiledSubgraph:
     """Build, compile and load `gm` for `cfg.target`; returns a callable over torch tensors.
 
+    The library is looked up first in the disk cache (`cache.graph_key`: the whole graph,
+    constants, input specs, options, target and versions); a miss compiles and stores it.
+
     Raises:
         LoweringError: the graph cannot be built (the caller runs it in PyTorch instead).
         RuntimeError: the target cannot run here (CUDA without a GPU, aarch64 on x86).
     """
+    start = time.perf_counter()
     device = runtime_device(cfg)  # fail before the (slow) build
-    mod = build_relax(gm, example_inputs, cfg)
-    executable = compile_relax(mod, cfg)
-    return CompiledSubgraph(gm, mod, executable, device)
+    target = target_for(cfg)
+    root, key = cache.cache_root(), None
+    if root is not None:
+        try:
+            key = cache.graph_key(gm, cfg, target)
+        except cache.UncacheableGraph as err:
+            log.info("graphopt: not caching this TVM graph: %s", err)
+    compiled = None
+    executable = cache.load(root, key) if key else None
+    if executable is not None:
+        try:
+            compiled = CompiledSubgraph(gm, None, executable, device, cache_hit=True)
+        except (RuntimeError, ValueError) as err:  # the library loaded but its VM does not start
+            cache.evict(root, key, f"its VM does not start: {err}")
+    if compiled is None:
+        mod = build_relax(gm, example_inputs, cfg)
+        executable = compile_relax(mod, cfg, target)
+        if key:
+            cache.store(root, key, executable)
+        compiled = CompiledSubgraph(gm, mod, executable, device)
+    compiled.compile_seconds = time.perf_counter() - start
+    return compiled
