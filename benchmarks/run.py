@@ -1,0 +1,389 @@
+"""Side-by-side benchmark suite: `python -m benchmarks.run [--smoke]` (see --help).
+
+For each model: build it, compile every runner (compile seconds, max abs error against eager on
+the same input), time them in interleaved rounds (`graphopt.bench.compare_speed`), and print a
+markdown table of medians and ratios. Ratios are what count; absolute times on shared
+machines are noise. A runner that fails is a row with the reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import math
+import os
+import platform
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+
+import graphopt
+from graphopt.bench import Timing, compare_speed, format_timings
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.models import FULL, MODELS, TINY, BenchModel  # noqa: E402
+from benchmarks.runners import ANCHORS, RUNNERS  # noqa: E402
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunnerResult:
+    name: str
+    compile_s: float = math.nan
+    max_error: float = math.nan
+    samples_ms: list[float] = field(default_factory=list)
+    note: str = ""
+    failed: bool = False
+
+
+@dataclass
+class ModelResult:
+    model: str
+    runners: list[RunnerResult]
+    timings: list[Timing]
+    output_scale: float  # max |eager output|, to read the errors against
+
+    def anchor(self) -> str | None:
+        """The fastest anchor runner that ran (inductor with freezing, onnxruntime)."""
+        timed = {t.name: t.median_ms for t in self.timings if not math.isnan(t.median_ms)}
+        anchors = [a for a in ANCHORS if a in timed]
+        return min(anchors, key=timed.__getitem__) if anchors else None
+
+
+class CompileBudgetExceeded(Exception):
+    pass
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise CompileBudgetExceeded in the main thread after `seconds` (a no-op elsewhere)."""
+    if seconds <= 0 or not hasattr(signal, "setitimer") or not _in_main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CompileBudgetExceeded(f"compile took over the {seconds:.0f} s budget")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of `err`, one line, safe inside a markdown table."""
+    while True:  # dynamo wraps backend errors (BackendCompilerFailed.inner_exception)
+        inner = getattr(err, "inner_exception", None) or err.__cause__
+        if inner is None:
+            break
+        err = inner
+    text = " ".join(str(err).split()) or repr(err)
+    text = text.split(" Set TORCHDYNAMO_VERBOSE=1")[0]
+    text = text.replace("|", "/")
+    return f"does not run: {type(err).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def _max_error(ref, got) -> float:
+    ref_leaves, got_leaves = pytree.tree_leaves(ref), pytree.tree_leaves(got)
+    if len(ref_leaves) != len(got_leaves):
+        return math.inf
+    errors = [
+        (r.float() - g.float().reshape(r.shape)).abs().max().item()
+        for r, g in zip(ref_leaves, got_leaves)
+    ]
+    return max(errors, default=0.0)
+
+
+def _graphopt_note(new_reports: list[graphopt.Report]) -> str:
+    fallbacks = [f.op for r in new_reports for f in r.fallbacks]
+    note = f"{len(new_reports)} graphs" if len(new_reports) != 1 else ""
+    if fallbacks:
+        ops = sorted(set(fallbacks))
+        note = _join(note, f"{len(fallbacks)} node(s) ran in PyTorch ({', '.join(ops[:4])}")
+        note += ", ...)" if len(ops) > 4 else ")"
+    return note
+
+
+def compile_runner(
+    name: str,
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    reference,
+    compile_budget_s: float,
+) -> tuple[RunnerResult, Callable | None]:
+    """Build one runner and call it once: compile time, max error, and the callable (or None)."""
+    result = RunnerResult(name)
+    model = model if name == "eager" else copy.deepcopy(model)
+    reports_before = len(graphopt.reports())
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
+        start = time.perf_counter()
+        try:
+            with _deadline(compile_budget_s), torch.no_grad():
+                fn = RUNNERS[name](model, inputs, workdir)
+                out = fn(*inputs)
+        except Exception as err:  # noqa: BLE001 - a failing runner is a row in the table
+            result.compile_s = time.perf_counter() - start
+            result.note, result.failed = _reason(err), True
+            return result, None
+        result.compile_s = time.perf_counter() - start
+    result.max_error = _max_error(reference, out)
+    if name.startswith("graphopt"):
+        result.note = _graphopt_note(graphopt.reports()[reports_before:])
+    return result, fn
+
+
+def bench_model(
+    bm: BenchModel,
+    runner_names: Sequence[str],
+    *,
+    rounds: int,
+    warmup: int,
+    budget_s: float,
+    compile_budget_s: float,
+    log: Log = print,
+) -> ModelResult:
+    """Compile every runner on one model, then time the ones that run, interleaved."""
+    torch._dynamo.reset()
+    model, inputs = bm.make(), bm.inputs()
+    with torch.no_grad():
+        reference = model(*inputs)
+    results, callables, max_rounds, max_warmup = [], {}, {}, {}
+    for name in runner_names:
+        log(f"[{bm.name}] {name}: compiling ...")
+        result, fn = compile_runner(name, model, inputs, reference, compile_budget_s)
+        results.append(result)
+        if fn is None:
+            log(f"[{bm.name}] {name}: {result.note}")
+            continue
+        with torch.no_grad():  # one timed call decides how many rounds fit in the budget
+            start = time.perf_counter()
+            fn(*inputs)
+            probe_s = time.perf_counter() - start
+        calls = int(budget_s // probe_s) if probe_s > 0 else rounds + warmup
+        log(
+            f"[{bm.name}] {name}: compile {result.compile_s:.1f} s, one call "
+            f"{probe_s * 1e3:.1f} ms, max abs error {result.max_error:.2e}"
+        )
+        if calls < 1:  # over budget: the probe call is its only sample
+            result.samples_ms = [probe_s * 1e3]
+            result.note = _join(result.note, f"over the {budget_s:g} s budget: 1 call")
+            continue
+        if calls < rounds + warmup:
+            max_rounds[name], max_warmup[name] = min(calls, rounds), 0
+            result.note = _join(result.note, f"{max_rounds[name]} round(s): {budget_s:g} s budget")
+        callables[name] = fn
+    log(f"[{bm.name}] timing {len(callables)} runner(s), {rounds} interleaved round(s) ...")
+    timed = compare_speed(
+        callables,
+        inputs,
+        rounds=rounds,
+        warmup=warmup,
+        max_rounds=max_rounds,
+        max_warmup=max_warmup,
+    )
+    for t in timed:
+        next(r for r in results if r.name == t.name).samples_ms = t.samples_ms
+    timings = [Timing.from_samples(r.name, r.samples_ms) for r in results]
+    scale = max((x.abs().max().item() for x in pytree.tree_leaves(reference)), default=0.0)
+    del model, callables
+    gc.collect()
+    return ModelResult(bm.name, results, timings, scale)
+
+
+def run_suite(
+    model_names: Sequence[str],
+    runner_names: Sequence[str],
+    *,
+    rounds: int = 10,
+    warmup: int = 2,
+    budget_s: float = 20.0,
+    compile_budget_s: float = 300.0,
+    log: Log = print,
+) -> list[ModelResult]:
+    """Benchmark each model in turn; every runner that ran gets a row, and so does every failure."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return [
+        bench_model(
+            MODELS[m],
+            runner_names,
+            rounds=rounds,
+            warmup=warmup,
+            budget_s=budget_s,
+            compile_budget_s=compile_budget_s,
+            log=log,
+        )
+        for m in model_names
+    ]
+
+
+def format_model(result: ModelResult) -> str:
+    anchor = result.anchor()
+    ratios = ["eager"] + ([anchor] if anchor else [])
+    columns = {
+        "compile s": {r.name: f"{r.compile_s:.1f}" for r in result.runners if r.name != "eager"},
+        "max abs err": {r.name: f"{r.max_error:.1e}" for r in result.runners if r.name != "eager"},
+        "rounds": {r.name: str(len(r.samples_ms)) for r in result.runners},
+        "note": {r.name: r.note for r in result.runners},
+    }
+    for col in columns["max abs err"], columns["compile s"]:
+        for name in [n for n, text in col.items() if text == "nan"]:
+            col[name] = "-"
+    head = f"### {result.model}\n\nmax |eager output| = {result.output_scale:.3g}"
+    if anchor:
+        head += f"; fastest anchor: {anchor}"
+    return head + "\n\n" + format_timings(result.timings, ratios_to=ratios, columns=columns)
+
+
+def format_summary(results: Sequence[ModelResult]) -> str:
+    """One line per runner: speed vs eager on each model (higher is faster)."""
+    names = [r.name for r in results[0].runners]
+    lines = ["| runner | " + " | ".join(r.model for r in results) + " |"]
+    lines.append("|---|" + "---:|" * len(results))
+    for name in names:
+        cells = []
+        for res in results:
+            ms = {t.name: t.median_ms for t in res.timings}
+            ok = not (math.isnan(ms.get(name, math.nan)) or math.isnan(ms["eager"]))
+            cells.append(f"{ms['eager'] / ms[name]:.2f}x" if ok else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_description(command: str) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("tvm", "onnxruntime", "onnx", "transformers"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = "not installed"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return "\n".join(
+        [
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- command: `{command}`",
+            f"- CPU: {cpu}, {cores} cores usable, torch threads {torch.get_num_threads()}",
+            f"- load average at start: {load}",
+            "- " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "- batch 1, fp32, inference (`torch.no_grad()`)",
+        ]
+    )
+
+
+def format_report(results: Sequence[ModelResult], machine: str, settings: str) -> str:
+    parts = [
+        "# graphopt benchmarks",
+        machine,
+        settings,
+        "Ratios are what count; absolute times on shared machines are noise. "
+        "`speed vs X` = X's median / this runner's median (above 1.00x: faster than X).",
+        "## Speed vs eager",
+        format_summary(results),
+        *(format_model(r) for r in results),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _names(text: str, known: Sequence[str], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; accepted: {', '.join(known)}")
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--models", default=",".join(FULL), help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--runners", default=",".join(RUNNERS), help=f"of {', '.join(RUNNERS)}")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--budget-s", type=float, default=20.0, help="timing seconds per runner per model"
+    )
+    parser.add_argument(
+        "--compile-budget-s", type=float, default=300.0, help="compile seconds per runner"
+    )
+    parser.add_argument("--out", default=None, help="default benchmarks/RESULTS.md (not --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 2 rounds, no file")
+    args = parser.parse_args(argv)
+    # Idle TVM worker threads spin by default and steal the cores of the runner timed after
+    # them in interleaved rounds (as onnxruntime's do; see runners.onnxruntime_cpu). TVM reads
+    # this when its thread pool starts, on the first TVM call.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "-m", "benchmarks.run", *argv])
+    if args.smoke:
+        args.models = ",".join(TINY) if args.models == ",".join(FULL) else args.models
+        args.rounds, args.warmup = min(args.rounds, 2), min(args.warmup, 1)
+    out = args.out or (
+        None if args.smoke else os.path.join(os.path.dirname(__file__), "RESULTS.md")
+    )
+    models = _names(args.models, list(MODELS), "models")
+    runners = _names(args.runners, list(RUNNERS), "runners")
+    if "eager" not in runners:
+        runners.insert(0, "eager")
+    machine = machine_description(command)
+    print(machine, flush=True)
+    log: Log = lambda line: print(line, flush=True)  # noqa: E731
+    results = run_suite(
+        models,
+        runners,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        budget_s=args.budget_s,
+        compile_budget_s=args.compile_budget_s,
+        log=log,
+    )
+    settings = (
+        f"Settings: {args.rounds} interleaved rounds after {args.warmup} warm-up calls; a runner "
+        f"whose single call would not fit {args.rounds + args.warmup} calls in {args.budget_s:g} s "
+        f"gets fewer rounds (noted); compile budget {args.compile_budget_s:g} s per runner. "
+        "`compile s` is building the runner plus its first call; on-disk caches (inductor's "
+        "FX graph cache, graphopt's TVM cache) shorten it when warm. `max abs err` is against "
+        "eager on the same input."
+    )
+    report = format_report(results, machine, settings)
+    print("\n" + report, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write(report)
+        print(f"wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
