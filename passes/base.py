@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 @dataclass(frozen=True)
@@ -119,3 +121,26 @@ def is_pure(node: torch.fx.Node) -> bool:
     if module == "torch":  # torch.sym_max, torch.sym_int, ... on SymInts
         return getattr(target, "__name__", "").startswith("sym_")
     return module in ("_operator", "math")
+
+
+def named_args(node: torch.fx.Node) -> dict[str, Any]:
+    """A call's arguments by schema name with defaults filled in (`self` is called `input`)."""
+    from torch.fx.operator_schemas import normalize_function
+
+    pair = normalize_function(
+        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
+    )
+    if pair is None:
+        raise ValueError(f"cannot match the arguments of {node.target} to its schema")
+    return pair.kwargs
+
+
+def storage_of(node: torch.fx.Node) -> StorageWeakRef | None:
+    """The storage a node's traced value lives in (to tell aliases apart), if it has one."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(val.untyped_storage())
+    except NotImplementedError:  # tensors without storage (e.g. some subclasses)
+        return None

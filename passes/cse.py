@@ -7,11 +7,10 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import _disable_current_modes
 
 from graphopt.config import Config
-from graphopt.passes.base import PassResult, get_attr_value, is_pure
+from graphopt.passes.base import PassResult, get_attr_value, is_pure, storage_of
 
 
 def eliminate_common_subexpressions(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
@@ -40,7 +39,7 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, cfg: Config) -> Pa
     with _disable_current_modes():  # compares real constants, also inside torch.compile
         merged_constants = _merge_constants(gm)
     output = graph.output_node()
-    returned = {s for n in output.all_input_nodes if (s := _storage(n)) is not None}
+    returned = {s for n in output.all_input_nodes if (s := storage_of(n)) is not None}
     seen: dict[Any, torch.fx.Node] = {}
     region = 0  # bumped at every mutation: reads before and after it differ
     merged = 0
@@ -52,7 +51,7 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, cfg: Config) -> Pa
                 node.target._schema.is_mutable
             )
             continue
-        if _storage(node) in returned or _defines_unbacked(node):
+        if storage_of(node) in returned or _defines_unbacked(node):
             continue
         key = (region, node.target, _freeze(node.args), _freeze(node.kwargs))
         try:
@@ -81,16 +80,6 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, torch.fx.Node):
         return value
     return (type(value), value)
-
-
-def _storage(node: torch.fx.Node) -> StorageWeakRef | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    try:
-        return StorageWeakRef(val.untyped_storage())
-    except NotImplementedError:
-        return None
 
 
 def _defines_unbacked(node: torch.fx.Node) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from graphopt.config import Config
-from graphopt.passes.base import PassResult, add_constant, fake_mode_of
+from graphopt.passes.base import PassResult, add_constant, fake_mode_of, named_args
 
 aten = torch.ops.aten
 
@@ -47,98 +47,58 @@ def _attention(x_q, x_k, x_v, embed_dim, num_heads, qkv_weight, qkv_bias, proj_w
     return F.linear(out, proj_weight, proj_bias)
 
 
-def _encoder_layer(node: torch.fx.Node) -> tuple[Callable[..., Any], list[Any]] | None:
-    (
-        src,
-        embed_dim,
-        num_heads,
-        qkv_w,
-        qkv_b,
-        proj_w,
-        proj_b,
-        use_gelu,
-        norm_first,
-        eps,
-        n1_w,
-        n1_b,
-        n2_w,
-        n2_b,
-        ff1_w,
-        ff1_b,
-        ff2_w,
-        ff2_b,
-        *rest,
-    ) = node.args
-    mask = rest[0] if rest else node.kwargs.get("mask")
-    if mask is not None:
-        return None  # masks (and nested-tensor padding) keep the fused kernel's semantics
+_ENCODER_TENSORS = (
+    "src", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm_weight_1", "norm_bias_1",
+    "norm_weight_2", "norm_bias_2", "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2",
+)  # fmt: skip
+_ATTENTION_TENSORS = (
+    "query", "key", "value", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
+)  # fmt: skip
 
-    def reference(
-        src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, ff1_w, ff1_b, ff2_w, ff2_b
-    ):
-        act = F.gelu if use_gelu else F.relu
+
+def _encoder_layer(node: torch.fx.Node) -> tuple[Callable[..., Any], list[Any]] | None:
+    a = named_args(node)
+    if a["mask"] is not None:
+        return None  # masks (and nested-tensor padding) keep the fused kernel's semantics
+    embed_dim, num_heads, eps = a["embed_dim"], a["num_heads"], a["eps"]
+    act = F.gelu if a["use_gelu"] else F.relu
+
+    def reference(*tensors):
+        t = dict(zip(_ENCODER_TENSORS, tensors))
+        weights = [t[k] for k in _ATTENTION_TENSORS[3:]]
+        shape = (embed_dim,)
 
         def self_attention(x):
-            return _attention(x, x, x, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b)
+            return _attention(x, x, x, embed_dim, num_heads, *weights)
 
         def feed_forward(x):
-            return F.linear(act(F.linear(x, ff1_w, ff1_b)), ff2_w, ff2_b)
+            hidden = act(F.linear(x, t["ffn_weight_1"], t["ffn_bias_1"]))
+            return F.linear(hidden, t["ffn_weight_2"], t["ffn_bias_2"])
 
-        shape = (embed_dim,)
-        if norm_first:
-            x = src + self_attention(F.layer_norm(src, shape, n1_w, n1_b, eps))
-            return x + feed_forward(F.layer_norm(x, shape, n2_w, n2_b, eps))
-        x = F.layer_norm(src + self_attention(src), shape, n1_w, n1_b, eps)
-        return F.layer_norm(x + feed_forward(x), shape, n2_w, n2_b, eps)
+        def norm(x, i):
+            return F.layer_norm(x, shape, t[f"norm_weight_{i}"], t[f"norm_bias_{i}"], eps)
 
-    tensors = [
-        src,
-        qkv_w,
-        qkv_b,
-        proj_w,
-        proj_b,
-        n1_w,
-        n1_b,
-        n2_w,
-        n2_b,
-        ff1_w,
-        ff1_b,
-        ff2_w,
-        ff2_b,
-    ]
-    return reference, tensors
+        src = t["src"]
+        if a["norm_first"]:
+            x = src + self_attention(norm(src, 1))
+            return x + feed_forward(norm(x, 2))
+        x = norm(src + self_attention(src), 1)
+        return norm(x + feed_forward(x), 2)
+
+    return reference, [a[k] for k in _ENCODER_TENSORS]
 
 
 def _multi_head_attention(node: torch.fx.Node) -> tuple[Callable[..., Any], list[Any]] | None:
-    args = list(node.args) + [None] * (13 - len(node.args))
-    (
-        query,
-        key,
-        value,
-        embed_dim,
-        num_heads,
-        qkv_w,
-        qkv_b,
-        proj_w,
-        proj_b,
-        mask,
-        need_weights,
-        _average,
-        _mask_type,
-    ) = args
-    mask = node.kwargs.get("mask", mask)
-    need_weights = node.kwargs.get("need_weights", True if need_weights is None else need_weights)
-    if mask is not None or need_weights:
+    a = named_args(node)
+    if a["mask"] is not None or a["need_weights"]:
         return None
-    out_val = node.meta.get("val")
-    if not isinstance(out_val, tuple | list) or out_val[1].numel() != 0:
-        return None
+    embed_dim, num_heads = a["embed_dim"], a["num_head"]
 
-    def reference(query, key, value, qkv_w, qkv_b, proj_w, proj_b):
-        out = _attention(query, key, value, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b)
+    def reference(query, key, value, *weights):
+        out = _attention(query, key, value, embed_dim, num_heads, *weights)
         return out, query.new_empty((0,))
 
-    return reference, [query, key, value, qkv_w, qkv_b, proj_w, proj_b]
+    return reference, [a[k] for k in _ATTENTION_TENSORS]
 
 
 # op -> builder of (reference function of the tensor args, tensor args), or None to keep it.

@@ -9,10 +9,9 @@ from collections.abc import Callable
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from graphopt.config import Config
-from graphopt.passes.base import PassResult
+from graphopt.passes.base import PassResult, storage_of
 
 aten = torch.ops.aten
 
@@ -108,16 +107,6 @@ def _same_layout(a: object, b: object) -> bool:
     )
 
 
-def _storage(node: torch.fx.Node) -> StorageWeakRef | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    try:
-        return StorageWeakRef(val.untyped_storage())
-    except NotImplementedError:  # tensors without storage (e.g. some subclasses)
-        return None
-
-
 def remove_noops(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
     """Remove ATen nodes that return their input unchanged.
 
@@ -147,7 +136,7 @@ def remove_noops(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
         s
         for n in graph.nodes
         if n.op in ("placeholder", "get_attr")
-        for s in [_storage(n)]
+        for s in [storage_of(n)]
         if s is not None
     }
     removed: Counter[str] = Counter()
@@ -182,8 +171,8 @@ def _would_alias(
     """Would returning `source` instead of `node` make an output alias an input or output?"""
     if source.op in ("placeholder", "get_attr") or source in output.all_input_nodes:
         return True
-    storage = _storage(source)
+    storage = storage_of(source)
     if storage is None:
         return True
-    others = {_storage(n) for n in output.all_input_nodes if n is not node}
+    others = {storage_of(n) for n in output.all_input_nodes if n is not node}
     return storage in boundary or storage in others

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.operator_schemas import normalize_function
 from tvm import relax
 
 from graphopt.backends.registry import Check, OpRegistry
+from graphopt.passes.base import named_args as args
 
 aten = torch.ops.aten
 R = relax.op
@@ -44,16 +44,6 @@ TVM_DTYPES: dict[torch.dtype, str] = {
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def args(node: torch.fx.Node) -> dict[str, Any]:
-    """The node's arguments by schema name with defaults filled in (`self` is called `input`)."""
-    pair = normalize_function(
-        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
-    )
-    if pair is None:
-        raise ValueError(f"cannot match the arguments of {node.target} to its schema")
-    return pair.kwargs
 
 
 def _tensor_values(node: torch.fx.Node) -> list[torch.Tensor]:
