@@ -1,7 +1,7 @@
 """Compile a small ResNet with graphopt, print what each pass did, and time it against eager.
 
-    python examples/quickstart.py                 # target="cpu": graphopt passes + inductor
-    python examples/quickstart.py --target llvm   # TVM for x86 (pip install 'graphopt[tvm]')
+python examples/quickstart.py                 # target="cpu": graphopt passes + inductor
+python examples/quickstart.py --target llvm   # TVM for x86 (pip install 'graphopt[tvm]')
 """
 
 import argparse
@@ -22,8 +22,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.skip = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                      nn.BatchNorm2d(c_out))
+            self.skip = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -33,9 +34,16 @@ class Block(nn.Module):
 def make_model() -> nn.Module:
     """A ResNet-style classifier: BN stem, three residual stages, global pool, dropout, linear."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-        Block(32, 32, 1), Block(32, 64, 2), Block(64, 128, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, 10),
+        nn.Conv2d(3, 32, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        Block(32, 32, 1),
+        Block(32, 64, 2),
+        Block(64, 128, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(128, 10),
     ).eval()
 
 
