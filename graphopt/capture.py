@@ -50,7 +50,7 @@ def is_param_source(placeholder: torch.fx.Node) -> bool:
 
 
 def freeze_placeholders(gm: torch.fx.GraphModule, values: dict[int, torch.Tensor]) -> list[int]:
-    """Replace placeholder number i by a constant `values[i]`, in place.
+    """Replace placeholder number i by a constant copy of `values[i]`, in place.
 
     Returns the indices of the placeholders that remain (the runtime inputs).
     """
@@ -63,7 +63,9 @@ def freeze_placeholders(gm: torch.fx.GraphModule, values: dict[int, torch.Tensor
             if i not in values:
                 kept.append(i)
                 continue
-            name = add_constant(gm, values[i], node.name)
+            # A copy: the graph is a snapshot of the weights. Sharing storage would let later
+            # in-place updates reach some layers but not the ones folded into new constants.
+            name = add_constant(gm, values[i].detach().clone(), node.name)
             with gm.graph.inserting_before(node):
                 const = gm.graph.get_attr(name)
             const.meta.update(node.meta)

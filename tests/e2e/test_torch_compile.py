@@ -177,3 +177,17 @@ def test_options_are_validated():
 def test_verify_passes_on_a_correct_pipeline():
     compile_and_compare(ResidualCNN().eval(), (torch.randn(2, 3, 16, 16),), verify=True)
     assert graphopt.reports()[0].verified is True
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_compiled_graph_is_a_snapshot_of_the_weights(target):
+    """Frozen weights are copies: an in-place update after compiling changes no layer."""
+    model = ResidualCNN().eval()
+    x = torch.randn(1, 3, 16, 16)
+    compiled = torch.compile(model, backend="graphopt", options={"target": target})
+    with torch.no_grad():
+        before = model(x)
+        assert_same_outputs(before, compiled(x))
+        for p in model.parameters():
+            p.mul_(1.5)
+        assert_same_outputs(before, compiled(x))
