@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,8 @@ def compare_speed(
     max_rounds: Mapping[str, int] | None = None,
     max_warmup: Mapping[str, int] | None = None,
 ) -> list[Timing]:
-    """Time each runner on `inputs`, interleaving them round by round so drift hits all alike.
+    """Time each runner on `inputs`, interleaved in a shuffled order each round, so drift and
+    interference between engines hit all alike.
 
     The first entry is the baseline that `format_timings` reports ratios against.
     `max_rounds` / `max_warmup` cap a slow runner: it takes part in only the first N rounds.
@@ -43,8 +45,13 @@ def compare_speed(
             for _ in range(min(warmup, max_warmup.get(name, warmup))):
                 fn(*inputs)
         samples: dict[str, list[float]] = {name: [] for name in runners}
+        order = list(runners.items())
+        shuffle = random.Random(0).shuffle
         for i in range(rounds):
-            for name, fn in runners.items():
+            # A fresh order each round: an engine whose threads linger after its call (seen
+            # with onnxruntime next to inductor on 2 cores) slows a different runner each time.
+            shuffle(order)
+            for name, fn in order:
                 if i >= max_rounds.get(name, rounds):
                     continue
                 start = time.perf_counter()
