@@ -122,11 +122,7 @@ def _lower_partitioned(
             time.perf_counter() - start,
         )
     )
-    torch_ops: dict[str, int] = {}
     for node in list(split.graph.nodes):
-        if node.op == "call_function":
-            key = _name(node)
-            torch_ops[key] = torch_ops.get(key, 0) + 1
         if node.op != "call_module" or not node.target.startswith(PREFIX):
             continue
         sub: torch.fx.GraphModule = getattr(split, node.target)
@@ -145,6 +141,7 @@ def _lower_partitioned(
                 node.target, backend.name, op_histogram(sub), count_call_nodes(sub), note=note
             )
         )
+    torch_ops = op_histogram(split)  # what stayed in the stitching graph runs in PyTorch
     torch_ops.pop("operator.getitem", None)
     if torch_ops:
         report.partitions.append(
@@ -182,9 +179,3 @@ def _fall_back_or_raise(
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else ""
-
-
-def _name(node: torch.fx.Node) -> str:
-    from graphopt.backends.registry import op_name
-
-    return op_name(node.target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.models import BasicBlock  # the ResNet block, written once
+from benchmarks.models import TINY_BERT, BasicBlock  # written once, shared with benchmarks
 
 
 class MLP(nn.Module):
@@ -101,12 +101,4 @@ def tiny_bert():
     """A 2-layer BERT from a transformers config (random init, nothing downloaded)."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return BertModel(config).eval()
+    return BertModel(BertConfig(**TINY_BERT)).eval()
