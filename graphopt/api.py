@@ -51,7 +51,8 @@ def optimize(
         model: an nn.Module in eval mode (weights and buffers are frozen into the graph).
         example_inputs: a tuple of example positional inputs.
         dynamic_shapes: as in torch.export.export, e.g. {"x": {0: torch.export.Dim("batch")}}.
-        **options: fields of `graphopt.Config` (target, verify, fallback, ...).
+        **options: fields of `graphopt.Config` (target, quantize, calibration, verify, ...).
+            `calibration` batches are tuples of positional inputs like `example_inputs`.
 
     Returns:
         An `OptimizedModule` with `.report` (per pass, per partition, params and FLOPs).
@@ -65,13 +66,32 @@ def optimize(
     report.capture_seconds = time.perf_counter() - start
     # Lower for the traced (fake, possibly symbolic) inputs so dynamic dims stay dynamic.
     traced_inputs = [n.meta["val"] for n in captured.gm.graph.find_nodes(op="placeholder")]
+    calibration = None
+    if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
+        calibration = [_flat_inputs(batch, captured) for batch in cfg.calibration]
     compiled = compile_graph(
-        captured.gm, traced_inputs, cfg, report, real_inputs=captured.example_inputs
+        captured.gm,
+        traced_inputs,
+        cfg,
+        report,
+        real_inputs=captured.example_inputs,
+        calibration=calibration,
     )
     optimized = OptimizedModule(compiled, captured, report, cfg)
-    if cfg.verify:
+    if cfg.verify and cfg.quantize is None:  # int8 was checked against its own graph
         with torch.no_grad():
             problem = compare_outputs(model(*example_inputs), optimized(*example_inputs))
         if problem is not None:
             raise VerificationError("whole model (export capture)", problem)
     return optimized
+
+
+def _flat_inputs(batch: tuple, captured: CapturedGraph) -> list[Any]:
+    """A calibration batch as values for the captured graph's placeholders."""
+    flat, spec = pytree.tree_flatten((tuple(batch), {}))
+    if captured.in_spec is not None and spec != captured.in_spec:
+        raise ValueError(
+            f"calibration batch does not match the example inputs: got inputs {spec}, "
+            f"the model was captured for {captured.in_spec}"
+        )
+    return flat

@@ -11,7 +11,10 @@ aliasing, dynamic shapes and the forward/backward split); graphopt's compilers t
 from __future__ import annotations
 
 import functools
+import inspect
+import logging
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +24,8 @@ import torch.fx
 from graphopt.capture import concrete, freeze_placeholders, is_param_source
 from graphopt.compiler import compile_graph, new_report
 from graphopt.config import Config
+
+log = logging.getLogger("graphopt")
 
 
 def graphopt_backend(
@@ -48,6 +53,9 @@ def compile_dynamo_graph(
     start = time.perf_counter()
     placeholders = dynamo_gm.graph.find_nodes(op="placeholder")
     param_indices = [i for i, node in enumerate(placeholders) if is_param_source(node)]
+    calibration = None
+    if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
+        calibration = bind_calibration(placeholders, cfg.calibration)
     real_inputs = [concrete(x) for x in example_inputs]
     training = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
@@ -64,6 +72,7 @@ def compile_dynamo_graph(
         cfg=cfg,
         param_indices=param_indices,
         real_inputs=real_inputs,
+        calibration=calibration,
         start=start,
     )
     return aot_autograd(
@@ -81,6 +90,7 @@ def _inference_compiler(
     cfg: Config,
     param_indices: list[int],
     real_inputs: list[Any],
+    calibration: list[list[Any]] | None,
     start: float,
 ) -> Callable[..., Any]:
     from torch._functorch.aot_autograd import MutationType
@@ -116,6 +126,12 @@ def _inference_compiler(
         real_inputs=[real_inputs[i] for i in kept]
         if len(real_inputs) == len(placeholders)
         else None,
+        calibration=[
+            [real_inputs[i] if i in param_indices else batch[i] for i in kept]
+            for batch in calibration
+        ]
+        if calibration is not None and len(real_inputs) == len(placeholders)
+        else None,
     )
 
     def run(args: list[Any]) -> Any:
@@ -143,3 +159,69 @@ def _training_compiler(
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
+
+
+def bind_calibration(
+    placeholders: list[torch.fx.Node], batches: tuple[tuple[Any, ...], ...]
+) -> list[list[Any]] | None:
+    """Values for every placeholder of a dynamo graph, per calibration batch, or None.
+
+    Each batch holds the positional arguments of the compiled function (or module, without
+    `self`). dynamo names where each placeholder comes from (`L['x']`, `L['x'].size()[0]`,
+    `L['self']._modules['fc']._parameters['weight']`); those names are evaluated against the
+    batch bound to the traced frame's argument names, and against the traced frame's `self`
+    for module attributes. None when that is impossible (e.g. the graph after a graph break
+    starts inside the function, where the inputs are intermediate values): the caller then
+    calibrates on the first real calls instead, and says so.
+    """
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    if context is None or not context.traced_code:
+        return None
+    code = context.traced_code[0]
+    cells = tuple(types.CellType() for _ in code.co_freevars)
+    signature = inspect.signature(types.FunctionType(code, {}, closure=cells))
+    sources = []
+    for node in placeholders:
+        grapharg = node.meta.get("grapharg")
+        if grapharg is None or grapharg.source is None:
+            return None
+        sources.append(grapharg.source.name)
+    user = [i for i, node in enumerate(placeholders) if not is_param_source(node)]
+    out: list[list[Any]] = []
+    for batch in batches:
+        bound = _bind(signature, batch)
+        if bound is None:
+            log.warning(
+                "graphopt: a calibration batch of %d values does not fit %s%s; calibrating on "
+                "the first real calls instead",
+                len(batch),
+                code.co_name,
+                signature,
+            )
+            return None
+        values: list[Any] = [None] * len(placeholders)
+        for i in user:
+            try:
+                values[i] = eval(sources[i], {"__builtins__": {}}, {"L": bound})  # noqa: S307
+            except Exception:  # noqa: BLE001 - an input the batch cannot provide
+                return None
+        out.append(values)
+    return out
+
+
+def _bind(signature: inspect.Signature, batch: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The traced frame's locals for positional `batch` (with a `self` slot if one is missing)."""
+    for args in (batch, (None, *batch)):
+        try:
+            bound = signature.bind(*args)
+        except TypeError:
+            continue
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                bound.arguments.setdefault(name, ())
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                bound.arguments.setdefault(name, {})
+        return dict(bound.arguments)
+    return None

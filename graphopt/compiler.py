@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.utils._python_dispatch import _disable_current_modes
 
-from graphopt.config import Config
+from graphopt.config import DEFAULT_CALIBRATION_CALLS, Config
 from graphopt.errors import VerificationError
 from graphopt.lowering import lower
-from graphopt.pipeline import run_graph, run_pipeline
+from graphopt.pipeline import PIPELINE, run_graph, run_pipeline
 from graphopt.report import Report, count_flops, count_params
 from graphopt.testing import compare_outputs
 
@@ -38,6 +39,7 @@ def compile_graph(
     *,
     real_inputs: Sequence[Any] | None = None,
     training: bool = False,
+    calibration: list[list[Any]] | None = None,
 ) -> Callable[..., Any]:
     """Run the pass pipeline on `gm`, lower it for `cfg.target`, and record it all in `report`.
 
@@ -47,26 +49,105 @@ def compile_graph(
             compared on them with the captured graph (eager ATen) and a mismatch raises
             `VerificationError` naming the stage.
         training: a forward or backward graph of aot_autograd (weights are inputs).
+        calibration: with `cfg.quantize`, batches of real values for gm's placeholders. None:
+            the graph runs in float for its first N calls (N = cfg.calibration if it is a
+            number, else 8), which become the calibration data, then it is quantized and
+            lowered, and later calls run int8.
     """
     verify = cfg.verify and real_inputs is not None
-    reference = run_graph(gm, list(real_inputs)) if verify else None
     report.params_before, report.flops_before = count_params(gm), count_flops(gm)
+    if cfg.quantize is not None and not training and calibration is None:
+        REPORTS.append(report)
+        return _CalibrateOnCalls(gm, example_inputs, cfg, report)
+    reference = run_graph(gm, list(real_inputs)) if verify else None
     start = time.perf_counter()
     gm = run_pipeline(
-        gm, cfg, report, real_inputs=list(real_inputs) if verify else None, training=training
+        gm,
+        cfg,
+        report,
+        real_inputs=list(real_inputs) if verify else None,
+        training=training,
+        calibration=calibration,
     )
     report.passes_seconds = time.perf_counter() - start
-    report.params_after, report.flops_after = count_params(gm), count_flops(gm)
-    compiled = lower(gm, example_inputs, cfg, report, training=training)
+    compiled = _finish(gm, example_inputs, cfg, report, training=training)
     if verify:
+        if "graphopt.quantization" in gm.meta:  # compare int8 kernels with the int8 graph
+            reference = run_graph(gm, list(real_inputs))
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily(), torch.no_grad():
             got = compiled(*real_inputs)
-        problem = compare_outputs(reference, got)
+        problem = compare_outputs(reference, got, quantized="graphopt.quantization" in gm.meta)
         if problem is not None:
             raise VerificationError(f"lowering to {cfg.target}", problem)
         report.verified = True
     REPORTS.append(report)
     log.info("%s", report)
     return compiled
+
+
+def _finish(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    cfg: Config,
+    report: Report,
+    *,
+    training: bool = False,
+) -> Callable[..., Any]:
+    """Record what the passes left, then lower."""
+    report.params_after, report.flops_after = count_params(gm), count_flops(gm)
+    report.quantization = gm.meta.get("graphopt.quantization")
+    return lower(gm, example_inputs, cfg, report, training=training)
+
+
+class _CalibrateOnCalls:
+    """int8 without calibration data: the first N calls run the float graph and are recorded;
+    the Nth call quantizes with them and lowers, and later calls run the int8 code.
+
+    The float graph runs op by op in PyTorch meanwhile (no compiled float version is built).
+    """
+
+    def __init__(
+        self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config, report: Report
+    ) -> None:
+        split = next(i for i, step in enumerate(PIPELINE) if step.name == "quantize")
+        self.cfg, self.report, self.example_inputs = cfg, report, list(example_inputs)
+        self.calls = cfg.calibration if isinstance(cfg.calibration, int) else None
+        if self.calls is None:
+            self.calls = len(cfg.calibration) if cfg.calibration else DEFAULT_CALIBRATION_CALLS
+        start = time.perf_counter()
+        self.gm = run_pipeline(gm, cfg, report, steps=PIPELINE[:split])
+        report.passes_seconds = time.perf_counter() - start
+        self.rest = PIPELINE[split:]
+        self.batches: list[list[Any]] = []
+        self.compiled: Callable[..., Any] | None = None
+        report.calibration_pending = self.calls
+        log.warning(
+            "graphopt: %s has no calibration data it can use: its first %d calls run in float "
+            "and calibrate int8, later calls run int8",
+            report.graph_id,
+            self.calls,
+        )
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            return self.compiled(*args)
+        with torch.no_grad():
+            out = self.gm(*args)
+        self.batches.append(
+            [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+        )
+        self.report.calibration_pending = self.calls - len(self.batches)
+        if len(self.batches) >= self.calls:
+            with _disable_current_modes():  # aot_autograd checks its first call under a mode
+                self._quantize_and_lower()
+        return out
+
+    def _quantize_and_lower(self) -> None:
+        start = time.perf_counter()
+        gm = run_pipeline(self.gm, self.cfg, self.report, steps=self.rest, calibration=self.batches)
+        self.report.passes_seconds += time.perf_counter() - start
+        self.compiled = _finish(gm, self.example_inputs, self.cfg, self.report)
+        self.batches = []
+        log.info("graphopt: %s calibrated, now int8\n%s", self.report.graph_id, self.report)

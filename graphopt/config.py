@@ -7,9 +7,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 TARGETS = ("cpu", "llvm", "aarch64", "cuda", "hls", "onnx")
 QUANTIZE = (None, "int8")
 FALLBACKS = ("eager", "error")
+OBSERVERS = ("minmax", "percentile")
+DEFAULT_CALIBRATION_CALLS = 8
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,14 @@ class Config:
             "llvm": TVM for x86; "aarch64": TVM cross-compiled (export only); "cuda": TVM for
             NVIDIA GPUs; "hls": FPGA C++; "onnx": onnxruntime.
         quantize: None (float) or "int8" (post-training quantization).
-        calibration: example input tuples for int8 calibration.
+        calibration: int8 calibration data: an iterable of example input tuples (positional
+            arguments of the model), or a number N: calibrate on the first N real calls, which
+            run in float, then switch to int8. None with quantize="int8" means N=8.
+        observer: how activation ranges are measured: "minmax" (default) or "percentile"
+            (the 0.01 and 99.99 percentiles: outliers clip instead of widening the scale).
+        accuracy_budget: with quantize="int8", the largest relative output error
+            (||int8 - float|| / ||float|| over the calibration data) to accept; the layers
+            that cost the most stay in float until it is met (mixed precision). None: all int8.
         sparsity: fraction of weights to prune, 0 <= sparsity < 1.
         structured: prune whole channels (True) or single weights (False).
         devices: devices to partition the graph over (e.g. ["cpu", "cuda:0"]).
@@ -33,7 +44,9 @@ class Config:
 
     target: str = "cpu"
     quantize: str | None = None
-    calibration: tuple | None = field(default=None, compare=False, repr=False)
+    calibration: tuple | int | None = field(default=None, compare=False, repr=False)
+    observer: str = "minmax"
+    accuracy_budget: float | None = None
     sparsity: float = 0.0
     structured: bool = False
     devices: tuple[str, ...] | None = None
@@ -45,6 +58,16 @@ class Config:
         _check_choice("target", self.target, TARGETS)
         _check_choice("quantize", self.quantize, QUANTIZE)
         _check_choice("fallback", self.fallback, FALLBACKS)
+        _check_choice("observer", self.observer, OBSERVERS)
+        if self.accuracy_budget is not None and (
+            isinstance(self.accuracy_budget, bool)
+            or not isinstance(self.accuracy_budget, int | float)
+            or not self.accuracy_budget > 0
+        ):
+            raise ValueError(
+                "graphopt option 'accuracy_budget' must be a positive number (relative output "
+                f"error, e.g. 0.02) or None, got {self.accuracy_budget!r}"
+            )
         for name in ("structured", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
@@ -66,13 +89,28 @@ class Config:
                     f"['cpu', 'cuda:0'], got {self.devices!r}"
                 )
             object.__setattr__(self, "devices", tuple(str(d) for d in self.devices))
-        if self.calibration is not None:
-            if not isinstance(self.calibration, Iterable):
+        if isinstance(self.calibration, bool) or (
+            isinstance(self.calibration, int) and self.calibration < 1
+        ):
+            raise ValueError(
+                "graphopt option 'calibration' must be an iterable of example input tuples or "
+                f"a number of calls >= 1, got {self.calibration!r}"
+            )
+        if self.calibration is not None and not isinstance(self.calibration, int):
+            if not isinstance(self.calibration, Iterable) or isinstance(
+                self.calibration,
+                torch.Tensor,  # iterating would split it along dim 0
+            ):
                 raise ValueError(
-                    "graphopt option 'calibration' must be an iterable of example input tuples, "
-                    f"got {type(self.calibration).__name__}"
+                    "graphopt option 'calibration' must be an iterable of example input tuples "
+                    f"or a number of calls >= 1, got {type(self.calibration).__name__}"
                 )
-            object.__setattr__(self, "calibration", tuple(self.calibration))
+            batches = tuple(
+                (b,) if isinstance(b, torch.Tensor) else tuple(b) for b in self.calibration
+            )
+            if not batches:
+                raise ValueError("graphopt option 'calibration' is empty: give at least one batch")
+            object.__setattr__(self, "calibration", batches)
         if isinstance(self.disable_passes, str):
             object.__setattr__(self, "disable_passes", (self.disable_passes,))
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
@@ -111,7 +149,10 @@ class Config:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "calibration":
-                value = None if value is None else f"{len(value)} batches"
+                if isinstance(value, tuple):
+                    value = f"{len(value)} batches"
+                elif isinstance(value, int):
+                    value = f"first {value} calls"
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value

@@ -62,6 +62,8 @@ class Report:
     passes_seconds: float = 0.0
     lowering_seconds: float = 0.0
     verified: bool | None = None
+    quantization: Any = None  # a graphopt.passes.quantize.QuantSummary when quantize="int8"
+    calibration_pending: int | None = None  # int8 calibration calls still to come
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +87,7 @@ class Report:
             more = " ..." if len(part.ops) > 8 else ""
             note = f"  [{part.note}]" if part.note else ""
             lines.append(f"  {part.name:<20}{part.target:<14}{part.nodes:>6}  {ops}{more}{note}")
+        lines.extend(self._quantization_lines())
         if self.fallbacks:
             lines.append(f"  ops run in PyTorch ({len(self.fallbacks)}):")
             for f in self.fallbacks:
@@ -99,6 +102,32 @@ class Report:
             + ("" if self.verified is None else f", verified against eager: {self.verified}")
         )
         return "\n".join(lines)
+
+    def _quantization_lines(self) -> list[str]:
+        q = self.quantization
+        if q is None:
+            if self.calibration_pending:
+                return [
+                    f"  int8: calibrating, {self.calibration_pending} more float calls before "
+                    "the graph switches to int8"
+                ]
+            return []
+        done = sum(layer.quantized for layer in q.layers)
+        budget = "" if q.accuracy_budget is None else f", budget {q.accuracy_budget:.2%}"
+        lines = [
+            f"  int8: {done}/{len(q.layers)} conv/linear layers quantized (observer {q.observer}, "
+            f"{q.calibration_batches} calibration batches), output error {q.output_error:.2%} "
+            f"vs float on them{budget}"
+        ]
+        for layer in q.layers:
+            if not layer.quantized:
+                why = (
+                    ""
+                    if layer.sensitivity is None
+                    else f" (alone in int8: {layer.sensitivity:.2%})"
+                )
+                lines.append(f"    kept in float: {layer.layer}{why}")
+        return lines
 
 
 def _human(n: int) -> str:

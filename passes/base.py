@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.node import map_arg
 from torch.multiprocessing.reductions import StorageWeakRef
 
 
@@ -144,3 +146,18 @@ def storage_of(node: torch.fx.Node) -> StorageWeakRef | None:
         return StorageWeakRef(val.untyped_storage())
     except NotImplementedError:  # tensors without storage (e.g. some subclasses)
         return None
+
+
+class Emitter:
+    """Inserts ATen call nodes before a node, with meta["val"] computed on the fake inputs."""
+
+    def __init__(self, gm: torch.fx.GraphModule, before: torch.fx.Node, mode: Any) -> None:
+        self.graph, self.before, self.mode = gm.graph, before, mode
+
+    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.call_function(target, args, kwargs)
+        fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta["val"])
+        with unset_fake_temporarily(), self.mode:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        return node

@@ -7,11 +7,9 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.node import map_arg
 
 from graphopt.config import Config
-from graphopt.passes.base import PassResult, fake_mode_of, is_pure
+from graphopt.passes.base import Emitter, PassResult, fake_mode_of, is_pure
 
 aten = torch.ops.aten
 
@@ -47,22 +45,7 @@ class _Constness:
         return self.memo[node]
 
 
-class _Emitter:
-    """Inserts ATen call nodes before a node, with meta["val"] computed on the fake inputs."""
-
-    def __init__(self, gm: torch.fx.GraphModule, before: torch.fx.Node, mode: Any) -> None:
-        self.graph, self.before, self.mode = gm.graph, before, mode
-
-    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        with self.graph.inserting_before(self.before):
-            node = self.graph.call_function(target, args, kwargs)
-        fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta["val"])
-        with unset_fake_temporarily(), self.mode:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
-        return node
-
-
-def _scale_and_shift(emit: _Emitter, gamma, beta, mean, var, eps) -> tuple[torch.fx.Node, ...]:
+def _scale_and_shift(emit: Emitter, gamma, beta, mean, var, eps) -> tuple[torch.fx.Node, ...]:
     """scale = gamma / sqrt(var + eps); shift = beta - mean * scale (as graph nodes)."""
     scale = emit(aten.rsqrt.default, emit(aten.add.Tensor, var, eps))
     if gamma is not None:
@@ -73,21 +56,21 @@ def _scale_and_shift(emit: _Emitter, gamma, beta, mean, var, eps) -> tuple[torch
     return scale, shift
 
 
-def _cast(emit: _Emitter, node: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+def _cast(emit: Emitter, node: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
     dtype = like.meta["val"].dtype
     if node.meta["val"].dtype == dtype:
         return node
     return emit(aten._to_copy.default, node, dtype=dtype)
 
 
-def _new_bias(emit: _Emitter, bias, scale, shift, like: torch.fx.Node) -> torch.fx.Node:
+def _new_bias(emit: Emitter, bias, scale, shift, like: torch.fx.Node) -> torch.fx.Node:
     """bias * scale + shift (just shift without a bias), in the weight's dtype."""
     if bias is None:
         return _cast(emit, shift, like)
     return _cast(emit, emit(aten.add.Tensor, emit(aten.mul.Tensor, bias, scale), shift), like)
 
 
-def _fold_into_conv(emit: _Emitter, conv: torch.fx.Node, bn_args, getitem: torch.fx.Node) -> bool:
+def _fold_into_conv(emit: Emitter, conv: torch.fx.Node, bn_args, getitem: torch.fx.Node) -> bool:
     """convolution(x, W, b) -> convolution(x, W * scale[c], b * scale + shift)."""
     _x, weight, bias, _stride, _pad, _dil, transposed, _out_pad, groups = conv.args
     w = weight.meta["val"]
@@ -111,7 +94,7 @@ def _fold_into_conv(emit: _Emitter, conv: torch.fx.Node, bn_args, getitem: torch
     return True
 
 
-def _fold_into_linear(emit: _Emitter, mm: torch.fx.Node, bn_args, getitem: torch.fx.Node) -> bool:
+def _fold_into_linear(emit: Emitter, mm: torch.fx.Node, bn_args, getitem: torch.fx.Node) -> bool:
     """addmm(b, x, Wt) / mm(x, Wt) -> addmm(b * scale + shift, x, Wt * scale); Wt is [in, out]."""
     if mm.target is aten.addmm.default:
         bias, x, weight_t = mm.args
@@ -193,7 +176,7 @@ def fold_batchnorm(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
         ):
             continue
         stat, fold = kind
-        if fold(_Emitter(gm, producer, mode), producer, bn_args, getitems[0]):
+        if fold(Emitter(gm, producer, mode), producer, bn_args, getitems[0]):
             stats[stat] += 1
             for user in list(bn.users):
                 graph.erase_node(user)

@@ -1,0 +1,426 @@
+"""quantize: post-training int8 quantization of convolutions and linear layers.
+
+The rewrite is the quantize/dequantize ("QDQ") form torchao's PT2E flow produces, so every
+backend sees one representation: graphs graphopt quantized and graphs a user quantized with
+PT2E alike. inductor turns it into oneDNN int8 kernels, TVM and the float reference run it
+as written. Numbers follow `graphopt.int8` (the one int8 semantics).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
+import torch.fx
+
+from graphopt import int8
+from graphopt.config import Config
+from graphopt.passes.base import Emitter, PassResult, fake_mode_of, get_attr_value, insert_constant
+
+log = logging.getLogger("graphopt")
+
+aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
+
+# The ops graphopt's own quantized graphs use, and that PT2E-quantized graphs bring.
+QDQ_OPS = (
+    qd.quantize_per_tensor.default,
+    qd.dequantize_per_tensor.default,
+    qd.quantize_per_channel.default,
+    qd.dequantize_per_channel.default,
+)
+PERCENTILE = 99.99  # observer="percentile" clips the activation range to these percentiles
+_SAMPLES_PER_BATCH = 1 << 16  # values kept per batch and activation for percentiles
+
+
+@dataclass
+class Site:
+    """A conv or linear layer the pass can quantize."""
+
+    node: torch.fx.Node  # aten.convolution / aten.mm / aten.addmm
+    kind: str  # "conv2d" or "linear"
+    act_index: int  # argument position of the activation
+    weight_index: int  # argument position of the weight constant
+    name: str  # the layer's module path when known, else the node's name
+
+    @property
+    def act(self) -> torch.fx.Node:
+        return self.node.args[self.act_index]
+
+    @property
+    def weight(self) -> torch.fx.Node:
+        return self.node.args[self.weight_index]
+
+
+@dataclass
+class LayerQuant:
+    """What the pass decided for one layer (kept in the report)."""
+
+    layer: str
+    op: str
+    quantized: bool
+    act_scale: float | None = None
+    act_zero_point: int | None = None
+    channels: int = 0
+    sensitivity: float | None = None  # output error with only this layer in int8
+
+
+@dataclass
+class QuantSummary:
+    calibration_batches: int
+    observer: str
+    accuracy_budget: float | None
+    output_error: float  # relative L2 error of the outputs on the calibration data
+    layers: list[LayerQuant] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def kept_float(self) -> list[str]:
+        return [layer.layer for layer in self.layers if not layer.quantized]
+
+
+def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
+    """Convolutions (2-D, not transposed) and matmuls by a constant float32 weight."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.convolution.default:
+            transposed = node.args[6]
+            site = Site(node, "conv2d", 0, 1, _layer_name(node))
+            ok = not transposed and _weight_dim(gm, site.weight) == 4
+        elif node.target is aten.mm.default:
+            site = Site(node, "linear", 0, 1, _layer_name(node))
+            ok = _weight_dim(gm, site.weight) == 2
+        elif node.target is aten.addmm.default:
+            site = Site(node, "linear", 1, 2, _layer_name(node))
+            ok = (
+                _weight_dim(gm, site.weight) == 2
+                and node.kwargs.get("beta", 1) == 1
+                and node.kwargs.get("alpha", 1) == 1
+            )
+        else:
+            continue
+        act = site.act
+        if (
+            ok
+            and isinstance(act, torch.fx.Node)
+            and act.op != "get_attr"
+            and isinstance(act.meta.get("val"), torch.Tensor)
+            and act.meta["val"].dtype == torch.float32
+        ):
+            sites.append(site)
+    return sites
+
+
+def _weight_dim(gm: torch.fx.GraphModule, node: Any) -> int | None:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value = get_attr_value(gm, node)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+        return None
+    return value.dim()
+
+
+def _layer_name(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        for prefix in ("L['self'].", "L['self']", "self."):
+            path = path.removeprefix(prefix)
+        path = path.replace("._modules['", ".").replace("']", "")
+        if path:
+            return f"{path} ({node.name})"
+    return node.name
+
+
+def _weight_oc_first(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
+    """The weight with output channels first: conv as is, linear's [in, out] transposed."""
+    value = get_attr_value(gm, site.weight).detach()
+    return value if site.kind == "conv2d" else value.t().contiguous()
+
+
+class _Observer:
+    """An activation's range over the calibration batches: min/max, or percentiles."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.lo, self.hi = math.inf, -math.inf
+        self.samples: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten()
+        if x.numel() == 0:
+            return
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        if self.method == "percentile":
+            if x.numel() > _SAMPLES_PER_BATCH:
+                pick = torch.randint(x.numel(), (_SAMPLES_PER_BATCH,), generator=self.generator)
+                x = x[pick]
+            self.samples.append(x.clone())
+
+    def range(self) -> tuple[float, float]:
+        if self.method == "percentile" and self.samples:
+            values = torch.cat(self.samples)
+            q = torch.tensor([1 - PERCENTILE / 100, PERCENTILE / 100], dtype=torch.float32)
+            lo, hi = torch.quantile(values, q).tolist()
+            return lo, hi
+        if self.lo > self.hi:  # never saw a value
+            return 0.0, 0.0
+        return self.lo, self.hi
+
+
+@dataclass
+class _Plan:
+    """Quantization parameters of one site."""
+
+    act_scale: float
+    act_zero_point: int
+    act_qmax: int
+    qweight: torch.Tensor  # int8, output channels first
+    scales: torch.Tensor  # float32 per output channel
+    sim_weight: torch.Tensor  # the dequantized weight, in the graph's layout
+
+
+class _Runner(torch.fx.Interpreter):
+    """Runs the float graph on real inputs; observes activations and/or simulates int8 sites."""
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        sites: dict[torch.fx.Node, Site],
+        observers: dict[torch.fx.Node, _Observer] | None = None,
+        simulate: dict[torch.fx.Node, _Plan] | None = None,
+    ) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.sites, self.observers, self.simulate = sites, observers or {}, simulate or {}
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        plan = self.simulate.get(node)
+        if plan is None:
+            out = super().run_node(node)
+        else:
+            site = self.sites[node]
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            args = list(args)
+            x = args[site.act_index]
+            args[site.act_index] = int8.dequantize(
+                int8.quantize(x, plan.act_scale, plan.act_zero_point, plan.act_qmax),
+                plan.act_scale,
+                plan.act_zero_point,
+            )
+            args[site.weight_index] = plan.sim_weight
+            out = node.target(*args, **kwargs)
+        observer = self.observers.get(node)
+        if observer is not None:
+            observer.update(out)
+        return out
+
+
+def _run(
+    gm: torch.fx.GraphModule,
+    batches: Sequence[Sequence[Any]],
+    sites: dict[torch.fx.Node, Site],
+    observers: dict[torch.fx.Node, _Observer] | None = None,
+    simulate: dict[torch.fx.Node, _Plan] | None = None,
+) -> list[list[torch.Tensor]]:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    outs = []
+    with unset_fake_temporarily(), torch.no_grad():
+        for batch in batches:
+            result = _Runner(gm, sites, observers, simulate).run(*batch)
+            flat = torch.utils._pytree.tree_leaves(result)
+            outs.append([t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()])
+    return outs
+
+
+def _relative_error(reference: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> float:
+    num = den = 0.0
+    for ref_batch, got_batch in zip(reference, got, strict=True):
+        for r, g in zip(ref_batch, got_batch, strict=True):
+            num += float((g.double() - r.double()).pow(2).sum())
+            den += float(r.double().pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+def quantize(
+    gm: torch.fx.GraphModule, cfg: Config, calibration: Sequence[Sequence[Any]] | None = None
+) -> PassResult:
+    """Quantize conv2d and linear layers to int8 (`cfg.quantize == "int8"`), calibrated.
+
+    Weights: per-output-channel symmetric int8. Activations entering each layer: per-tensor
+    asymmetric uint8, their range observed on `calibration` (min/max, or the 0.01/99.99
+    percentiles with `cfg.observer="percentile"`). With `cfg.accuracy_budget`, the layers whose
+    int8 error hurts the outputs most stay in float until the relative output error on the
+    calibration data is within the budget. Biases stay float (the kernels add them in float;
+    `graphopt.int8.quantize_bias` is the integer form).
+
+    Before -> after (a linear layer; w_t is the folded [in, out] weight):
+        y = addmm(b, x, w_t)
+        -> xq = quantize_per_tensor(x, s, z, 0, 255, uint8)
+           xd = dequantize_per_tensor(xq, s, z, 0, 255, uint8)
+           wd = dequantize_per_channel(w_int8, w_scales, w_zeros, 0, -128, 127, int8)
+           y = addmm(b, xd, permute(wd, [1, 0]))
+
+    Args:
+        gm: a frozen core-ATen graph; changed in place.
+        cfg: uses quantize, observer, accuracy_budget.
+        calibration: inputs for gm's placeholders, one list per batch (at least one).
+
+    Returns:
+        PassResult with stats {"quantized": layers in int8, "kept_float": layers left in float};
+        the per-layer decisions are in gm.meta["graphopt.quantization"] (a QuantSummary).
+    """
+    if cfg.quantize is None:
+        return PassResult(gm, False, {"quantized": 0, "kept_float": 0})
+    if not calibration:
+        raise ValueError("quantize='int8' needs at least one calibration batch")
+    start = time.perf_counter()
+    mode = fake_mode_of(gm)
+    if mode is None:
+        raise ValueError("the quantize pass needs meta['val'] on the graph (a traced graph)")
+    sites = {site.node: site for site in find_sites(gm)}
+    if not sites:
+        gm.meta["graphopt.quantization"] = QuantSummary(
+            len(calibration), cfg.observer, cfg.accuracy_budget, 0.0, [], 0.0
+        )
+        return PassResult(gm, False, {"quantized": 0, "kept_float": 0})
+    acts = {site.act for site in sites.values()}
+    observers = {act: _Observer(cfg.observer) for act in acts}
+    log.info("graphopt quantize: calibrating %d layers on %d batches", len(sites), len(calibration))
+    reference = _run(gm, calibration, sites, observers=observers)
+    qmax = int8.host_activation_qmax() if cfg.target == "cpu" else int8.ACT_QMAX
+    plans = {node: _plan(gm, site, observers[site.act], qmax) for node, site in sites.items()}
+
+    sensitivity: dict[torch.fx.Node, float] = {}
+    active = dict(plans)
+    error = _relative_error(reference, _run(gm, calibration, sites, simulate=active))
+    if cfg.accuracy_budget is not None and error > cfg.accuracy_budget:
+        for i, node in enumerate(sites):
+            only = {node: plans[node]}
+            sensitivity[node] = _relative_error(reference, _run(gm, calibration, sites, None, only))
+            log.info(
+                "graphopt quantize: sensitivity %d/%d %s: %.4g",
+                i + 1,
+                len(sites),
+                sites[node].name,
+                sensitivity[node],
+            )
+        for node in sorted(sites, key=lambda n: -sensitivity[n]):
+            if error <= cfg.accuracy_budget:
+                break
+            del active[node]
+            error = _relative_error(reference, _run(gm, calibration, sites, simulate=active))
+            log.info(
+                "graphopt quantize: %s kept in float, output error now %.4g",
+                sites[node].name,
+                error,
+            )
+
+    layers = []
+    for node, site in sites.items():
+        plan = plans[node]
+        layers.append(
+            LayerQuant(
+                site.name,
+                site.kind,
+                node in active,
+                plan.act_scale,
+                plan.act_zero_point,
+                int(plan.scales.numel()),
+                sensitivity.get(node),
+            )
+        )
+    _rewrite(gm, sites, active, mode)
+    summary = QuantSummary(
+        len(calibration),
+        cfg.observer,
+        cfg.accuracy_budget,
+        error,
+        layers,
+        time.perf_counter() - start,
+    )
+    gm.meta["graphopt.quantization"] = summary
+    if cfg.accuracy_budget is not None and error > cfg.accuracy_budget:
+        log.warning(
+            "graphopt quantize: output error %.4g exceeds accuracy_budget %.4g with every layer "
+            "in float but the unquantizable ones",
+            error,
+            cfg.accuracy_budget,
+        )
+    stats = {"quantized": len(active), "kept_float": len(sites) - len(active)}
+    return PassResult(gm, bool(active), stats)
+
+
+def _plan(gm: torch.fx.GraphModule, site: Site, observer: _Observer, qmax: int) -> _Plan:
+    lo, hi = observer.range()
+    scale, zero_point = int8.activation_qparams(lo, hi, qmax)
+    weight = _weight_oc_first(gm, site)
+    qweight, scales = int8.quantize_weight(weight, axis=0)
+    shape = [-1] + [1] * (weight.dim() - 1)
+    sim = qweight.float() * scales.view(shape)
+    if site.kind == "linear":
+        sim = sim.t()
+    return _Plan(scale, zero_point, qmax, qweight, scales, sim)
+
+
+def _rewrite(
+    gm: torch.fx.GraphModule,
+    sites: dict[torch.fx.Node, Site],
+    active: dict[torch.fx.Node, _Plan],
+    mode: Any,
+) -> None:
+    graph = gm.graph
+    dequantized: dict[tuple[torch.fx.Node, float, int, int], torch.fx.Node] = {}
+    for node, plan in active.items():
+        site = sites[node]
+        emit = Emitter(gm, node, mode)
+        act = site.act
+        key = (act, plan.act_scale, plan.act_zero_point, plan.act_qmax)
+        if key not in dequantized:
+            # right after the activation, so every layer reading it can share the pair
+            after = act.next
+            while after.op == "placeholder":
+                after = after.next
+            emit_after = Emitter(gm, after, mode)
+            q_args = (plan.act_scale, plan.act_zero_point, int8.ACT_QMIN, plan.act_qmax)
+            q = emit_after(qd.quantize_per_tensor.default, act, *q_args, int8.ACT_DTYPE)
+            dequantized[key] = emit_after(
+                qd.dequantize_per_tensor.default, q, *q_args, int8.ACT_DTYPE
+            )
+        hint = f"{node.name}_weight"
+        qweight = insert_constant(gm, plan.qweight, hint + "_int8", before=node)
+        scales = insert_constant(gm, plan.scales, hint + "_scale", before=node)
+        zeros = torch.zeros(plan.scales.numel(), dtype=torch.int64)
+        zero_points = insert_constant(gm, zeros, hint + "_zero_point", before=node)
+        weight = emit(
+            qd.dequantize_per_channel.default,
+            qweight,
+            scales,
+            zero_points,
+            0,
+            int8.WEIGHT_DECLARED_QMIN,
+            int8.WEIGHT_QMAX,
+            int8.WEIGHT_DTYPE,
+        )
+        if site.kind == "linear":
+            weight = emit(aten.permute.default, weight, [1, 0])
+        args = list(node.args)
+        args[site.act_index] = dequantized[key]
+        args[site.weight_index] = weight
+        node.args = tuple(args)
+        node.meta["graphopt.quant"] = {
+            "layer": site.name,
+            "act_scale": plan.act_scale,
+            "act_zero_point": plan.act_zero_point,
+        }
+    graph.lint()
