@@ -56,6 +56,11 @@ def compile_graph(
     """
     verify = cfg.verify and real_inputs is not None
     report.params_before, report.flops_before = count_params(gm), count_flops(gm)
+    if calibration is not None:
+        problem = _calibration_mismatch(example_inputs, calibration)
+        if problem is not None:
+            log.warning("graphopt: %s: %s", report.graph_id, problem)
+            calibration = None
     if cfg.quantize is not None and not training and calibration is None:
         REPORTS.append(report)
         return _CalibrateOnCalls(gm, example_inputs, cfg, report)
@@ -85,6 +90,34 @@ def compile_graph(
     REPORTS.append(report)
     log.info("%s", report)
     return compiled
+
+
+def _calibration_mismatch(
+    example_inputs: Sequence[Any], calibration: list[list[Any]]
+) -> str | None:
+    """Why the calibration batches cannot run through a graph traced for `example_inputs`."""
+    for b, batch in enumerate(calibration):
+        if len(batch) != len(example_inputs):
+            return (
+                f"calibration batch {b} has {len(batch)} inputs, the graph takes "
+                f"{len(example_inputs)}"
+            )
+        for i, (got, want) in enumerate(zip(batch, example_inputs)):
+            if not isinstance(want, torch.Tensor):
+                continue
+            static = [d if isinstance(d, int) else None for d in want.shape]
+            if (
+                not isinstance(got, torch.Tensor)
+                or got.dim() != len(static)
+                or any(s is not None and s != d for s, d in zip(static, got.shape))
+            ):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                return (
+                    f"calibration batch {b} input {i} {shape} does not match the graph's "
+                    f"input {tuple(want.shape)} (static shapes: give batches shaped like the "
+                    "calls, or compile with dynamic=True); calibrating on the first calls instead"
+                )
+    return None
 
 
 def _finish(

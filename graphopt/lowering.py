@@ -81,6 +81,13 @@ def lower(
     """Compile `gm` for `cfg.target`; returns a function of gm's placeholders."""
     backend = backend_for(cfg.target)
     start = time.perf_counter()
+    if backend.name == "inductor":
+        from graphopt.passes.quantize import onednn_saturation_warning
+
+        warning = onednn_saturation_warning(gm)
+        if warning is not None:
+            log.warning("graphopt: %s: %s", report.graph_id, warning)
+            report.warnings.append(warning)
     try:
         if backend.registry.supports_all:
             kwargs = {"training": training} if backend.name == "inductor" else {}

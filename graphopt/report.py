@@ -64,6 +64,7 @@ class Report:
     verified: bool | None = None
     quantization: Any = None  # a graphopt.passes.quantize.QuantSummary when quantize="int8"
     calibration_pending: int | None = None  # int8 calibration calls still to come
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +89,7 @@ class Report:
             note = f"  [{part.note}]" if part.note else ""
             lines.append(f"  {part.name:<20}{part.target:<14}{part.nodes:>6}  {ops}{more}{note}")
         lines.extend(self._quantization_lines())
+        lines.extend(f"  warning: {w}" for w in self.warnings)
         if self.fallbacks:
             lines.append(f"  ops run in PyTorch ({len(self.fallbacks)}):")
             for f in self.fallbacks:

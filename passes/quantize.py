@@ -424,3 +424,26 @@ def _rewrite(
             "act_zero_point": plan.act_zero_point,
         }
     graph.lint()
+    gm.recompile()
+
+
+def onednn_saturation_warning(gm: torch.fx.GraphModule) -> str | None:
+    """A warning when a QDQ graph (e.g. from PT2E) uses 8-bit activations on a CPU whose
+    oneDNN int8 kernels saturate them (no VNNI, see `graphopt.int8.host_activation_qmax`)."""
+    qmax = int8.host_activation_qmax()
+    wide = [
+        n.name
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and n.target in (qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor)
+        and n.args[5] == torch.uint8
+        and n.args[4] > qmax
+    ]
+    if not wide:
+        return None
+    return (
+        f"{len(wide)} activations are quantized to [0, 255] but this CPU has no VNNI: "
+        f"oneDNN's u8s8 kernels saturate int16 pairs and can be several percent off; quantize "
+        f"with graphopt (quantize='int8' uses [0, {qmax}] here) or run on a VNNI CPU "
+        f"(first: {wide[0]})"
+    )
