@@ -6,92 +6,32 @@ really run int8 (outputs differ from float), and on target="cpu" reach oneDNN's 
 
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.utils import counters
 
 import graphopt
+from examples.int8_digits import BATCH, DigitsCNN, DigitsMLP, accuracy, load_digits_split, train
 from graphopt.testing import relative_error
-
-BATCH = 100
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return (x[:1297], y[:1297]), (x[1297:], y[1297:])  # 500 held out
-
-
-class DigitsMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-            nn.Linear(64, 10),
-        )  # fmt: skip
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),  # depthwise
-        )  # fmt: skip
-        self.head = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x):
-        return self.head(self.features(x).flatten(1))
-
-
-def _train(model: nn.Module, train) -> nn.Module:
-    x, y = train
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _epoch in range(25):
-        for i in range(0, len(y), 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
-            opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def digits():
-    train, test = _digits()
-    models = {"mlp": _train(DigitsMLP(), train), "cnn": _train(DigitsCNN(), train)}
-    calibration = [(train[0][i : i + BATCH],) for i in range(0, 4 * BATCH, BATCH)]
+    train_data, test = load_digits_split()
+    models = {"mlp": train(DigitsMLP(), train_data), "cnn": train(DigitsCNN(), train_data)}
+    calibration = [(train_data[0][i : i + BATCH],) for i in range(0, 4 * BATCH, BATCH)]
     return models, calibration, test
-
-
-def _accuracy(fn, test) -> float:
-    x, y = test
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), BATCH):
-            correct += int((fn(x[i : i + BATCH]).argmax(1) == y[i : i + BATCH]).sum())
-    return 100.0 * correct / len(y)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_int8_torch_compile_keeps_accuracy_and_uses_onednn(digits, kind):
     models, calibration, test = digits
     model = models[kind]
-    float_acc = _accuracy(model, test)
+    float_acc = accuracy(model, test)
     assert float_acc > 90  # the float model learned the task, so the comparison means something
     counters.clear()
     compiled = torch.compile(
         model, backend="graphopt", options={"quantize": "int8", "calibration": calibration}
     )
-    int8_acc = _accuracy(compiled, test)
+    int8_acc = accuracy(compiled, test)
     assert int8_acc >= float_acc - 1.0, (float_acc, int8_acc)
     # oneDNN int8 kernels, not float math on dequantized tensors
     lowered = (
@@ -116,14 +56,14 @@ def test_int8_torch_compile_keeps_accuracy_and_uses_onednn(digits, kind):
 
 
 @pytest.mark.parametrize("target", ["cpu", "llvm"])
-def test_int8_optimize_keeps_accuracy(digits, target):
+def test_int8_optimize_keepsaccuracy(digits, target):
     models, calibration, test = digits
     model = models["cnn"]
     optimized = graphopt.optimize(
         model, calibration[0], target=target, quantize="int8", calibration=calibration
     )
     assert optimized.report.quantization is not None
-    assert _accuracy(optimized, test) >= _accuracy(model, test) - 1.0
+    assert accuracy(optimized, test) >= accuracy(model, test) - 1.0
 
 
 def test_without_calibration_data_first_calls_calibrate_then_int8(digits, caplog):
@@ -143,7 +83,7 @@ def test_without_calibration_data_first_calls_calibrate_then_int8(digits, caplog
         compiled(calibration[2][0])  # the third call quantizes and lowers
         assert graphopt.reports()[-1].quantization.calibration_batches == 3
         assert relative_error(model(x), compiled(x)) > 1e-4  # int8 now
-    assert _accuracy(compiled, test) >= _accuracy(model, test) - 1.0
+    assert accuracy(compiled, test) >= accuracy(model, test) - 1.0
 
 
 def test_calibration_batches_of_another_shape_fall_back_to_calls(digits, caplog):

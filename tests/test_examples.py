@@ -1,0 +1,29 @@
+"""The runnable examples run and print what they promise."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_quickstart_prints_passes_and_speed():
+    out = _run("examples/quickstart.py", "--rounds", "2")
+    assert "fold_batchnorm" in out and "speed vs eager" in out
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_int8_digits_prints_accuracy_report_and_speed(model):
+    out = _run("examples/int8_digits.py", "--model", model, "--rounds", "2")
+    assert "int8:" in out and "conv/linear layers quantized" in out
+    assert "graphopt int8:" in out and "speed vs graphopt fp32" in out
