@@ -8,16 +8,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SEED = 0
+SEED = 0  # the weights
+INPUT_SEED = 1  # the timed input
+CALIBRATION_SEED = 100  # int8 calibration batch i is drawn with seed CALIBRATION_SEED + i
+CALIBRATION_BATCHES = 4
+
+Sampler = Callable[[torch.Generator], tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
 class BenchModel:
-    """A model to time: `make()` builds it in eval mode, `inputs()` gives batch-1 inputs."""
+    """A model to time: `make()` builds it in eval mode, `inputs()` gives batch-1 inputs and
+    `calibration()` int8 calibration batches drawn the same way (`sample`) with other seeds."""
 
     name: str
     make: Callable[[], nn.Module]
-    inputs: Callable[[], tuple[torch.Tensor, ...]]
+    sample: Sampler
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.sample(torch.Generator().manual_seed(INPUT_SEED))
+
+    def calibration(self, batches: int = CALIBRATION_BATCHES) -> list[tuple[torch.Tensor, ...]]:
+        """The same batches for every int8 runner, none of them the timed input."""
+        return [
+            self.sample(torch.Generator().manual_seed(CALIBRATION_SEED + i)) for i in range(batches)
+        ]
 
 
 # ---------------------------------------------------------------- ResNet-18 (torchvision layout)
@@ -186,13 +201,12 @@ def _seeded(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return build
 
 
-def _image(size: int) -> Callable[[], tuple[torch.Tensor, ...]]:
-    return lambda: (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+def _image(size: int) -> Sampler:
+    return lambda gen: (torch.randn(1, 3, size, size, generator=gen),)
 
 
-def _tokens(vocab: int, length: int) -> Callable[[], tuple[torch.Tensor, ...]]:
-    gen = torch.Generator().manual_seed(1)
-    return lambda: (torch.randint(0, vocab, (1, length), generator=gen.manual_seed(1)),)
+def _tokens(vocab: int, length: int) -> Sampler:
+    return lambda gen: (torch.randint(0, vocab, (1, length), generator=gen),)
 
 
 TINY_BERT = dict(

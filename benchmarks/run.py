@@ -1,9 +1,11 @@
 """Side-by-side benchmark suite: `python -m benchmarks.run [--smoke]` (see --help).
 
-For each model: build it, compile every runner (compile seconds, max abs error against eager on
-the same input), time them in interleaved rounds (`graphopt.bench.compare_speed`), and print a
-markdown table of medians and ratios. Ratios are what count; absolute times on shared
-machines are noise. A runner that fails is a row with the reason, never a crash.
+For each model: build it, compile every runner (compile seconds, max abs and relative L2 error
+against eager on the same input), time them in interleaved rounds
+(`graphopt.bench.compare_speed`), and print a markdown table of medians and ratios: against eager,
+the fastest fp32 anchor, and for the int8 runners the fastest int8 anchor and graphopt-cpu
+(fp32). Ratios are what count; absolute times on shared machines are noise. A runner that fails
+is a row with the reason, never a crash.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import copy
 import datetime
 import gc
+import importlib.metadata
+import inspect
 import math
 import os
 import platform
@@ -33,10 +37,16 @@ from graphopt.bench import Timing, compare_speed, format_timings
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.models import FULL, MODELS, TINY, BenchModel  # noqa: E402
-from benchmarks.runners import ANCHORS, RUNNERS  # noqa: E402
+from benchmarks.models import CALIBRATION_BATCHES, FULL, MODELS, TINY, BenchModel  # noqa: E402
+from benchmarks.runners import ANCHORS, INT8_ANCHORS, INT8_RUNNERS, RUNNERS  # noqa: E402
 
 Log = Callable[[str], None]
+Batch = tuple[torch.Tensor, ...]
+
+# int8 is lossy: an int8 runner's relative L2 error of a few percent is expected; above this it
+# is flagged in its note as suspect (a broken quantization is typically off by 30% or more).
+INT8_REL_ERROR_TOLERANCE = 0.1
+FP32_BASELINE = "graphopt-cpu"  # what graphopt's int8 runners are also measured against
 
 
 @dataclass
@@ -44,6 +54,7 @@ class RunnerResult:
     name: str
     compile_s: float = math.nan
     max_error: float = math.nan
+    rel_error: float = math.nan  # ||out - eager|| / ||eager|| (2-norms over all outputs)
     samples_ms: list[float] = field(default_factory=list)
     note: str = ""
     failed: bool = False
@@ -56,11 +67,16 @@ class ModelResult:
     timings: list[Timing]
     output_scale: float  # max |eager output|, to read the errors against
 
-    def anchor(self) -> str | None:
-        """The fastest anchor runner that ran (inductor with freezing, onnxruntime)."""
+    def anchor(self, among: Sequence[str] = ANCHORS) -> str | None:
+        """The fastest of the anchor runners `among` that ran (default: the fp32 anchors,
+        inductor with freezing and onnxruntime)."""
         timed = {t.name: t.median_ms for t in self.timings if not math.isnan(t.median_ms)}
-        anchors = [a for a in ANCHORS if a in timed]
+        anchors = [a for a in among if a in timed]
         return min(anchors, key=timed.__getitem__) if anchors else None
+
+    def int8_anchor(self) -> str | None:
+        """The fastest int8 anchor that ran (PT2E + inductor, onnxruntime static/dynamic)."""
+        return self.anchor(INT8_ANCHORS)
 
 
 class CompileBudgetExceeded(Exception):
@@ -105,6 +121,19 @@ def _reason(err: BaseException) -> str:
     return f"does not run: {type(err).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
 
 
+def _rel_error(ref, got) -> float:
+    """||got - ref|| / ||ref|| over all output tensors together (inf if the structure differs)."""
+    ref_leaves, got_leaves = pytree.tree_leaves(ref), pytree.tree_leaves(got)
+    if len(ref_leaves) != len(got_leaves):
+        return math.inf
+    diff = sum(
+        (r.double() - g.double().reshape(r.shape)).square().sum().item()
+        for r, g in zip(ref_leaves, got_leaves)
+    )
+    norm = sum(r.double().square().sum().item() for r in ref_leaves)
+    return math.sqrt(diff / norm) if norm > 0 else math.sqrt(diff)
+
+
 def _max_error(ref, got) -> float:
     ref_leaves, got_leaves = pytree.tree_leaves(ref), pytree.tree_leaves(got)
     if len(ref_leaves) != len(got_leaves):
@@ -132,16 +161,28 @@ def compile_runner(
     inputs: tuple[torch.Tensor, ...],
     reference,
     compile_budget_s: float,
+    calibration: Sequence[Batch] | None = None,
 ) -> tuple[RunnerResult, Callable | None]:
-    """Build one runner and call it once: compile time, max error, and the callable (or None)."""
+    """Build one runner and call it once: compile time, errors, and the callable (or None).
+
+    Builders with a `calibration` parameter (the int8 runners) get `calibration`; the time to
+    calibrate and quantize is part of their compile time.
+    """
     result = RunnerResult(name)
     model = model if name == "eager" else copy.deepcopy(model)
+    builder = RUNNERS[name]
+    calibrates = "calibration" in inspect.signature(builder).parameters
     reports_before = len(graphopt.reports())
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
         start = time.perf_counter()
         try:
             with _deadline(compile_budget_s), torch.no_grad():
-                fn = RUNNERS[name](model, inputs, workdir)
+                if not calibrates:
+                    fn = builder(model, inputs, workdir)
+                elif calibration is None:
+                    raise ValueError(f"{name} needs calibration batches")
+                else:
+                    fn = builder(model, inputs, workdir, calibration=list(calibration))
                 out = fn(*inputs)
         except Exception as err:  # noqa: BLE001 - a failing runner is a row in the table
             result.compile_s = time.perf_counter() - start
@@ -149,8 +190,15 @@ def compile_runner(
             return result, None
         result.compile_s = time.perf_counter() - start
     result.max_error = _max_error(reference, out)
+    result.rel_error = _rel_error(reference, out)
     if name.startswith("graphopt"):
         result.note = _graphopt_note(graphopt.reports()[reports_before:])
+    result.note = _join(result.note, getattr(fn, "note", ""))
+    if name in INT8_RUNNERS and not result.rel_error <= INT8_REL_ERROR_TOLERANCE:
+        result.note = _join(
+            f"SUSPECT: rel L2 err over the {INT8_REL_ERROR_TOLERANCE:.0%} int8 tolerance",
+            result.note,
+        )
     return result, fn
 
 
@@ -166,13 +214,15 @@ def bench_model(
 ) -> ModelResult:
     """Compile every runner on one model, then time the ones that run, interleaved."""
     torch._dynamo.reset()
-    model, inputs = bm.make(), bm.inputs()
+    model, inputs, calibration = bm.make(), bm.inputs(), bm.calibration()
     with torch.no_grad():
         reference = model(*inputs)
     results, callables, max_rounds, max_warmup = [], {}, {}, {}
     for name in runner_names:
         log(f"[{bm.name}] {name}: compiling ...")
-        result, fn = compile_runner(name, model, inputs, reference, compile_budget_s)
+        result, fn = compile_runner(
+            name, model, inputs, reference, compile_budget_s, calibration=calibration
+        )
         results.append(result)
         if fn is None:
             log(f"[{bm.name}] {name}: {result.note}")
@@ -184,7 +234,8 @@ def bench_model(
         calls = int(budget_s // probe_s) if probe_s > 0 else rounds + warmup
         log(
             f"[{bm.name}] {name}: compile {result.compile_s:.1f} s, one call "
-            f"{probe_s * 1e3:.1f} ms, max abs error {result.max_error:.2e}"
+            f"{probe_s * 1e3:.1f} ms, max abs error {result.max_error:.2e}, "
+            f"rel L2 error {result.rel_error:.2e}"
         )
         if calls < 1:  # over budget: the probe call is its only sample
             result.samples_ms = [probe_s * 1e3]
@@ -239,21 +290,35 @@ def run_suite(
     ]
 
 
+def _has_int8(result: ModelResult) -> bool:
+    return any(r.name in INT8_RUNNERS for r in result.runners)
+
+
 def format_model(result: ModelResult) -> str:
-    anchor = result.anchor()
+    """The model's table: ratios to eager and the fastest fp32 anchor, and when int8 runners
+    ran, to the fastest int8 anchor and to graphopt-cpu (fp32) (for every row alike)."""
+    anchor, int8_anchor = result.anchor(), result.int8_anchor()
+    timed = {t.name for t in result.timings if not math.isnan(t.median_ms)}
     ratios = ["eager"] + ([anchor] if anchor else [])
+    if _has_int8(result):
+        ratios += [int8_anchor] if int8_anchor else []
+        ratios += [FP32_BASELINE] if FP32_BASELINE in timed else []
+    others = [r for r in result.runners if r.name != "eager"]
     columns = {
-        "compile s": {r.name: f"{r.compile_s:.1f}" for r in result.runners if r.name != "eager"},
-        "max abs err": {r.name: f"{r.max_error:.1e}" for r in result.runners if r.name != "eager"},
+        "compile s": {r.name: f"{r.compile_s:.1f}" for r in others},
+        "max abs err": {r.name: f"{r.max_error:.1e}" for r in others},
+        "rel L2 err": {r.name: f"{r.rel_error:.1e}" for r in others},
         "rounds": {r.name: str(len(r.samples_ms)) for r in result.runners},
         "note": {r.name: r.note for r in result.runners},
     }
-    for col in columns["max abs err"], columns["compile s"]:
+    for col in columns["max abs err"], columns["rel L2 err"], columns["compile s"]:
         for name in [n for n, text in col.items() if text == "nan"]:
             col[name] = "-"
     head = f"### {result.model}\n\nmax |eager output| = {result.output_scale:.3g}"
     if anchor:
         head += f"; fastest anchor: {anchor}"
+    if _has_int8(result):
+        head += f"; fastest int8 anchor: {int8_anchor or 'none ran'}"
     return head + "\n\n" + format_timings(result.timings, ratios_to=ratios, columns=columns)
 
 
@@ -272,6 +337,45 @@ def format_summary(results: Sequence[ModelResult]) -> str:
     return "\n".join(lines)
 
 
+def format_int8_summary(results: Sequence[ModelResult]) -> str:
+    """One line per model and graphopt int8 runner: its speed against the fastest int8 anchor
+    and against graphopt-cpu (fp32), with both runners' relative L2 errors ("" if no int8)."""
+    subjects = [n for n in INT8_RUNNERS if n not in INT8_ANCHORS]
+    lines = [
+        "| model | runner | median ms | rel L2 err | fastest int8 anchor | anchor ms "
+        f"| anchor rel L2 err | speed vs fastest int8 anchor | speed vs {FP32_BASELINE} |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        ms = {t.name: t.median_ms for t in res.timings}
+        errors = {r.name: r.rel_error for r in res.runners}
+        anchor = res.int8_anchor()
+        for name in (n for n in subjects if n in ms):
+            cells = [res.model, name, _cell(ms[name], ".3f"), _cell(errors[name], ".1e")]
+            cells += [anchor or "-", _cell(ms.get(anchor, math.nan), ".3f")]
+            cells += [_cell(errors.get(anchor, math.nan), ".1e")]
+            cells += [_speed(ms, anchor, name), _speed(ms, FP32_BASELINE, name)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _cell(x: float, fmt: str) -> str:
+    return "-" if math.isnan(x) else format(x, fmt)
+
+
+def _speed(ms: dict[str, float], base: str | None, name: str) -> str:
+    """base's median / name's median as "1.23x", or "-"."""
+    ratio = ms.get(base, math.nan) / ms[name] if base else math.nan
+    return "-" if math.isnan(ratio) else f"{ratio:.2f}x"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def machine_description(command: str) -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -285,6 +389,7 @@ def machine_description(command: str) -> str:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = "not installed"
+    versions["torchao"] = _version("torchao")  # not imported: it prints warnings when loaded
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return "\n".join(
@@ -294,7 +399,8 @@ def machine_description(command: str) -> str:
             f"- CPU: {cpu}, {cores} cores usable, torch threads {torch.get_num_threads()}",
             f"- load average at start: {load}",
             "- " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-            "- batch 1, fp32, inference (`torch.no_grad()`)",
+            "- batch 1, fp32 (int8 runners: post-training quantized from it), inference "
+            "(`torch.no_grad()`)",
         ]
     )
 
@@ -308,8 +414,17 @@ def format_report(results: Sequence[ModelResult], machine: str, settings: str) -
         "`speed vs X` = X's median / this runner's median (above 1.00x: faster than X).",
         "## Speed vs eager",
         format_summary(results),
-        *(format_model(r) for r in results),
     ]
+    int8 = format_int8_summary(results)
+    if int8:
+        parts += [
+            "## int8: speed vs the fastest int8 anchor and vs graphopt-cpu (fp32)",
+            f"int8 anchors: {', '.join(INT8_ANCHORS)}. int8 is lossy: `rel L2 err` = "
+            "||out - eager|| / ||eager|| on the timed input; a few percent is expected, over "
+            f"{INT8_REL_ERROR_TOLERANCE:.0%} the runner's note says SUSPECT.",
+            int8,
+        ]
+    parts += [format_model(r) for r in results]
     return "\n\n".join(parts) + "\n"
 
 
@@ -373,8 +488,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"whose single call would not fit {args.rounds + args.warmup} calls in {args.budget_s:g} s "
         f"gets fewer rounds (noted); compile budget {args.compile_budget_s:g} s per runner. "
         "`compile s` is building the runner plus its first call; on-disk caches (inductor's "
-        "FX graph cache, graphopt's TVM cache) shorten it when warm. `max abs err` is against "
-        "eager on the same input."
+        "FX graph cache, graphopt's TVM cache) shorten it when warm. `max abs err` and `rel L2 "
+        "err` (||out - eager|| / ||eager||) are against eager on the same input. int8 runners "
+        f"calibrate on the same {CALIBRATION_BATCHES} batches, drawn like the input with other "
+        "seeds; calibrating and quantizing count as compile time."
     )
     report = format_report(results, machine, settings)
     print("\n" + report, flush=True)

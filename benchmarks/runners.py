@@ -1,7 +1,9 @@
 """The engines the suite compares: each builder turns an eval model into a callable.
 
 A builder may be lazy (torch.compile compiles on the first call); the suite times the
-builder and the first call together as "compile".
+builder and the first call together as "compile". A builder with a keyword-only `calibration`
+parameter (the int8 runners) also gets the model's calibration batches; a `note` attribute on
+the runner it returns goes to the table's note column.
 """
 
 from __future__ import annotations
@@ -37,10 +39,18 @@ def inductor_freezing(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdi
 def onnxruntime_cpu(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
     """torch.onnx.export (the dynamo exporter: the TorchScript one fails on GPT-2's aten::diff),
     then an onnxruntime session on the CPU execution provider with all graph optimizations."""
-    import onnxruntime as ort
+    return _ort_session(_onnx_export(model, inputs, workdir))
 
+
+def _onnx_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> str:
     path = os.path.join(workdir, "model.onnx")
     torch.onnx.export(model, inputs, path, dynamo=True, verbose=False)
+    return path
+
+
+def _ort_session(path: str) -> Runner:
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle onnxruntime threads spin by default: in interleaved rounds on a small machine they
@@ -90,9 +100,142 @@ def _first_call_then(first: Runner, rest: Runner) -> Runner:
     return run
 
 
-def graphopt_int8(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
-    """graphopt target="cpu" with int8 post-training quantization, calibrated on the input."""
-    return graphopt("cpu", quantize="int8", calibration=[inputs])(model, inputs, workdir)
+# ---------------------------------------------------------------- int8
+# Every int8 runner takes the same `calibration` batches (BenchModel.calibration: drawn like the
+# timed input, other seeds; the suite passes them to builders with a `calibration` parameter).
+# On x86 CPUs without VNNI every int8 runner uses the reduced range its own docs recommend
+# there (7-bit activations for PT2E and graphopt, 7-bit weights for onnxruntime): u8 x s8
+# products summed in pairs saturate int16 otherwise (see graphopt.int8.host_activation_qmax).
+
+
+def _reduce_range() -> bool:
+    from graphopt.int8 import ACT_QMAX, host_activation_qmax
+
+    return host_activation_qmax() < ACT_QMAX
+
+
+def graphopt_int8(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    workdir: str,
+    *,
+    calibration: list[tuple[torch.Tensor, ...]],
+) -> Runner:
+    """graphopt target="cpu" with int8 post-training quantization (default minmax observer)."""
+    return graphopt("cpu", quantize="int8", calibration=list(calibration))(model, inputs, workdir)
+
+
+def pt2e_int8(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    workdir: str,
+    *,
+    calibration: list[tuple[torch.Tensor, ...]],
+) -> Runner:
+    """torchao PT2E static int8 (X86InductorQuantizer default config: per-tensor uint8
+    activations with histogram observers, per-channel int8 weights) on the exported program,
+    then torch.compile with inductor's `freezing=True`, which lowers it to oneDNN int8 kernels."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    notes = []
+    try:  # non-strict export fails on ResNet ("Input partition has more than one output node")
+        exported = torch.export.export(model, inputs, strict=True).module()
+    except Exception as err:  # noqa: BLE001 - e.g. a transformers model strict dynamo rejects
+        exported = torch.export.export(model, inputs, strict=False).module()
+        notes.append(f"non-strict export (strict: {type(err).__name__})")
+    reduce_range = _reduce_range()
+    config = xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+    prepared = prepare_pt2e(exported, xiq.X86InductorQuantizer().set_global(config))
+    for batch in calibration:
+        prepared(*batch)
+    runner = inductor_freezing(convert_pt2e(prepared), inputs, workdir)
+    if reduce_range:
+        notes.append("reduce_range (no VNNI)")
+    runner.note = "; ".join(notes)
+    return runner
+
+
+def onnxruntime_int8(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    workdir: str,
+    *,
+    calibration: list[tuple[torch.Tensor, ...]],
+) -> Runner:
+    """onnxruntime static int8: `quantize_static` (QDQ, per-channel int8 weights, uint8
+    activations, MinMax calibration, ORT's default op types) on the ONNX file of the fp32
+    `onnxruntime` runner after `quant_pre_process`; a session as that runner's."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    source, notes = _quant_pre_process(_onnx_export(model, inputs, workdir))
+    names = _onnx_input_names(source)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{n: a.numpy() for n, a in zip(names, b)} for b in calibration])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    reduce_range = _reduce_range()
+    quantized = os.path.join(workdir, "model.int8.onnx")
+    quantize_static(
+        source,
+        quantized,
+        Batches(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    runner = _ort_session(quantized)
+    runner.note = "; ".join(notes + (["reduce_range (no VNNI)"] if reduce_range else []))
+    return runner
+
+
+def onnxruntime_int8_dynamic(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str
+) -> Runner:
+    """onnxruntime dynamic int8: `quantize_dynamic` (int8 weights, activations quantized at run
+    time, ORT's default op types: Conv, MatMul, Gather, ...): no calibration; the usual int8
+    recipe for transformers on onnxruntime."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, notes = _quant_pre_process(_onnx_export(model, inputs, workdir))
+    reduce_range = _reduce_range()
+    quantized = os.path.join(workdir, "model.int8.onnx")
+    quantize_dynamic(source, quantized, reduce_range=reduce_range, weight_type=QuantType.QInt8)
+    runner = _ort_session(quantized)
+    runner.note = "; ".join(notes + (["reduce_range (no VNNI)"] if reduce_range else []))
+    return runner
+
+
+def _quant_pre_process(path: str) -> tuple[str, list[str]]:
+    """onnxruntime's recommended step before quantizing (shape inference, graph cleanup); the
+    file itself (and a note) when it fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = path.replace(".onnx", ".pre.onnx")
+    try:
+        quant_pre_process(path, out)
+    except Exception as err:  # noqa: BLE001 - optional step: quantize the exported file
+        return path, [f"no quant_pre_process ({type(err).__name__})"]
+    return out, []
+
+
+def _onnx_input_names(path: str) -> list[str]:
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers]
 
 
 # Name -> builder, in table order. "eager" first: every ratio is against it.
@@ -104,7 +247,13 @@ RUNNERS: dict[str, Builder] = {
     "graphopt-cpu": graphopt("cpu"),
     "graphopt-llvm": graphopt("llvm"),
     "graphopt-cpu-int8": graphopt_int8,
+    "pt2e-int8": pt2e_int8,
+    "onnxruntime-int8": onnxruntime_int8,
+    "onnxruntime-int8-dynamic": onnxruntime_int8_dynamic,
     "graphopt-cpu-pruned": graphopt("cpu", sparsity=0.5, structured=True),
 }
-# The fastest of these is the bar graphopt has to beat.
+# The fastest of these is the bar graphopt has to beat: fp32 runners against ANCHORS, int8
+# runners against INT8_ANCHORS (and against graphopt-cpu, the fp32 graphopt they replace).
 ANCHORS = ("inductor", "onnxruntime")
+INT8_ANCHORS = ("pt2e-int8", "onnxruntime-int8", "onnxruntime-int8-dynamic")
+INT8_RUNNERS = ("graphopt-cpu-int8", *INT8_ANCHORS)

@@ -6,10 +6,11 @@ import math
 import time
 
 import pytest
+import torch
 
 from benchmarks import run
-from benchmarks.models import TINY
-from benchmarks.runners import RUNNERS, eager
+from benchmarks.models import CALIBRATION_BATCHES, MODELS, TINY
+from benchmarks.runners import INT8_ANCHORS, INT8_RUNNERS, RUNNERS, eager
 
 FAST_RUNNERS = ["eager", "inductor", "onnxruntime", "graphopt-cpu"]
 
@@ -19,9 +20,11 @@ def _broken(model, inputs, workdir):
 
 
 def _slow(model, inputs, workdir):
+    out = model(*inputs)  # computed once: a loaded machine only stretches the sleep, not a model
+
     def call(*args):
         time.sleep(0.05)
-        return model(*args)
+        return out
 
     return call
 
@@ -88,3 +91,69 @@ def test_unknown_runner_is_rejected():
 def test_eager_runner_is_the_model():
     model = object()
     assert eager(model, (), "") is model
+
+
+def _header(table: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith("| runner |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_int8_runners_are_close_to_eager_and_compared_to_int8_anchors():
+    results = run.run_suite(
+        TINY, ["eager", "graphopt-cpu", *INT8_RUNNERS], rounds=1, warmup=0, budget_s=30
+    )
+    for result in results:
+        table = run.format_model(result)
+        for name in INT8_RUNNERS:
+            runner = next(r for r in result.runners if r.name == name)
+            assert not runner.failed, (name, runner.note)
+            # int8 is lossy but close: a few percent (a broken quantization is 30% or more off)
+            assert 0 < runner.rel_error < 0.1, (name, table)
+            assert "SUSPECT" not in runner.note
+        int8_anchor = result.int8_anchor()
+        assert int8_anchor in INT8_ANCHORS
+        header = _header(table)
+        ratios = [f"speed vs {int8_anchor}", "speed vs graphopt-cpu"]
+        assert set(ratios + ["rel L2 err", "max abs err"]) <= set(header), table
+        row = _rows(table)["graphopt-cpu-int8"]
+        for column in ratios:
+            assert row[header.index(column) - 1].endswith("x"), (column, table)
+        assert f"fastest int8 anchor: {int8_anchor}" in table
+    summary = run.format_int8_summary(results)
+    lines = [line for line in summary.splitlines() if "| graphopt-cpu-int8 |" in line]
+    assert len(lines) == len(TINY), summary
+    assert all(line.rstrip(" |").endswith("x") for line in lines), summary  # vs graphopt-cpu
+    report = run.format_report(results, run.machine_description("pytest"), "settings")
+    assert "## int8: speed vs the fastest int8 anchor" in report and summary in report
+
+
+def _scaled(factor):
+    def build(model, inputs, workdir, *, calibration):
+        assert len(calibration) == CALIBRATION_BATCHES
+        assert all(not torch.equal(batch[0], inputs[0]) for batch in calibration)
+        return lambda *args: model(*args) * factor
+
+    return build
+
+
+@pytest.mark.parametrize(("factor", "suspect"), [(1.02, False), (0.0, True)])
+def test_int8_error_flags_broken_not_lossy(monkeypatch, factor, suspect):
+    monkeypatch.setitem(RUNNERS, "pt2e-int8", _scaled(factor))
+    (result,) = run.run_suite(["tiny-cnn"], ["eager", "pt2e-int8"], rounds=1, warmup=0)
+    runner = result.runners[1]
+    assert runner.rel_error == pytest.approx(abs(1 - factor), rel=1e-4)
+    assert ("SUSPECT" in runner.note) is suspect
+    assert run.format_model(result).count("SUSPECT") == int(suspect)
+
+
+def test_calibration_batches_are_drawn_like_the_input():
+    for name in ("tiny-cnn", "tiny-bert", "bert-base"):
+        bm = MODELS[name]
+        (x,), batches = bm.inputs(), bm.calibration()
+        assert len(batches) == CALIBRATION_BATCHES
+        for (c,), (again,) in zip(batches, bm.calibration()):
+            assert c.shape == x.shape and c.dtype == x.dtype
+            assert torch.equal(c, again) and not torch.equal(c, x)
+        assert len({b[0].sum().item() for b in batches}) == len(batches)
+    assert MODELS["bert-base"].calibration()[0][0].max() > 1000  # token ids over the vocab
