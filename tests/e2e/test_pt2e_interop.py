@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+import torchao.quantization.pt2e.quantize_pt2e as pt2e
+import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
 from torch import nn
 from torch._dynamo.utils import counters
 
 import graphopt
 from graphopt import int8
 from graphopt.testing import relative_error
-
-pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
-xiq = pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
 
 
 class Small(nn.Module):
@@ -83,7 +82,6 @@ def test_quantize_option_leaves_pt2e_layers_alone(quantized):
 
 
 def test_pt2e_model_on_tvm_matches_its_int8_graph(quantized):
-    pytest.importorskip("tvm")
     model, batches = quantized
     x = batches[2]
     with torch.no_grad():

@@ -107,6 +107,7 @@ def test_model_matches_eager(name, tvm_matches):
 def test_tiny_bert_matches_eager(tvm_matches):
     """A Hugging Face encoder (random weights, no download): embeddings, gather, attention."""
     import transformers  # a test dependency: missing it is a failure, not a skip
+
     config = transformers.BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         vocab_size=100, max_position_embeddings=16,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 import torch.nn.functional as F
 from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -23,6 +24,7 @@ from graphopt.backends.tvm import TVM
 from graphopt.capture import capture_export
 
 aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
 
 
 class Fn(torch.nn.Module):
@@ -59,6 +61,7 @@ def _randint(low, high, shape, dtype=torch.int64, seed=0):
 X = _randn(3, 8)
 Y = torch.where(_randn(3, 8, seed=1) > 0, X, _randn(3, 8, seed=2))  # some entries equal X
 INTS = _randint(-6, 7, (3, 8))
+S8 = (0.05, -3, -128, 127, torch.int8)  # scale, zero point, range, dtype of an int8 tensor
 HALVES = torch.tensor([[-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.3, -0.7]])
 
 CASES: dict[str, Case] = {
@@ -339,6 +342,23 @@ CASES: dict[str, Case] = {
             "idx": torch.tensor([2, 0, 2]),
             "tokens": torch.tensor([[1, 4], [0, 4]]),
             "table": _randn(5, 3, seed=7),
+        },
+    ),
+    # int8 QDQ ops (bit-exactness, ties, saturation, integer kernels: test_int8.py)
+    "quantized": Case(
+        lambda m, x: (
+            qd.quantize_per_tensor.default(x, 0.05, 7, 0, 255, torch.uint8),
+            qd.dequantize_per_tensor.default(qd.quantize_per_tensor.default(x, *S8), *S8),
+            qd.quantize_per_channel.default(x, m.scales, m.zero_points, 1, -128, 127, torch.int8),
+            qd.dequantize_per_channel.default(
+                m.qw, m.scales, m.zero_points, 1, -128, 127, torch.int8
+            ),
+        ),
+        (X,),
+        {
+            "scales": torch.linspace(0.01, 0.08, 8),
+            "zero_points": torch.arange(-4, 4),
+            "qw": _randint(-127, 128, (3, 8), dtype=torch.int8),
         },
     ),
     "constructors_casts": Case(
