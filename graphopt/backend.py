@@ -62,6 +62,12 @@ def compile_dynamo_graph(
     )
     decompositions = core_aten_decompositions()
     if training:
+        if cfg.quantize is not None:
+            log.warning(
+                "graphopt: quantize=%r applies to inference graphs (call under torch.no_grad() "
+                "or with parameters that do not require grad); this training graph stays float",
+                cfg.quantize,
+            )
         fw = functools.partial(_training_compiler, cfg=cfg, mode="training-forward", start=start)
         bw = functools.partial(_training_compiler, cfg=cfg, mode="training-backward", start=None)
         return aot_autograd(fw_compiler=fw, bw_compiler=bw, decompositions=decompositions)(

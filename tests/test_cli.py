@@ -30,6 +30,21 @@ def test_bench_compiles_checks_and_times_a_model_file(tmp_path, capsys):
     assert "| graphopt |" in out and "fold_constants" in out
 
 
+def test_bench_int8_calibrates_and_reports_its_error(tmp_path, capsys):
+    model_file = tmp_path / "tiny_model.py"
+    model_file.write_text(
+        "import torch\n\ndef make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), "
+        "torch.nn.Linear(16, 4))\n"
+    )
+    argv = ["bench", f"{model_file}:make", "--input", "4,8", "--rounds", "2"]
+    assert main([*argv, "--option", "quantize=int8"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrating on 4 random batches" in out
+    assert "2/2 conv/linear layers quantized" in out
+    assert "int8 relative output error vs eager" in out and "| graphopt |" in out
+
+
 def test_bad_option_is_a_clean_error(tmp_path, capsys):
     assert main(["bench", "x.py:make", "--input", "2,8", "--option", "quantise=int8"]) == 2
     err = capsys.readouterr().err

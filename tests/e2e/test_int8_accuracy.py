@@ -98,3 +98,15 @@ def test_calibration_batches_of_another_shape_fall_back_to_calls(digits, caplog)
         compiled(x)
     assert "does not match" in caplog.text
     assert graphopt.reports()[-1].calibration_pending == 3
+
+
+def test_training_graph_stays_float_and_says_so(caplog):
+    model = DigitsMLP()
+    x = torch.randn(8, 1, 8, 8)
+    compiled = torch.compile(model, backend="graphopt", options={"quantize": "int8"})
+    with caplog.at_level("WARNING", logger="graphopt"):
+        out = compiled(x)
+    assert "this training graph stays float" in caplog.text
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()  # gradients flow as without the option
+    assert model.net[1].weight.grad is not None
