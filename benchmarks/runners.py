@@ -125,6 +125,18 @@ def graphopt_int8(
     return graphopt("cpu", quantize="int8", calibration=list(calibration))(model, inputs, workdir)
 
 
+def graphopt_onnx_int8(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    workdir: str,
+    *,
+    calibration: list[tuple[torch.Tensor, ...]],
+) -> Runner:
+    """graphopt target="onnx" with int8: graphopt's passes and quantization, the QDQ graph
+    exported to ONNX and run by onnxruntime (its integer kernels)."""
+    return graphopt("onnx", quantize="int8", calibration=list(calibration))(model, inputs, workdir)
+
+
 def pt2e_int8(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -247,6 +259,7 @@ RUNNERS: dict[str, Builder] = {
     "graphopt-cpu": graphopt("cpu"),
     "graphopt-llvm": graphopt("llvm"),
     "graphopt-cpu-int8": graphopt_int8,
+    "graphopt-onnx-int8": graphopt_onnx_int8,
     "pt2e-int8": pt2e_int8,
     "onnxruntime-int8": onnxruntime_int8,
     "onnxruntime-int8-dynamic": onnxruntime_int8_dynamic,
@@ -256,4 +269,4 @@ RUNNERS: dict[str, Builder] = {
 # runners against INT8_ANCHORS (and against graphopt-cpu, the fp32 graphopt they replace).
 ANCHORS = ("inductor", "onnxruntime")
 INT8_ANCHORS = ("pt2e-int8", "onnxruntime-int8", "onnxruntime-int8-dynamic")
-INT8_RUNNERS = ("graphopt-cpu-int8", *INT8_ANCHORS)
+INT8_RUNNERS = ("graphopt-cpu-int8", "graphopt-onnx-int8", *INT8_ANCHORS)

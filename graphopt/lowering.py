@@ -39,8 +39,16 @@ def backend_for(target: str) -> Backend:
             "target='aarch64' cross-compiles for an ARM device: it cannot run on this host "
             "through torch.compile or graphopt.optimize, and graphopt.export (which will "
             "write the ARM library) is not implemented yet; implemented targets: 'cpu', "
-            "'llvm', 'cuda'"
+            "'llvm', 'cuda', 'onnx'"
         )
+    if target == "onnx":
+        try:
+            from graphopt.backends.onnx import ONNX, compile_onnx
+        except ImportError as err:
+            raise RuntimeError(
+                f"target='onnx' needs onnx and onnxruntime: pip install 'graphopt[onnx]' ({err})"
+            ) from err
+        return Backend("onnxruntime", ONNX, compile_onnx)
     if target in ("llvm", "cuda"):
         try:
             from graphopt.backends.tvm import TVM, compile_subgraph
@@ -54,7 +62,7 @@ def backend_for(target: str) -> Backend:
         return Backend(f"tvm-{target}", TVM, compile_subgraph)
     raise NotImplementedError(
         f"target={target!r} is accepted by Config but its backend is not implemented yet; "
-        "implemented targets: 'cpu', 'llvm', 'cuda'"
+        "implemented targets: 'cpu', 'llvm', 'cuda', 'onnx'"
     )
 
 

@@ -102,7 +102,7 @@ def test_entry_point_registers_backend_without_import():
     assert out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("target", ["aarch64", "hls", "onnx"])
+@pytest.mark.parametrize("target", ["aarch64", "hls"])
 def test_targets_without_a_runtime_here_say_so(target):
     with pytest.raises(NotImplementedError, match=f"target='{target}'.*implemented targets"):
         graphopt.optimize(MLP().eval(), (torch.randn(2, 32),), target=target)

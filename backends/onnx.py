@@ -1,0 +1,76 @@
+"""target="onnx": the optimized graph exported to ONNX and run by onnxruntime (CPU).
+
+The whole graph goes through torch.export and torch.onnx's translator (int8 graphs become
+QuantizeLinear/DequantizeLinear, which onnxruntime fuses into its integer kernels). A graph
+the exporter cannot take runs in PyTorch instead, named in the report (lowering's fallback).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.backends.registry import OpRegistry
+from graphopt.config import Config
+
+log = logging.getLogger("graphopt")
+
+ONNX = OpRegistry("onnxruntime", supports_all=True)
+
+
+def export_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bytes:
+    """The graph as a serialized ONNX model (static shapes of `example_inputs`)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        args = tuple(_real_like(x) for x in example_inputs)
+        graph = copy.deepcopy(gm.graph)
+        for node in graph.nodes:  # traced metadata belongs to another fake mode: re-trace
+            node.meta = {}
+        module = torch.fx.GraphModule(gm, graph)
+        exported = torch.export.export(module, args, strict=False)
+        program = torch.onnx.export(exported, args, dynamo=True, verbose=False)
+        return program.model_proto.SerializeToString()
+
+
+def compile_onnx(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config
+) -> Callable[..., Any]:
+    """An onnxruntime session for `gm`; returns a function of gm's inputs giving a tuple."""
+    import onnxruntime as ort
+
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle onnxruntime threads spin by default and take the cores PyTorch needs next.
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    session = ort.InferenceSession(
+        export_onnx(gm, example_inputs), session_options, providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(example_inputs):
+        raise ValueError(
+            f"the ONNX model takes {len(names)} inputs, the graph {len(example_inputs)} "
+            "(non-tensor inputs are not supported on target='onnx')"
+        )
+
+    def run(*args: Any) -> tuple[torch.Tensor, ...]:
+        feeds = {n: a.detach().contiguous().numpy() for n, a in zip(names, args)}
+        return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
+
+    return run
+
+
+def _real_like(x: Any) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    if any(not isinstance(d, int) for d in x.shape):
+        raise NotImplementedError("target='onnx' supports static shapes only (no dynamic dims)")
+    if x.is_floating_point():
+        return torch.randn(tuple(x.shape), dtype=x.dtype)
+    return torch.zeros(tuple(x.shape), dtype=x.dtype)

@@ -1,0 +1,65 @@
+"""target="onnx": the optimized graph exported to ONNX and run by onnxruntime."""
+
+import onnx
+import pytest
+import torch
+
+import graphopt
+from graphopt.backends.onnx import export_onnx
+from graphopt.testing import assert_same_outputs, relative_error
+from tests.models import MLP, ResidualCNN, TransformerBlock
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [(MLP, (4, 32)), (ResidualCNN, (2, 3, 16, 16)), (TransformerBlock, (2, 10, 32))],
+    ids=["mlp", "cnn", "transformer"],
+)
+def test_fp32_models_run_in_onnxruntime_and_match_eager(make, shape):
+    model = make().eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="graphopt", options={"target": "onnx"})
+        assert_same_outputs(model(x), compiled(x))
+    report = graphopt.reports()[-1]
+    assert [p.target for p in report.partitions] == ["onnxruntime"] and not report.fallbacks
+
+
+def test_int8_graph_becomes_qdq_onnx_close_to_its_pytorch_run():
+    model = ResidualCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
+    on_ort = graphopt.optimize(model, (x,), target="onnx", quantize="int8", calibration=calibration)
+    on_cpu = graphopt.optimize(model, (x,), target="cpu", quantize="int8", calibration=calibration)
+    assert on_ort.report.quantization.layers and not on_ort.report.fallbacks
+    with torch.no_grad():
+        err = relative_error(on_cpu(x), on_ort(x))  # same scales on this host: same int8 graph
+        assert err < 0.01, err
+        assert relative_error(model(x), on_ort(x)) > 1e-4  # and it is int8, not float
+
+
+def test_exported_int8_model_holds_quantize_dequantize_nodes():
+    from graphopt.capture import capture_export
+    from graphopt.config import Config
+    from graphopt.pipeline import run_pipeline
+    from graphopt.report import Report
+
+    model = MLP().eval()
+    x = torch.randn(4, 32)
+    captured = capture_export(model, (x,))
+    cfg = Config(target="onnx", quantize="int8")
+    gm = run_pipeline(captured.gm, cfg, Report("g", "onnx"), calibration=[[x]])
+    proto = onnx.load_from_string(export_onnx(gm, [x]))
+    onnx.checker.check_model(proto)
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_dynamic_shapes_fall_back_to_pytorch_and_say_so():
+    model = MLP().eval()
+    compiled = torch.compile(model, backend="graphopt", dynamic=True, options={"target": "onnx"})
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert_same_outputs(model(x), compiled(x))
+    report = graphopt.reports()[-1]
+    assert report.fallbacks and "static shapes only" in report.fallbacks[0].reason
