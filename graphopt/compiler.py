@@ -182,5 +182,12 @@ class _CalibrateOnCalls:
         gm = run_pipeline(self.gm, self.cfg, self.report, steps=self.rest, calibration=self.batches)
         self.report.passes_seconds += time.perf_counter() - start
         self.compiled = _finish(gm, self.example_inputs, self.cfg, self.report)
+        if self.cfg.verify:  # the int8 code against the int8 graph, on the last call's inputs
+            last = self.batches[-1]
+            with torch.no_grad():
+                problem = compare_outputs(run_graph(gm, last), self.compiled(*last), quantized=True)
+            if problem is not None:
+                raise VerificationError(f"lowering to {self.cfg.target}", problem)
+            self.report.verified = True
         self.batches = []
         log.info("graphopt: %s calibrated, now int8\n%s", self.report.graph_id, self.report)

@@ -110,3 +110,23 @@ def test_training_graph_stays_float_and_says_so(caplog):
     torch.testing.assert_close(out, model(x))
     out.sum().backward()  # gradients flow as without the option
     assert model.net[1].weight.grad is not None
+
+
+def test_first_calls_calibration_with_dynamic_batch_and_verify():
+    model = DigitsMLP().eval()
+    compiled = torch.compile(
+        model,
+        backend="graphopt",
+        dynamic=True,
+        options={"quantize": "int8", "calibration": 2, "verify": True},
+    )
+    with torch.no_grad():
+        for batch in (3, 5):  # float while calibrating
+            x = torch.randn(batch, 1, 8, 8)
+            assert relative_error(model(x), compiled(x)) < 1e-5
+        for batch in (7, 11):  # one int8 graph for every batch size
+            x = torch.randn(batch, 1, 8, 8)
+            assert 1e-4 < relative_error(model(x), compiled(x)) < 0.2
+    report = graphopt.reports()[-1]
+    assert report.verified and report.quantization.calibration_batches == 2
+    assert len(graphopt.reports()) == 1  # no recompile for new batch sizes
