@@ -188,6 +188,7 @@ class _Plan:
     qweight: torch.Tensor  # int8, output channels first
     scales: torch.Tensor  # float32 per output channel
     sim_weight: torch.Tensor  # the dequantized weight, in the graph's layout
+    output: tuple[torch.fx.Node, float, int] | None = None  # (node, scale, zp) quantized after
 
 
 class _Runner(torch.fx.Interpreter):
@@ -202,6 +203,11 @@ class _Runner(torch.fx.Interpreter):
     ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.sites, self.observers, self.simulate = sites, observers or {}, simulate or {}
+        self.requantize = {
+            plan.output[0]: (plan.output[1], plan.output[2], plan.act_qmax)
+            for plan in self.simulate.values()
+            if plan.output is not None
+        }
 
     def run_node(self, node: torch.fx.Node) -> Any:
         plan = self.simulate.get(node)
@@ -222,6 +228,9 @@ class _Runner(torch.fx.Interpreter):
         observer = self.observers.get(node)
         if observer is not None:
             observer.update(out)
+        if node in self.requantize:
+            scale, zero_point, qmax = self.requantize[node]
+            out = int8.dequantize(int8.quantize(out, scale, zero_point, qmax), scale, zero_point)
         return out
 
 
@@ -295,13 +304,25 @@ def quantize(
         )
         return PassResult(gm, False, {"quantized": 0, "kept_float": 0})
     acts = {site.act for site in sites.values()}
-    observers = {act: _Observer(cfg.observer) for act in acts}
+    # onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into its integer conv only
+    # with a quantize after the conv: for target="onnx" every conv whose output (after its
+    # ReLU, if any) is not already quantized for a next layer gets one, as onnxruntime's own
+    # quantize_static does. (Linear layers gained nothing from it on BERT, and lost accuracy.)
+    outputs = {}
+    if cfg.target == "onnx":
+        for node in (n for n, site in sites.items() if site.kind == "conv2d"):
+            out = _after_activation(node)
+            if out not in acts and all(u.op != "output" for u in out.users):
+                outputs[node] = out  # (model outputs stay float: no 8-bit logits)
+    observers = {n: _Observer(cfg.observer) for n in acts | set(outputs.values())}
     log.info("graphopt quantize: calibrating %d layers on %d batches", len(sites), len(calibration))
     reference = _run(gm, calibration, sites, observers=observers)
     # cpu (oneDNN) and onnx (onnxruntime's MLAS) multiply u8 x s8 with saturating int16 pairs
     # on x86 without VNNI; TVM and the FPGA accumulate exactly.
     qmax = int8.host_activation_qmax() if cfg.target in ("cpu", "onnx") else int8.ACT_QMAX
     plans = {node: _plan(gm, site, observers[site.act], qmax) for node, site in sites.items()}
+    for node, out in outputs.items():
+        plans[node].output = (out, *int8.activation_qparams(*observers[out].range(), qmax))
 
     sensitivity: dict[torch.fx.Node, float] = {}
     active = dict(plans)
@@ -342,7 +363,9 @@ def quantize(
                 sensitivity.get(node),
             )
         )
-    _rewrite(gm, sites, active, mode)
+    _rewrite(gm, sites, active, mode, quantized_adds=cfg.target == "onnx")
+    if active:  # the error the rewritten graph really has (the simulation leaves out the adds)
+        error = _relative_error(reference, _run(gm, calibration, {}))
     summary = QuantSummary(
         len(calibration),
         cfg.observer,
@@ -363,6 +386,17 @@ def quantize(
     return PassResult(gm, bool(active), stats)
 
 
+_ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
+
+
+def _after_activation(node: torch.fx.Node) -> torch.fx.Node:
+    """The layer's ReLU/ReLU6 when that is its only user, else the layer itself."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in _ACTIVATIONS:
+        return users[0]
+    return node
+
+
 def _plan(gm: torch.fx.GraphModule, site: Site, observer: _Observer, qmax: int) -> _Plan:
     lo, hi = observer.range()
     scale, zero_point = int8.activation_qparams(lo, hi, qmax)
@@ -380,7 +414,12 @@ def _rewrite(
     sites: dict[torch.fx.Node, Site],
     active: dict[torch.fx.Node, _Plan],
     mode: Any,
+    *,
+    quantized_adds: bool = False,
 ) -> None:
+    """Insert the QDQ nodes of every active site. quantized_adds: an add that reads an
+    activation which is quantized for a layer reads the dequantized copy instead, so
+    onnxruntime can run residual adds as QLinearAdd."""
     graph = gm.graph
     dequantized: dict[tuple[torch.fx.Node, float, int, int], torch.fx.Node] = {}
     for node, plan in active.items():
@@ -420,11 +459,25 @@ def _rewrite(
         args[site.act_index] = dequantized[key]
         args[site.weight_index] = weight
         node.args = tuple(args)
+        if plan.output is not None:
+            out, scale, zero_point = plan.output
+            emit_out = Emitter(gm, out.next, mode)
+            q_args = (scale, zero_point, int8.ACT_QMIN, plan.act_qmax, int8.ACT_DTYPE)
+            users = list(out.users)
+            q = emit_out(qd.quantize_per_tensor.default, out, *q_args)
+            dq = emit_out(qd.dequantize_per_tensor.default, q, *q_args)
+            for user in users:
+                user.replace_input_with(out, dq)
         node.meta["graphopt.quant"] = {
             "layer": site.name,
             "act_scale": plan.act_scale,
             "act_zero_point": plan.act_zero_point,
         }
+    if quantized_adds:
+        for (act, *_), dq in dequantized.items():
+            for user in list(act.users):
+                if user.op == "call_function" and user.target is aten.add.Tensor:
+                    user.replace_input_with(act, dq)
     graph.lint()
     gm.recompile()
 

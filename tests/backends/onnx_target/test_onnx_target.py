@@ -63,3 +63,28 @@ def test_dynamic_shapes_fall_back_to_pytorch_and_say_so():
         assert_same_outputs(model(x), compiled(x))
     report = graphopt.reports()[-1]
     assert report.fallbacks and "static shapes only" in report.fallbacks[0].reason
+
+
+def test_onnxruntime_fuses_every_int8_conv_into_its_integer_kernel(tmp_path):
+    """A quantize after each conv (and quantized residual adds) let onnxruntime turn every
+    DequantizeLinear -> Conv into QLinearConv; a float Conv would recompute its weights."""
+    import onnxruntime as ort
+
+    from graphopt.capture import capture_export
+    from graphopt.config import Config
+    from graphopt.pipeline import run_pipeline
+    from graphopt.report import Report
+
+    model = ResidualCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    captured = capture_export(model, (x,))
+    cfg = Config(target="onnx", quantize="int8")
+    batches = [[torch.randn(2, 3, 16, 16)] for _ in range(3)]
+    gm = run_pipeline(captured.gm, cfg, Report("g", "onnx"), calibration=batches)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(export_onnx(gm, [x]), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    convs = sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default)
+    assert ops.count("QLinearConv") == convs and "Conv" not in ops, ops
+    assert "QLinearAdd" in ops  # the residual add runs in int8 too
