@@ -271,7 +271,10 @@ def quantize(
     percentiles with `cfg.observer="percentile"`). With `cfg.accuracy_budget`, the layers whose
     int8 error hurts the outputs most stay in float until the relative output error on the
     calibration data is within the budget. Biases stay float (the kernels add them in float;
-    `graphopt.int8.quantize_bias` is the integer form).
+    `graphopt.int8.quantize_bias` is the integer form). On target="cpu"/"onnx" of an x86 CPU
+    without VNNI, activations use [0, 127] (`graphopt.int8.host_activation_qmax`). On
+    target="onnx", conv outputs and residual adds are quantized too (onnxruntime's integer
+    kernels need a quantize after the conv); the reported error is the rewritten graph's.
 
     Before -> after (a linear layer; w_t is the folded [in, out] weight):
         y = addmm(b, x, w_t)
