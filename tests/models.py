@@ -102,3 +102,16 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     return BertModel(BertConfig(**TINY_BERT)).eval()
+
+
+class Fn(nn.Module):
+    """forward(*xs) = fn(self, *xs); keyword tensors become buffers (frozen into constants)."""
+
+    def __init__(self, fn, **buffers: torch.Tensor):
+        super().__init__()
+        self.fn = fn
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+
+    def forward(self, *xs):
+        return self.fn(self, *xs)

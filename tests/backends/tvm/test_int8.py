@@ -24,6 +24,7 @@ from graphopt.config import Config
 from graphopt.pipeline import run_graph, run_pipeline
 from graphopt.testing import assert_same_outputs, relative_error
 from tests.backends.tvm.conftest import LLVM, unsupported_nodes
+from tests.models import Fn
 
 qd = torch.ops.quantized_decomposed
 # Integer kernels against PyTorch's float simulation of the same int8 numbers: one fp32
@@ -33,19 +34,6 @@ KERNEL_RELATIVE_ERROR = 2e-6
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class Fn(nn.Module):
-    """forward(*xs) = fn(self, *xs); keyword tensors become buffers (frozen into constants)."""
-
-    def __init__(self, fn, **buffers: torch.Tensor):
-        super().__init__()
-        self.fn = fn
-        for name, value in buffers.items():
-            self.register_buffer(name, value)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
 
 
 def _tvm_and_torch(

@@ -22,22 +22,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from graphopt.backends.registry import op_name
 from graphopt.backends.tvm import TVM
 from graphopt.capture import capture_export
+from tests.models import Fn
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-
-
-class Fn(torch.nn.Module):
-    """forward(*xs) = fn(self, *xs); keyword tensors become buffers (frozen into constants)."""
-
-    def __init__(self, fn, **buffers: torch.Tensor):
-        super().__init__()
-        self.fn = fn
-        for name, value in buffers.items():
-            self.register_buffer(name, value)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
 
 
 @dataclass
