@@ -16,7 +16,7 @@ from graphopt.config import DEFAULT_CALIBRATION_CALLS, Config
 from graphopt.errors import VerificationError
 from graphopt.lowering import lower
 from graphopt.pipeline import PIPELINE, run_graph, run_pipeline
-from graphopt.report import Report, count_flops, count_params
+from graphopt.report import Report, count_flops, count_params, count_weight_bytes
 from graphopt.testing import compare_outputs
 
 log = logging.getLogger("graphopt")
@@ -56,6 +56,7 @@ def compile_graph(
     """
     verify = cfg.verify and real_inputs is not None
     report.params_before, report.flops_before = count_params(gm), count_flops(gm)
+    report.weight_bytes_before = count_weight_bytes(gm)
     if calibration is not None:
         problem = _calibration_mismatch(example_inputs, calibration)
         if problem is not None:
@@ -130,6 +131,7 @@ def _finish(
 ) -> Callable[..., Any]:
     """Record what the passes left, then lower."""
     report.params_after, report.flops_after = count_params(gm), count_flops(gm)
+    report.weight_bytes_after = count_weight_bytes(gm)
     report.quantization = gm.meta.get("graphopt.quantization")
     return lower(gm, example_inputs, cfg, report, training=training)
 

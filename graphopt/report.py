@@ -56,6 +56,8 @@ class Report:
     fallbacks: list[FallbackRecord] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
     flops_before: int = 0
     flops_after: int = 0
     capture_seconds: float = 0.0
@@ -96,6 +98,7 @@ class Report:
                 lines.append(f"    {f.node}: {f.op} ({f.reason})")
         lines.append(
             f"  params {_human(self.params_before)} -> {_human(self.params_after)}, "
+            f"weights {_human(self.weight_bytes_before)}B -> {_human(self.weight_bytes_after)}B, "
             f"FLOPs {_human(self.flops_before)} -> {_human(self.flops_after)}"
         )
         lines.append(
@@ -139,10 +142,10 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def count_params(gm: torch.fx.GraphModule) -> int:
-    """Elements in the constants the graph uses (frozen weights) plus parameter inputs."""
+def _constants(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """The distinct constant tensors the graph reads (frozen weights, scales, ...)."""
     seen: set[str] = set()
-    total = 0
+    out = []
     for node in gm.graph.find_nodes(op="get_attr"):
         if node.target in seen or not node.users:
             continue
@@ -151,8 +154,18 @@ def count_params(gm: torch.fx.GraphModule) -> int:
         for part in node.target.split("."):
             obj = getattr(obj, part)
         if isinstance(obj, torch.Tensor):
-            total += obj.numel()
-    return total
+            out.append(obj)
+    return out
+
+
+def count_params(gm: torch.fx.GraphModule) -> int:
+    """Elements in the constants the graph uses (frozen weights)."""
+    return sum(t.numel() for t in _constants(gm))
+
+
+def count_weight_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of the constants the graph uses (int8 weights count one byte per element)."""
+    return sum(t.numel() * t.element_size() for t in _constants(gm))
 
 
 def count_flops(gm: torch.fx.GraphModule) -> int:

@@ -45,6 +45,11 @@ def test_int8_torch_compile_keeps_accuracy_and_uses_onednn(digits, kind):
     report = graphopt.reports()[-1]
     q = report.quantization
     assert q is not None and q.calibration_batches == 4
+    # int8 weights: a quarter of the bytes, plus float biases and per-channel scales
+    assert report.weight_bytes_after < 0.35 * report.weight_bytes_before, (
+        report.weight_bytes_before,
+        report.weight_bytes_after,
+    )
     assert all(layer.quantized for layer in q.layers) and len(q.layers) == (
         3 if kind == "mlp" else 4
     )
