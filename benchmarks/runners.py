@@ -114,27 +114,21 @@ def _reduce_range() -> bool:
     return host_activation_qmax() < ACT_QMAX
 
 
-def graphopt_int8(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    workdir: str,
-    *,
-    calibration: list[tuple[torch.Tensor, ...]],
-) -> Runner:
-    """graphopt target="cpu" with int8 post-training quantization (default minmax observer)."""
-    return graphopt("cpu", quantize="int8", calibration=list(calibration))(model, inputs, workdir)
+def graphopt_int8(target: str) -> Builder:
+    """graphopt on `target` with int8 post-training quantization (default minmax observer),
+    calibrated on the suite's batches ("onnx": the QDQ graph run by onnxruntime)."""
 
+    def build(
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        workdir: str,
+        *,
+        calibration: list[tuple[torch.Tensor, ...]],
+    ) -> Runner:
+        options = {"quantize": "int8", "calibration": list(calibration)}
+        return graphopt(target, **options)(model, inputs, workdir)
 
-def graphopt_onnx_int8(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    workdir: str,
-    *,
-    calibration: list[tuple[torch.Tensor, ...]],
-) -> Runner:
-    """graphopt target="onnx" with int8: graphopt's passes and quantization, the QDQ graph
-    exported to ONNX and run by onnxruntime (its integer kernels)."""
-    return graphopt("onnx", quantize="int8", calibration=list(calibration))(model, inputs, workdir)
+    return build
 
 
 def pt2e_int8(
@@ -258,8 +252,8 @@ RUNNERS: dict[str, Builder] = {
     "relax_dynamo": relax_dynamo,
     "graphopt-cpu": graphopt("cpu"),
     "graphopt-llvm": graphopt("llvm"),
-    "graphopt-cpu-int8": graphopt_int8,
-    "graphopt-onnx-int8": graphopt_onnx_int8,
+    "graphopt-cpu-int8": graphopt_int8("cpu"),
+    "graphopt-onnx-int8": graphopt_int8("onnx"),
     "pt2e-int8": pt2e_int8,
     "onnxruntime-int8": onnxruntime_int8,
     "onnxruntime-int8-dynamic": onnxruntime_int8_dynamic,

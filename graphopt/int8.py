@@ -89,6 +89,13 @@ def dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     return (q.to(torch.int32) - zero_point).float() * scale
 
 
+def fake_quantize(
+    x: torch.Tensor, scale: float, zero_point: int, qmax: int = ACT_QMAX
+) -> torch.Tensor:
+    """x through quantize and dequantize: the float value an int8 activation stands for."""
+    return dequantize(quantize(x, scale, zero_point, qmax), scale, zero_point)
+
+
 def quantize_multiplier(real: float) -> tuple[int, int]:
     """(m0, shift) with real ~= m0 * 2**-(31 + shift), m0 in [2**30, 2**31).
 

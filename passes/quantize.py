@@ -28,13 +28,6 @@ log = logging.getLogger("graphopt")
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 
-# The ops graphopt's own quantized graphs use, and that PT2E-quantized graphs bring.
-QDQ_OPS = (
-    qd.quantize_per_tensor.default,
-    qd.dequantize_per_tensor.default,
-    qd.quantize_per_channel.default,
-    qd.dequantize_per_channel.default,
-)
 PERCENTILE = 99.99  # observer="percentile" clips the activation range to these percentiles
 _SAMPLES_PER_BATCH = 1 << 16  # values kept per batch and activation for percentiles
 
@@ -218,10 +211,8 @@ class _Runner(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             args = list(args)
             x = args[site.act_index]
-            args[site.act_index] = int8.dequantize(
-                int8.quantize(x, plan.act_scale, plan.act_zero_point, plan.act_qmax),
-                plan.act_scale,
-                plan.act_zero_point,
+            args[site.act_index] = int8.fake_quantize(
+                x, plan.act_scale, plan.act_zero_point, plan.act_qmax
             )
             args[site.weight_index] = plan.sim_weight
             out = node.target(*args, **kwargs)
@@ -230,7 +221,7 @@ class _Runner(torch.fx.Interpreter):
             observer.update(out)
         if node in self.requantize:
             scale, zero_point, qmax = self.requantize[node]
-            out = int8.dequantize(int8.quantize(out, scale, zero_point, qmax), scale, zero_point)
+            out = int8.fake_quantize(out, scale, zero_point, qmax)
         return out
 
 
@@ -253,12 +244,13 @@ def _run(
 
 
 def _relative_error(reference: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> float:
-    num = den = 0.0
-    for ref_batch, got_batch in zip(reference, got, strict=True):
-        for r, g in zip(ref_batch, got_batch, strict=True):
-            num += float((g.double() - r.double()).pow(2).sum())
-            den += float(r.double().pow(2).sum())
-    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+    """graphopt.testing.relative_error over every output of every batch together."""
+    from graphopt.testing import relative_error
+
+    def flat(batches: list[list[torch.Tensor]]) -> torch.Tensor:
+        return torch.cat([t.detach().flatten() for batch in batches for t in batch])
+
+    return relative_error(flat(reference), flat(got))
 
 
 def quantize(
@@ -430,17 +422,8 @@ def _rewrite(
         emit = Emitter(gm, node, mode)
         act = site.act
         key = (act, plan.act_scale, plan.act_zero_point, plan.act_qmax)
-        if key not in dequantized:
-            # right after the activation, so every layer reading it can share the pair
-            after = act.next
-            while after.op == "placeholder":
-                after = after.next
-            emit_after = Emitter(gm, after, mode)
-            q_args = (plan.act_scale, plan.act_zero_point, int8.ACT_QMIN, plan.act_qmax)
-            q = emit_after(qd.quantize_per_tensor.default, act, *q_args, int8.ACT_DTYPE)
-            dequantized[key] = emit_after(
-                qd.dequantize_per_tensor.default, q, *q_args, int8.ACT_DTYPE
-            )
+        if key not in dequantized:  # right after the activation: its readers share the pair
+            dequantized[key] = _insert_qdq(gm, act, plan.act_scale, plan.act_zero_point, plan, mode)
         hint = f"{node.name}_weight"
         qweight = insert_constant(gm, plan.qweight, hint + "_int8", before=node)
         scales = insert_constant(gm, plan.scales, hint + "_scale", before=node)
@@ -464,18 +447,10 @@ def _rewrite(
         node.args = tuple(args)
         if plan.output is not None:
             out, scale, zero_point = plan.output
-            emit_out = Emitter(gm, out.next, mode)
-            q_args = (scale, zero_point, int8.ACT_QMIN, plan.act_qmax, int8.ACT_DTYPE)
             users = list(out.users)
-            q = emit_out(qd.quantize_per_tensor.default, out, *q_args)
-            dq = emit_out(qd.dequantize_per_tensor.default, q, *q_args)
+            dq = _insert_qdq(gm, out, scale, zero_point, plan, mode)
             for user in users:
                 user.replace_input_with(out, dq)
-        node.meta["graphopt.quant"] = {
-            "layer": site.name,
-            "act_scale": plan.act_scale,
-            "act_zero_point": plan.act_zero_point,
-        }
     if quantized_adds:
         for (act, *_), dq in dequantized.items():
             for user in list(act.users):
@@ -483,6 +458,24 @@ def _rewrite(
                     user.replace_input_with(act, dq)
     graph.lint()
     gm.recompile()
+
+
+def _insert_qdq(
+    gm: torch.fx.GraphModule,
+    value: torch.fx.Node,
+    scale: float,
+    zero_point: int,
+    plan: _Plan,
+    mode: Any,
+) -> torch.fx.Node:
+    """quantize_per_tensor + dequantize_per_tensor of `value`, right after it; the dequantize."""
+    after = value.next
+    while after.op == "placeholder":
+        after = after.next
+    emit = Emitter(gm, after, mode)
+    q_args = (scale, zero_point, int8.ACT_QMIN, plan.act_qmax, int8.ACT_DTYPE)
+    q = emit(qd.quantize_per_tensor.default, value, *q_args)
+    return emit(qd.dequantize_per_tensor.default, q, *q_args)
 
 
 def onednn_saturation_warning(gm: torch.fx.GraphModule) -> str | None:

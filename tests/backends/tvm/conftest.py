@@ -38,3 +38,33 @@ def tvm_matches() -> Callable[..., Any]:
         return compiled
 
     return check
+
+
+@pytest.fixture
+def cuda_kernels() -> Callable[..., str]:
+    """check(executable, cfg) -> the CUDA source TVM embedded in `executable`, after asserting
+    it holds at least 3 kernels and, when nvcc is installed, that they compile to PTX."""
+    import shutil
+
+    from graphopt.backends.tvm.lower import target_for
+
+    def modules(mod: Any) -> Any:
+        yield mod
+        for imported in mod.imports:
+            yield from modules(imported)
+
+    def check(executable: Any, cfg: Config) -> str:
+        source = "".join(m.inspect_source() for m in modules(executable.mod) if m.kind == "cuda")
+        assert source.count("__global__") >= 3
+        if shutil.which("nvcc"):
+            from tvm.support import nvcc
+
+            target = target_for(cfg)
+            with target:
+                ptx = nvcc.compile_cuda(
+                    source, target_format="ptx", arch=str(target.attrs["arch"]), compiler="nvcc"
+                )
+            assert b".entry" in bytes(ptx)
+        return source
+
+    return check
