@@ -42,28 +42,34 @@ def compile_onnx(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config
 ) -> Callable[..., Any]:
     """An onnxruntime session for `gm`; returns a function of gm's inputs giving a tuple."""
-    import onnxruntime as ort
-
-    session_options = ort.SessionOptions()
-    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle onnxruntime threads spin by default and take the cores PyTorch needs next.
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    session = ort.InferenceSession(
-        export_onnx(gm, example_inputs), session_options, providers=["CPUExecutionProvider"]
-    )
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(example_inputs):
+    run = OnnxRunner(export_onnx(gm, example_inputs))
+    if run.num_inputs != len(example_inputs):
         raise ValueError(
-            f"the ONNX model takes {len(names)} inputs, the graph {len(example_inputs)} "
+            f"the ONNX model takes {run.num_inputs} inputs, the graph {len(example_inputs)} "
             "(non-tensor inputs are not supported on target='onnx')"
         )
-
-    def run(*args: Any) -> tuple[torch.Tensor, ...]:
-        feeds = {n: a.detach().contiguous().numpy() for n, a in zip(names, args)}
-        return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
-
     return run
+
+
+class OnnxRunner:
+    """An onnxruntime CPU session over a model (serialized bytes or a file path); call it with
+    torch tensors, in the model's input order, to get a tuple of torch tensors."""
+
+    def __init__(self, model: bytes | str):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle onnxruntime threads spin by default and take the cores PyTorch needs next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.num_inputs = len(self.input_names)
+
+    def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        feeds = {n: a.detach().contiguous().numpy() for n, a in zip(self.input_names, args)}
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
 def _real_like(x: Any) -> Any:

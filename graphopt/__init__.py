@@ -3,10 +3,12 @@
 compiled = torch.compile(model, backend="graphopt", options={"target": "cpu"})
 optimized = graphopt.optimize(model, example_inputs, target="llvm")
 print(optimized.report)
+graphopt.export(model, example_inputs, "out/", format="onnx"); run = graphopt.load("out/")
 """
 
 from graphopt import testing
 from graphopt.api import OptimizedModule, optimize
+from graphopt.artifact import Artifact, Exported, export, load
 from graphopt.backend import graphopt_backend
 from graphopt.compiler import REPORTS
 from graphopt.config import Config
@@ -26,13 +28,17 @@ def clear_reports() -> None:
 
 
 __all__ = [
+    "Artifact",
     "Config",
+    "Exported",
     "OptimizedModule",
     "Report",
     "UnsupportedOpError",
     "VerificationError",
     "clear_reports",
+    "export",
     "graphopt_backend",
+    "load",
     "optimize",
     "testing",
     "reports",

@@ -1,4 +1,5 @@
-"""The `graphopt` command: `graphopt bench ...`, `graphopt ops ...`."""
+"""The `graphopt` command: `graphopt bench ...`, `graphopt export ...`, `graphopt run ...`,
+`graphopt ops ...`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
+
+from graphopt.errors import VerificationError
 
 
 def _load_factory(spec: str):
@@ -95,6 +98,71 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import graphopt
+
+    options = dict(_parse_option(o) for o in args.option)
+    if args.target is not None:
+        options["target"] = args.target
+    model = _load_factory(args.model)().eval()
+    inputs = tuple(torch.randn(*shape) for shape in args.input)
+    if args.calibration == "random":
+        options["calibration"] = [
+            tuple(torch.randn(*shape) for shape in args.input) for _ in range(4)
+        ]
+        print("int8: calibrating on 4 random batches (fine for speed, not for accuracy)")
+    elif args.calibration is not None:
+        options["calibration"] = list(_load_factory(args.calibration)())
+    exported = graphopt.export(
+        model, inputs, args.out_dir, format=args.format, overwrite=args.overwrite, **options
+    )
+    print(exported.report)
+    verification = exported.manifest["verification"]
+    if verification.get("ran"):
+        print(
+            f"ran {verification['ran']}: max abs error {verification['max_abs_error_vs_graph']:.3g}"
+            f" vs graphopt's graph, {verification['max_abs_error_vs_eager']:.3g} vs eager"
+        )
+    else:
+        print(f"not run here: {verification['reason']}")
+    print(f"artifact: {exported.path} (load it with graphopt.load({str(exported.path)!r}))")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import graphopt
+    from graphopt.bench import compare_speed, format_timings
+
+    artifact = graphopt.load(args.artifact)
+    sizes = dict(_parse_option(d) for d in args.dim)
+    inputs = []
+    for spec in artifact.manifest["inputs"]:
+        shape = []
+        for d in spec["shape"]:
+            if isinstance(d, str) and d not in sizes:
+                raise ValueError(f"input {spec['name']!r} has dynamic dim {d}: give --dim {d}=N")
+            shape.append(sizes[d] if isinstance(d, str) else d)
+        dtype = getattr(torch, spec["dtype"])
+        inputs.append(
+            torch.randn(shape).to(dtype)
+            if dtype.is_floating_point
+            else torch.zeros(shape, dtype=dtype)
+        )
+    print(f"{artifact}: inputs {[tuple(x.shape) for x in inputs]}")
+    outputs = artifact.run_flat(inputs)
+    print(f"outputs {[(tuple(o.shape), str(o.dtype)) for o in outputs]}")
+    print(
+        format_timings(
+            compare_speed({"artifact": artifact.run_flat}, (inputs,), rounds=args.rounds)
+        )
+    )
+    return 0
+
+
 def cmd_ops(args: argparse.Namespace) -> int:
     from graphopt.lowering import backend_for
 
@@ -130,13 +198,42 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--option", action="append", default=[], help="Config field, key=value")
     bench.add_argument("--rounds", type=int, default=20)
     bench.set_defaults(func=cmd_bench)
+    export = sub.add_parser(
+        "export", help="optimize a model and write a deployable artifact folder (ONNX, TVM)"
+    )
+    export.add_argument(
+        "model", help="'file.py:factory' or 'module:factory' returning an nn.Module"
+    )
+    export.add_argument("out_dir", help="the folder to write (must not exist, see --overwrite)")
+    export.add_argument(
+        "--input",
+        type=_shape,
+        action="append",
+        required=True,
+        help="input shape, e.g. 1,3,224,224 (repeat for several inputs)",
+    )
+    export.add_argument("--format", default="onnx", help="onnx (default) or tvm")
+    export.add_argument("--target", help="format=tvm: llvm (x86, default), aarch64 or cuda")
+    export.add_argument("--option", action="append", default=[], help="Config field, key=value")
+    export.add_argument(
+        "--calibration",
+        help="int8 calibration data: 'file.py:batches' (a function returning input tuples) or "
+        "'random' (random inputs: for speed only, not accuracy)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    export.set_defaults(func=cmd_export)
+    run = sub.add_parser("run", help="load an artifact folder, run it on random inputs, time it")
+    run.add_argument("artifact", help="a folder written by graphopt export")
+    run.add_argument("--dim", action="append", default=[], help="a dynamic dim's size, name=N")
+    run.add_argument("--rounds", type=int, default=20)
+    run.set_defaults(func=cmd_run)
     ops = sub.add_parser("ops", help="list the ops a target lowers (its capability list)")
     ops.add_argument("--target", default="llvm")
     ops.set_defaults(func=cmd_ops)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, NotImplementedError, RuntimeError) as err:
+    except (ValueError, TypeError, NotImplementedError, RuntimeError, VerificationError) as err:
         print(f"graphopt {args.command}: error: {err}", file=sys.stderr)
         return 2
 

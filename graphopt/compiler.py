@@ -55,8 +55,7 @@ def compile_graph(
             lowered, and later calls run int8.
     """
     verify = cfg.verify and real_inputs is not None
-    report.params_before, report.flops_before = count_params(gm), count_flops(gm)
-    report.weight_bytes_before = count_weight_bytes(gm)
+    record_captured(gm, report)
     if calibration is not None:
         problem = _calibration_mismatch(example_inputs, calibration)
         if problem is not None:
@@ -91,6 +90,12 @@ def compile_graph(
     REPORTS.append(report)
     log.info("%s", report)
     return compiled
+
+
+def record_captured(gm: torch.fx.GraphModule, report: Report) -> None:
+    """Record in `report` the params, FLOPs and bytes of the graph before the passes."""
+    report.params_before, report.flops_before = count_params(gm), count_flops(gm)
+    report.weight_bytes_before = count_weight_bytes(gm)
 
 
 def _calibration_mismatch(
@@ -130,10 +135,15 @@ def _finish(
     training: bool = False,
 ) -> Callable[..., Any]:
     """Record what the passes left, then lower."""
+    record_optimized(gm, report)
+    return lower(gm, example_inputs, cfg, report, training=training)
+
+
+def record_optimized(gm: torch.fx.GraphModule, report: Report) -> None:
+    """Record in `report` the params, FLOPs, bytes and quantization the passes left in `gm`."""
     report.params_after, report.flops_after = count_params(gm), count_flops(gm)
     report.weight_bytes_after = count_weight_bytes(gm)
     report.quantization = gm.meta.get("graphopt.quantization")
-    return lower(gm, example_inputs, cfg, report, training=training)
 
 
 class _CalibrateOnCalls:

@@ -368,30 +368,55 @@ class CompiledSubgraph:
 
     def __init__(
         self,
-        gm: torch.fx.GraphModule,
-        mod: tvm.IRModule | None,
         executable: relax.VMExecutable,
         device: tvm.runtime.Device,
         *,
+        tensor_inputs: Sequence[bool],
+        fresh_outputs: Sequence[int] | None = None,
+        mod: tvm.IRModule | None = None,
         cache_hit: bool = False,
     ):
+        """
+        Args:
+            tensor_inputs: per input, whether it is a tensor (False: a SymInt, not passed on).
+            fresh_outputs: the outputs that must not share memory with an input or an earlier
+                output (None: all of them).
+        """
         self.mod = mod
         self.executable = executable
         self.cache_hit = cache_hit
         self.compile_seconds = 0.0
         self.vm = relax.VirtualMachine(executable, device)
         self._main = self.vm["main"]
-        self._tensor_inputs = tuple(
-            isinstance(node.meta.get("val"), torch.Tensor)
-            for node in gm.graph.find_nodes(op="placeholder")
-        )
-        out = gm.graph.find_nodes(op="output")[0].args[0]
-        self._fresh_outputs = tuple(
-            i
-            for i, n in enumerate(out if isinstance(out, list | tuple) else [out])
-            if not _views_an_input(n)
-        )
+        self._tensor_inputs = tuple(tensor_inputs)
+        self._fresh_outputs = None if fresh_outputs is None else tuple(fresh_outputs)
         self._device_type = "cuda" if device == tvm.cuda(0) else "cpu"  # torch's name for it
+
+    @classmethod
+    def for_graph(
+        cls,
+        gm: torch.fx.GraphModule,
+        executable: relax.VMExecutable,
+        device: tvm.runtime.Device,
+        **kwargs: Any,
+    ) -> CompiledSubgraph:
+        """The compiled form of `gm`: its placeholders are the inputs; an output torch returns
+        as a view of an input may stay one, every other output gets memory of its own."""
+        out = gm.graph.find_nodes(op="output")[0].args[0]
+        return cls(
+            executable,
+            device,
+            tensor_inputs=[
+                isinstance(node.meta.get("val"), torch.Tensor)
+                for node in gm.graph.find_nodes(op="placeholder")
+            ],
+            fresh_outputs=[
+                i
+                for i, n in enumerate(out if isinstance(out, list | tuple) else [out])
+                if not _views_an_input(n)
+            ],
+            **kwargs,
+        )
 
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
         if len(args) != len(self._tensor_inputs):
@@ -399,7 +424,8 @@ class CompiledSubgraph:
         inputs = [self._prepare(a) for a, is_tensor in zip(args, self._tensor_inputs) if is_tensor]
         results = self._main(*[tvm.runtime.from_dlpack(t) for t in inputs])
         outputs = [torch.from_dlpack(r) for r in results]
-        for i in self._fresh_outputs:  # torch gives these memory of their own
+        fresh = range(len(outputs)) if self._fresh_outputs is None else self._fresh_outputs
+        for i in fresh:  # torch gives these memory of their own
             if any(_within(outputs[i], t) for t in [*inputs, *outputs[:i]]):
                 outputs[i] = outputs[i].clone()
         return tuple(outputs)
@@ -478,7 +504,7 @@ def compile_subgraph(
     executable = cache.load(root, key) if key else None
     if executable is not None:
         try:
-            compiled = CompiledSubgraph(gm, None, executable, device, cache_hit=True)
+            compiled = CompiledSubgraph.for_graph(gm, executable, device, cache_hit=True)
         except (RuntimeError, ValueError) as err:  # the library loaded but its VM does not start
             cache.evict(root, key, f"its VM does not start: {err}")
     if compiled is None:
@@ -486,6 +512,38 @@ def compile_subgraph(
         executable = compile_relax(mod, cfg, target)
         if key:
             cache.store(root, key, executable)
-        compiled = CompiledSubgraph(gm, mod, executable, device)
+        compiled = CompiledSubgraph.for_graph(gm, executable, device, mod=mod)
     compiled.compile_seconds = time.perf_counter() - start
     return compiled
+
+
+def cuda_source(executable: relax.VMExecutable) -> str:
+    """The CUDA C that TVM embedded in a library built for target="cuda" (all kernels)."""
+
+    def modules(mod: Any) -> Any:
+        yield mod
+        for imported in mod.imports:
+            yield from modules(imported)
+
+    return "".join(m.inspect_source() for m in modules(executable.mod) if m.kind == "cuda")
+
+
+def compile_cuda_kernels(executable: relax.VMExecutable, target: tvm.target.Target) -> int:
+    """Compile the embedded kernels to PTX with nvcc (no GPU needed): a kernel that does not
+    compile raises here instead of at load on the user's GPU. Returns the number of kernels.
+
+    Raises:
+        RuntimeError: nvcc is not on PATH, or it rejects the source (its message included).
+    """
+    import shutil
+
+    from tvm.support import nvcc
+
+    if shutil.which("nvcc") is None:
+        raise RuntimeError("nvcc is not on PATH (install the CUDA toolkit to check CUDA kernels)")
+    source = cuda_source(executable)
+    with target:
+        ptx = nvcc.compile_cuda(
+            source, target_format="ptx", arch=str(target.attrs["arch"]), compiler="nvcc"
+        )
+    return bytes(ptx).count(b".entry")

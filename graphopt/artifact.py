@@ -1,0 +1,598 @@
+"""`graphopt.export` and `graphopt.load`: deployable artifacts from the same pass pipeline.
+
+    export(model, example_inputs, out_dir, format="onnx" | "tvm", target=..., **options)
+        -> Exported (the folder, its manifest and the report)
+    load(out_dir) -> Artifact (callable like the model; every file's sha256 is checked first)
+
+An artifact folder holds:
+    manifest.json  what is in it: files with sha256 and size, graphopt/torch/tvm/onnx versions,
+                   the options, input and output specs (name, dtype, shape; a dynamic dim by
+                   its symbol), the pytree specs to call it like the model, CPU features it
+                   needs, and how it was verified when it was written
+    model.onnx     format="onnx": the optimized graph (fp32, or int8 as QuantizeLinear/
+                   DequantizeLinear), checked by onnx.checker
+    model.so       format="tvm": a shared library with the weights embedded; its Relax VM
+                   function "main" takes the model's inputs only and returns a tuple
+    report.json    what each pass did (`graphopt.Report`)
+Nothing is pickled: JSON, ONNX protobuf and a shared library.
+
+Writes are atomic: the folder is built as a hidden sibling and renamed into place, so a failed
+export leaves nothing behind; an existing folder is replaced only with `overwrite=True`, and
+only once the new one is complete.
+
+Every artifact is run before the export returns, on the example inputs, and compared with
+graphopt's optimized graph run by PyTorch (int8: within graphopt.testing's int8 tolerance):
+ONNX in onnxruntime, x86 TVM in process, aarch64 TVM under qemu-aarch64 with the runner in
+backends/tvm/runner (when the cross tools are installed), CUDA on a GPU when there is one, and
+otherwise its kernels compiled with nvcc. The manifest says which of these ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from graphopt.capture import CapturedGraph, capture_export
+from graphopt.compiler import new_report, record_captured, record_optimized
+from graphopt.config import Config
+from graphopt.errors import UnsupportedOpError, VerificationError
+from graphopt.passes.base import count_call_nodes
+from graphopt.pipeline import run_graph, run_pipeline
+from graphopt.report import PartitionRecord, Report, op_histogram
+from graphopt.testing import compare_outputs, relative_error
+
+log = logging.getLogger("graphopt")
+
+FORMATS = ("onnx", "tvm", "hls")
+TVM_TARGETS = ("llvm", "aarch64", "cuda")
+MANIFEST = "manifest.json"
+ARTIFACT_VERSION = 1  # bump when the folder layout or the manifest's meaning changes
+_MODEL_FILE = {"onnx": "model.onnx", "tvm": "model.so"}
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What `export` wrote: the folder, its manifest (as written) and the pipeline's report."""
+
+    path: Path
+    manifest: dict[str, Any]
+    report: Report
+
+
+def export(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    out_dir: str | os.PathLike[str],
+    format: str = "onnx",
+    *,
+    dynamic_shapes: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> Exported:
+    """Optimize `model` with graphopt's passes and write it as a deployable artifact folder.
+
+    Args:
+        model: an nn.Module in eval mode (its weights go into the artifact).
+        example_inputs: a tuple of example positional inputs (their shapes are the artifact's,
+            except dims made dynamic by `dynamic_shapes`).
+        out_dir: the folder to write; it must not exist unless `overwrite=True`.
+        format: "onnx" (model.onnx, run by onnxruntime) or "tvm" (model.so, a TVM library).
+        dynamic_shapes: as in torch.export.export (format="tvm" only), e.g.
+            {"x": {0: torch.export.Dim("batch")}}.
+        overwrite: replace an existing `out_dir` (after the new folder is complete).
+        progress: print what is being done, with elapsed seconds, to stderr.
+        **options: fields of `graphopt.Config`. `target`: for format="tvm" "llvm" (x86, the
+            default), "aarch64" (cross-compiled) or "cuda"; format="onnx" takes "onnx" only.
+            int8 (`quantize="int8"`) needs `calibration` batches: an artifact cannot calibrate
+            on its first calls.
+
+    Returns:
+        `Exported`: the folder's path, the manifest written and the pipeline's report.
+
+    Raises:
+        ValueError: a bad format, target, option, or out_dir that exists.
+        UnsupportedOpError: nodes the format cannot express (all listed at once); an artifact
+            cannot run pieces in PyTorch, so `fallback` does not apply.
+        VerificationError: the artifact's outputs differ from the optimized graph's.
+    """
+    say = _Progress(progress)
+    cfg = _export_config(format, options, dynamic_shapes)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; pass overwrite=True to replace it")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    report = new_report(cfg)
+    say(f"capturing {type(model).__name__} with torch.export")
+    start = time.perf_counter()
+    captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    report.capture_seconds = time.perf_counter() - start
+    gm = _optimize(captured, cfg, report, say)
+    with torch.no_grad():
+        eager = pytree.tree_leaves(model(*example_inputs))
+    expected = run_graph(gm, captured.example_inputs)
+    expected = list(expected) if isinstance(expected, list | tuple) else [expected]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    temp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+    try:
+        start = time.perf_counter()
+        build = _write_model(gm, captured, cfg, temp, say)
+        report.lowering_seconds = time.perf_counter() - start
+        report.partitions.append(
+            PartitionRecord(
+                "graph", f"{format}-{cfg.target}", op_histogram(gm), count_call_nodes(gm)
+            )
+        )
+        (temp / "report.json").write_text(report.to_json())
+        manifest = _manifest(gm, captured, cfg, format, temp, build)
+        _write_json(temp / MANIFEST, manifest)
+        manifest["verification"] = _verify(temp, cfg, captured, expected, eager, say)
+        _write_json(temp / MANIFEST, manifest)
+        _move_into_place(temp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    say(f"wrote {out} ({len(manifest['files'])} files, {size / 1e6:.1f} MB)")
+    return Exported(out, manifest, report)
+
+
+def _export_config(format: str, options: dict[str, Any], dynamic_shapes: Any) -> Config:
+    if format not in FORMATS:
+        raise ValueError(f"graphopt.export format {format!r}; accepted formats: {list(FORMATS)}")
+    if format == "hls":
+        raise NotImplementedError(
+            "format='hls' (FPGA C++ project) is not implemented yet; implemented: 'onnx', 'tvm'"
+        )
+    target = options.get("target")
+    if format == "onnx":
+        if target not in (None, "onnx"):
+            raise ValueError(
+                f"format='onnx' writes an ONNX file for any runtime; target={target!r} does not "
+                "apply (accepted: 'onnx' or leave it out). For a TVM library use format='tvm'."
+            )
+        if dynamic_shapes is not None:
+            raise ValueError(
+                "format='onnx' exports static shapes only (dynamic_shapes is not supported "
+                "yet); export with the shapes you serve, or use format='tvm'"
+            )
+        options = {**options, "target": "onnx"}
+    elif target is None:
+        options = {**options, "target": "llvm"}
+    elif target not in TVM_TARGETS:
+        raise ValueError(
+            f"format='tvm' target={target!r}; accepted targets: {list(TVM_TARGETS)} ('llvm' is x86)"
+        )
+    if options.get("quantize") is not None and not _is_batches(options.get("calibration")):
+        raise ValueError(
+            "graphopt.export with quantize='int8' needs calibration data: "
+            "calibration=[(x1,), (x2,), ...] (an artifact cannot calibrate on its first calls)"
+        )
+    if options.get("devices") is not None:
+        raise ValueError("graphopt.export writes one artifact for one target; drop 'devices'")
+    return Config.from_options(options)
+
+
+def _is_batches(calibration: Any) -> bool:
+    return calibration is not None and not isinstance(calibration, int | bool)
+
+
+def _optimize(
+    captured: CapturedGraph, cfg: Config, report: Report, say: _Progress
+) -> torch.fx.GraphModule:
+    """The pass pipeline on the captured graph; every node must then have a lowering."""
+    record_captured(captured.gm, report)
+    calibration = None
+    if cfg.quantize is not None:
+        from graphopt.api import _flat_inputs
+
+        calibration = [_flat_inputs(batch, captured) for batch in cfg.calibration]
+        say(f"quantizing to int8, calibrating on {len(calibration)} batches")
+    say("running graphopt's passes")
+    start = time.perf_counter()
+    gm = run_pipeline(
+        captured.gm,
+        cfg,
+        report,
+        real_inputs=captured.example_inputs if cfg.verify else None,
+        calibration=calibration,
+    )
+    report.passes_seconds = time.perf_counter() - start
+    record_optimized(gm, report)
+    if cfg.target in TVM_TARGETS:
+        from graphopt.backends.tvm import TVM
+        from graphopt.passes.partition import unsupported_nodes
+
+        missing = unsupported_nodes(gm, TVM, cfg)
+        if missing:
+            raise UnsupportedOpError(
+                cfg.target, missing, why="a TVM artifact cannot run them in PyTorch"
+            )
+    return gm
+
+
+def _write_model(
+    gm: torch.fx.GraphModule,
+    captured: CapturedGraph,
+    cfg: Config,
+    folder: Path,
+    say: _Progress,
+) -> dict[str, Any]:
+    """Write the model file into `folder`; returns what the manifest records of the build
+    (the CPU features an aarch64 library needs, the nvcc check of CUDA kernels)."""
+    if cfg.target == "onnx":
+        import onnx
+
+        from graphopt.backends.onnx import export_onnx
+
+        say("exporting to ONNX (torch.onnx)")
+        data = export_onnx(gm, captured.example_inputs)
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+        (folder / _MODEL_FILE["onnx"]).write_bytes(data)
+        return {}
+    from graphopt.backends.tvm import build_relax, compile_relax, target_for
+
+    target = target_for(cfg)
+    say(f"compiling with TVM for {cfg.target} ({target})")
+    executable = compile_relax(build_relax(gm, captured.example_inputs, cfg), cfg, target)
+    path = folder / _MODEL_FILE["tvm"]
+    build: dict[str, Any] = {"cpu_features": []}
+    if cfg.target == "aarch64":
+        from graphopt.backends.tvm import aarch64
+
+        aarch64.export_library(executable, path)
+        build["cpu_features"] = [str(f).lstrip("+") for f in target.attrs.get("mattr", [])]
+        return build
+    executable.export_library(str(path))
+    if cfg.target == "cuda":
+        from graphopt.backends.tvm.lower import compile_cuda_kernels
+
+        try:
+            kernels = compile_cuda_kernels(executable, target)
+            build["nvcc"] = f"{kernels} kernels compiled to PTX for {target.attrs['arch']}"
+        except RuntimeError as err:
+            build["nvcc"] = f"not checked: {err}"
+            if "not on PATH" not in str(err):
+                raise
+        say(f"CUDA kernels: {build['nvcc']}")
+    return build
+
+
+def _manifest(
+    gm: torch.fx.GraphModule,
+    captured: CapturedGraph,
+    cfg: Config,
+    format: str,
+    folder: Path,
+    build: dict[str, Any],
+) -> dict[str, Any]:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    outputs = gm.graph.find_nodes(op="output")[0].args[0]
+    outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+    manifest: dict[str, Any] = {
+        "graphopt_artifact": ARTIFACT_VERSION,
+        "format": format,
+        "target": cfg.target,
+        "model": _MODEL_FILE[format],
+        "files": {
+            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.iterdir())
+            if p.name != MANIFEST
+        },
+        "versions": _versions(format),
+        "options": cfg.describe(),
+        "inputs": [_spec(n.name, n.meta["val"]) for n in placeholders],
+        "outputs": [_spec(f"output{i}", n.meta["val"]) for i, n in enumerate(outputs)],
+        "in_spec": pytree.treespec_dumps(captured.in_spec),
+        "out_spec": pytree.treespec_dumps(captured.out_spec),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if format == "tvm":
+        from graphopt.backends.tvm import target_for
+
+        manifest["tvm"] = {
+            "target": _plain(target_for(cfg).export()),
+            "entry": "main",
+            "runtime": "relax.VirtualMachine",
+            **build,
+        }
+    return manifest
+
+
+def _plain(value: Any) -> Any:
+    """TVM's target description (tvm containers inside) as plain JSON values."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or hasattr(value, "__len__"):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _spec(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: artifacts take and return tensors, not {type(value).__name__}")
+    shape = [int(d) if not isinstance(d, torch.SymInt) else str(d.node.expr) for d in value.shape]
+    return {"name": name, "dtype": str(value.dtype).removeprefix("torch."), "shape": shape}
+
+
+def _versions(format: str) -> dict[str, str]:
+    import graphopt
+
+    versions = {
+        "graphopt": graphopt.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    modules = ("onnx", "onnxruntime") if format == "onnx" else ("tvm", "tvm_ffi")
+    for name in modules:
+        module = sys.modules.get(name) or __import__(name)
+        versions[name] = str(getattr(module, "__version__", "unknown"))
+    return versions
+
+
+def _verify(
+    folder: Path,
+    cfg: Config,
+    captured: CapturedGraph,
+    expected: list[torch.Tensor],
+    eager: list[Any],
+    say: _Progress,
+) -> dict[str, Any]:
+    """Run the artifact in `folder` on the example inputs (through `load`, as a user would)
+    and compare with the optimized graph; a target that cannot run here is checked as far as
+    it can be, and the manifest says how far."""
+    where = _runs_here(cfg)
+    if isinstance(where, dict):  # cannot run here: what was checked instead
+        say(f"not run: {where['reason']}")
+        return where
+    say(f"verifying: running the artifact {where}")
+    got = list(load(folder).run_flat(captured.example_inputs))
+    quantized = cfg.quantize is not None
+    problem = compare_outputs(tuple(expected), tuple(got), quantized=quantized)
+    if problem is not None:
+        raise VerificationError(f"{cfg.target} artifact", problem)
+    floats = [
+        (e, g) for e, g in zip(eager, got) if isinstance(e, torch.Tensor) and e.is_floating_point()
+    ]
+    return {
+        "ran": where,
+        "inputs": "the example inputs",
+        "compared_with": "graphopt's optimized graph run by PyTorch"
+        + (" (int8 tolerance)" if quantized else ""),
+        "max_abs_error_vs_graph": _max_abs(zip(expected, got)),
+        "max_abs_error_vs_eager": _max_abs(floats),
+        "relative_error_vs_eager": max((relative_error(e, g) for e, g in floats), default=0.0),
+    }
+
+
+def _runs_here(cfg: Config) -> str | dict[str, Any]:
+    """How this machine runs an artifact for `cfg.target`, or (a dict) why it cannot and what
+    was checked instead."""
+    if cfg.target == "onnx":
+        return "in onnxruntime (CPU)"
+    if cfg.target == "llvm":
+        return "in process (TVM runtime)"
+    if cfg.target == "aarch64":
+        if platform.machine().lower() in ("aarch64", "arm64"):
+            return "in process (TVM runtime)"
+        from graphopt.backends.tvm import aarch64
+
+        missing = aarch64.missing_tools()
+        if missing:
+            return {"ran": False, "reason": f"no aarch64 emulator here: missing {missing}"}
+        return "under qemu-aarch64 (backends/tvm/runner)"
+    import tvm
+
+    if tvm.cuda(0).exist:
+        return "on the GPU (TVM runtime)"
+    return {"ran": False, "reason": "no CUDA GPU here (kernels checked by nvcc: see tvm.nvcc)"}
+
+
+def _max_abs(pairs: Any) -> float:
+    worst = 0.0
+    for e, g in pairs:
+        if isinstance(e, torch.Tensor) and e.numel():
+            diff = (e.detach().double() - g.detach().double()).abs().max()
+            worst = max(worst, float(diff))
+    return worst
+
+
+def _move_into_place(temp: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        temp.rename(out)
+        return
+    if not overwrite:
+        raise ValueError(f"{out} appeared while exporting; pass overwrite=True to replace it")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
+        temp.rename(out)
+    except OSError:
+        old.rename(out)  # put the previous artifact back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.start = enabled, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        log.info("graphopt export: %s", message)
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f"graphopt export [{elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class Artifact:
+    """An exported artifact loaded for running: call it like the original model.
+
+    Attributes:
+        path: the folder.
+        manifest: its manifest.json.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], run: Callable[..., Any]):
+        self.path, self.manifest, self._run = path, manifest, run
+        self._in_spec = pytree.treespec_loads(manifest["in_spec"])
+        self._out_spec = pytree.treespec_loads(manifest["out_spec"])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self._in_spec:
+            raise TypeError(f"{self.path} was exported for inputs {self._in_spec}, got {spec}")
+        return pytree.tree_unflatten(list(self.run_flat(flat)), self._out_spec)
+
+    def run_flat(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        """Run on the flat list of input tensors (manifest["inputs"] order); a tuple out."""
+        specs = self.manifest["inputs"]
+        if len(inputs) != len(specs):
+            raise TypeError(f"{self.path} takes {len(specs)} inputs, got {len(inputs)}")
+        sizes: dict[str, int] = {}
+        for value, spec in zip(inputs, specs):
+            _check_input(value, spec, sizes)
+        return tuple(self._run(*inputs))
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Artifact({str(self.path)!r}, format={m['format']!r}, target={m['target']!r})"
+
+
+def _check_input(value: Any, spec: dict[str, Any], sizes: dict[str, int]) -> None:
+    name = spec["name"]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"input {name!r} must be a torch.Tensor, got {type(value).__name__}")
+    dtype = str(value.dtype).removeprefix("torch.")
+    if dtype != spec["dtype"] or value.dim() != len(spec["shape"]):
+        raise ValueError(
+            f"input {name!r} is {dtype}{list(value.shape)}, the artifact takes "
+            f"{spec['dtype']}{spec['shape']}"
+        )
+    for got, want in zip(value.shape, spec["shape"]):
+        if isinstance(want, int) and got != want or sizes.setdefault(str(want), got) != got:
+            raise ValueError(
+                f"input {name!r} has shape {list(value.shape)}, the artifact takes "
+                f"{spec['shape']} (named dims must agree across inputs: {sizes})"
+            )
+
+
+def load(path: str | os.PathLike[str]) -> Artifact:
+    """Load an artifact folder written by `export` and return a callable that runs it.
+
+    Every file's sha256 is checked against manifest.json first. ONNX runs in onnxruntime;
+    TVM libraries in TVM's Relax VM (x86 and CUDA in process; an aarch64 library on an x86
+    host under qemu-aarch64, when installed).
+
+    Raises:
+        ValueError: not an artifact folder, a file missing or changed, or a newer layout.
+        RuntimeError: the artifact cannot run on this machine (the message says why).
+    """
+    folder = Path(path)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{folder} is not a graphopt artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest_path} is not valid JSON: {err}") from err
+    version = manifest.get("graphopt_artifact") if isinstance(manifest, dict) else None
+    if not isinstance(version, int) or version > ARTIFACT_VERSION:
+        raise ValueError(
+            f"{manifest_path}: artifact layout {version!r} is not one this graphopt reads "
+            f"(it reads 1..{ARTIFACT_VERSION})"
+        )
+    for name, entry in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"{folder}: {name} is missing (listed in {MANIFEST})")
+        if _sha256(file) != entry["sha256"]:
+            raise ValueError(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
+    model = folder / manifest["model"]
+    if manifest["format"] == "onnx":
+        from graphopt.backends.onnx import OnnxRunner
+
+        return Artifact(folder, manifest, OnnxRunner(str(model)))
+    return Artifact(folder, manifest, _tvm_runner(model, manifest))
+
+
+def _tvm_runner(library: Path, manifest: dict[str, Any]) -> Callable[..., Any]:
+    import tvm
+    from tvm import relax
+
+    from graphopt.backends.tvm import CompiledSubgraph
+
+    built_with = manifest["versions"].get("tvm")
+    if built_with != tvm.__version__:
+        log.warning(
+            "graphopt: %s was built with TVM %s, this is TVM %s",
+            library,
+            built_with,
+            tvm.__version__,
+        )
+    target = manifest["target"]
+    inputs = len(manifest["inputs"])
+    if target == "aarch64" and platform.machine().lower() not in ("aarch64", "arm64"):
+        from graphopt.backends.tvm import aarch64
+
+        features = manifest["tvm"]["cpu_features"]
+
+        def run_under_qemu(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            arrays = [a.detach().cpu().contiguous().numpy() for a in args]
+            outputs = aarch64.run_library(library, arrays, require=features)
+            return tuple(torch.from_numpy(o) for o in outputs)
+
+        return run_under_qemu
+    if target == "cuda" and not tvm.cuda(0).exist:
+        raise RuntimeError(f"{library} is a CUDA library and this machine has no CUDA GPU")
+    if target == "llvm":
+        built_for = manifest["tvm"]["target"].get("mcpu")
+        here = tvm.target.Target.from_device(tvm.cpu()).attrs.get("mcpu")
+        if built_for and built_for != here:
+            log.warning(
+                "graphopt: %s was compiled for x86 CPU %s, this one is %s: it fails if it uses "
+                "instructions this CPU lacks (re-export on this machine to be sure)",
+                library,
+                built_for,
+                here,
+            )
+    device = tvm.cuda(0) if target == "cuda" else tvm.cpu()
+    executable = relax.VMExecutable(tvm.runtime.load_module(str(library)))
+    return CompiledSubgraph(executable, device, tensor_inputs=[True] * inputs)

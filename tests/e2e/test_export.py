@@ -1,0 +1,224 @@
+"""graphopt.export / graphopt.load: artifacts that run, match eager, and are written whole."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import graphopt
+import graphopt.artifact
+from graphopt.testing import assert_same_outputs, relative_error
+from tests.models import MLP, ResidualCNN, SpectralHead, TransformerBlock
+
+MODELS = {
+    "mlp": (MLP, (4, 32)),
+    "cnn": (ResidualCNN, (2, 3, 16, 16)),
+    "transformer": (TransformerBlock, (2, 10, 32)),
+}
+# int8 against float eager: what graphopt's per-channel int8 costs on these random models
+# (measured 0.5-1.5%); a pass that stayed in float would give ~1e-7.
+INT8_RELATIVE_ERROR = (1e-4, 0.05)
+
+
+def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, list[tuple[torch.Tensor]]]:
+    make, shape = MODELS[name]
+    calibration = [(torch.randn(*shape),) for _ in range(4)]
+    return make().eval(), torch.randn(*shape), calibration
+
+
+def _files_match_manifest(folder) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    on_disk = sorted(p.name for p in folder.iterdir())
+    assert on_disk == sorted([*manifest["files"], "manifest.json"])
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+        assert not data.startswith(b"\x80"), f"{name} looks like a pickle"
+    return manifest
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"], ids=["fp32", "int8"])
+@pytest.mark.parametrize("fmt", ["onnx", "tvm"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exported_artifact_loads_runs_and_matches_eager(tmp_path, name, fmt, quantize):
+    model, x, calibration = _model(name)
+    options = {"quantize": quantize, "calibration": calibration} if quantize else {}
+    exported = graphopt.export(model, (x,), tmp_path / "art", format=fmt, progress=False, **options)
+    manifest = _files_match_manifest(exported.path)
+    assert manifest["format"] == fmt and manifest["target"] == ("onnx" if fmt == "onnx" else "llvm")
+    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": list(x.shape)}]
+    assert manifest["verification"]["ran"]
+    assert set(manifest["versions"]) >= {"graphopt", "torch"}
+    assert (quantize is not None) == (exported.report.quantization is not None)
+
+    artifact = graphopt.load(exported.path)
+    y = torch.randn_like(x)  # not the example input the export verified with
+    with torch.no_grad():
+        expected, got = model(y), artifact(y)
+    if quantize is None:
+        assert_same_outputs(expected, got)
+    else:
+        low, high = INT8_RELATIVE_ERROR
+        assert low < relative_error(expected, got) < high
+
+
+def test_onnx_artifact_runs_in_plain_onnxruntime(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model, x, calibration = _model("cnn")
+    path = graphopt.export(
+        model, (x,), tmp_path / "q", quantize="int8", calibration=calibration, progress=False
+    ).path
+    proto = onnx.load(path / "model.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.allclose(graphopt.load(path)(x), torch.from_numpy(out))
+
+
+def test_tvm_library_main_takes_only_the_inputs(tmp_path):
+    import tvm
+    from tvm import relax
+
+    model, x, _ = _model("mlp")
+    path = graphopt.export(model, (x,), tmp_path / "t", format="tvm", progress=False).path
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path / "model.so")), tvm.cpu())
+    (out,) = vm["main"](tvm.runtime.tensor(x.numpy()))  # weights are inside the library
+    with torch.no_grad():
+        assert_same_outputs(model(x), torch.from_numpy(out.numpy()))
+
+
+def test_tvm_artifact_with_a_dynamic_batch(tmp_path):
+    model, x, _ = _model("transformer")
+    batch = torch.export.Dim("batch", max=64)
+    exported = graphopt.export(
+        model,
+        (x,),
+        tmp_path / "d",
+        format="tvm",
+        dynamic_shapes={"x": {0: batch}},
+        progress=False,
+    )
+    (spec,) = exported.manifest["inputs"]
+    assert isinstance(spec["shape"][0], str) and spec["shape"][1:] == [10, 32]
+    artifact = graphopt.load(exported.path)
+    for n in (1, 5):
+        y = torch.randn(n, 10, 32)
+        with torch.no_grad():
+            assert_same_outputs(model(y), artifact(y))
+    with pytest.raises(ValueError, match=r"input 'x' has shape \[3, 11, 32\]"):
+        artifact(torch.randn(3, 11, 32))
+
+
+def test_load_checks_inputs(tmp_path):
+    model, x, _ = _model("mlp")
+    artifact = graphopt.load(graphopt.export(model, (x,), tmp_path / "a", progress=False).path)
+    with pytest.raises(ValueError, match=r"input 'x' is float64\[4, 32\].*float32\[4, 32\]"):
+        artifact(x.double())
+    with pytest.raises(ValueError, match=r"input 'x' has shape \[5, 32\]"):
+        artifact(torch.randn(5, 32))
+    with pytest.raises(TypeError, match="exported for inputs"):
+        artifact(x, x)
+
+
+def test_load_refuses_changed_or_missing_files(tmp_path):
+    model, x, _ = _model("mlp")
+    path = graphopt.export(model, (x,), tmp_path / "a", progress=False).path
+    data = bytearray((path / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.onnx does not match its sha256"):
+        graphopt.load(path)
+    (path / "model.onnx").unlink()
+    with pytest.raises(ValueError, match="model.onnx is missing"):
+        graphopt.load(path)
+    with pytest.raises(ValueError, match="not a graphopt artifact"):
+        graphopt.load(tmp_path)
+
+
+def test_a_failed_export_leaves_nothing(tmp_path):
+    model, x = SpectralHead().eval(), torch.randn(2, 16)  # fft: no TVM rule
+    with pytest.raises(
+        graphopt.UnsupportedOpError, match=r"(?s)cannot run them in PyTorch.*_fft_r2c.*abs_1"
+    ):
+        graphopt.export(model, (x,), tmp_path / "a", format="tvm", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_a_whole_new_artifact(tmp_path, monkeypatch):
+    model, x, _ = _model("mlp")
+    out = tmp_path / "a"
+    first = graphopt.export(model, (x,), out, progress=False).manifest
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        graphopt.export(model, (x,), out, progress=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure while writing")
+
+    monkeypatch.setattr(graphopt.artifact, "_write_model", broken)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        graphopt.export(model, (x,), out, overwrite=True, progress=False)
+    assert json.loads((out / "manifest.json").read_text()) == first  # the old one, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    monkeypatch.undo()
+    second = graphopt.export(MLP().eval(), (x,), out, overwrite=True, progress=False).manifest
+    assert second["files"]["model.onnx"]["sha256"] != first["files"]["model.onnx"]["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"format": "tflite"}, r"format 'tflite'; accepted formats: \['onnx', 'tvm', 'hls'\]"),
+        ({"format": "onnx", "target": "llvm"}, "target='llvm' does not apply"),
+        ({"format": "tvm", "target": "cpu"}, r"accepted targets: \['llvm', 'aarch64', 'cuda'\]"),
+        ({"quantize": "int8"}, "needs calibration data"),
+        ({"quantize": "int8", "calibration": 8}, "needs calibration data"),
+        ({"quantise": "int8"}, "unknown graphopt option 'quantise'"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, kwargs, error):
+    model, x, _ = _model("mlp")
+    with pytest.raises(ValueError, match=error):
+        graphopt.export(model, (x,), tmp_path / "a", progress=False, **kwargs)
+    assert not (tmp_path / "a").exists()
+
+
+def test_progress_goes_to_stderr(tmp_path, capsys):
+    model, x, _ = _model("mlp")
+    graphopt.export(model, (x,), tmp_path / "a", format="tvm")
+    err = capsys.readouterr().err
+    for step in ("capturing MLP", "running graphopt's passes", "compiling with TVM", "wrote"):
+        assert step in err
+
+
+def test_cuda_library_is_built_and_its_kernels_compile_without_a_gpu(tmp_path):
+    model, x, _ = _model("transformer")
+    exported = graphopt.export(model, (x,), tmp_path / "c", format="tvm", target="cuda")
+    tvm_info = exported.manifest["tvm"]
+    assert tvm_info["target"]["kind"] == "cuda" and tvm_info["target"]["arch"] == "sm_80"
+    if shutil.which("nvcc"):
+        kernels = int(tvm_info["nvcc"].split()[0])
+        assert kernels >= 10, tvm_info["nvcc"]
+    import tvm
+
+    if not tvm.cuda(0).exist:
+        assert exported.manifest["verification"]["ran"] is False
+        with pytest.raises(RuntimeError, match="CUDA library and this machine has no CUDA GPU"):
+            graphopt.load(exported.path)
+
+
+@pytest.mark.needs_gpu
+def test_cuda_artifact_runs_on_the_gpu_and_matches_eager(tmp_path):
+    model, x, _ = _model("transformer")
+    exported = graphopt.export(model, (x,), tmp_path / "c", format="tvm", target="cuda")
+    assert exported.manifest["verification"]["ran"] == "on the GPU (TVM runtime)"
+    with torch.no_grad():
+        assert_same_outputs(model(x), graphopt.load(exported.path)(x.cuda()).cpu())
