@@ -37,9 +37,9 @@ def backend_for(target: str) -> Backend:
     if target == "aarch64":
         raise NotImplementedError(
             "target='aarch64' cross-compiles for an ARM device: it cannot run on this host "
-            "through torch.compile or graphopt.optimize, and graphopt.export (which will "
-            "write the ARM library) is not implemented yet; implemented targets: 'cpu', "
-            "'llvm', 'cuda', 'onnx'"
+            "through torch.compile or graphopt.optimize; write the ARM library with "
+            "graphopt.export(model, inputs, out_dir, format='tvm', target='aarch64'). "
+            "Targets that run here: 'cpu', 'llvm', 'cuda', 'onnx'"
         )
     if target == "onnx":
         try:

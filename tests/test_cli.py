@@ -49,3 +49,49 @@ def test_bad_option_is_a_clean_error(tmp_path, capsys):
     assert main(["bench", "x.py:make", "--input", "2,8", "--option", "quantise=int8"]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'quantize'" in err
+
+
+def test_export_writes_an_artifact_that_run_loads_and_times(tmp_path, capsys):
+    model_file = tmp_path / "tiny_model.py"
+    model_file.write_text(
+        textwrap.dedent("""
+        import torch
+
+        def make():
+            return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    """)
+    )
+    out_dir = tmp_path / "artifact"
+    argv = ["export", f"{model_file}:make", str(out_dir), "--input", "2,8", "--format", "tvm"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "ran in process (TVM runtime): max abs error" in out.out
+    assert "compiling with TVM for llvm" in out.err  # progress lines
+    assert (out_dir / "manifest.json").is_file() and (out_dir / "model.so").is_file()
+    assert main(["run", str(out_dir), "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs [((2, 8), 'torch.float32')]" in out and "| artifact |" in out
+    assert main(argv) == 2  # exists: refused, named
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_export_int8_needs_calibration_and_takes_a_batches_function(tmp_path, capsys):
+    model_file = tmp_path / "tiny_model.py"
+    model_file.write_text(
+        textwrap.dedent("""
+        import torch
+
+        def make():
+            relu = torch.nn.ReLU()
+            return torch.nn.Sequential(torch.nn.Linear(8, 16), relu, torch.nn.Linear(16, 4))
+
+        def batches():
+            return [(torch.randn(2, 8),) for _ in range(4)]
+    """)
+    )
+    argv = ["export", f"{model_file}:make", str(tmp_path / "a"), "--input", "2,8"]
+    assert main([*argv, "--option", "quantize=int8"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    calibrated = [*argv, "--option", "quantize=int8", "--calibration", f"{model_file}:batches"]
+    assert main(calibrated) == 0
+    assert "ran in onnxruntime (CPU)" in capsys.readouterr().out
