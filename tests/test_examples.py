@@ -27,3 +27,11 @@ def test_int8_digits_prints_accuracy_report_and_speed(model):
     out = _run("examples/int8_digits.py", "--model", model, "--rounds", "2")
     assert "int8:" in out and "conv/linear layers quantized" in out
     assert "graphopt int8:" in out and "speed vs graphopt fp32" in out
+
+
+def test_export_artifacts_writes_loads_and_times_each(tmp_path):
+    out = _run("examples/export_artifacts.py", "--out", str(tmp_path), "--rounds", "2")
+    for name in ("onnx-fp32", "onnx-int8", "tvm-x86"):
+        assert f"{name}: {tmp_path / name}" in out and f"| {name} |" in out
+        assert (tmp_path / name / "manifest.json").is_file()
+    assert out.count("loaded again: max abs error vs eager") == 3
