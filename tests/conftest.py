@@ -1,7 +1,19 @@
+import os
+
 import pytest
 import torch
 
 import graphopt
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _aarch64_runner_dir(tmp_path_factory):
+    """The aarch64 runner (built on first use) goes to one folder that all xdist workers share
+    (they take turns through build_runner's lock), not to ~/.cache; $GRAPHOPT_RUNNER_DIR, when
+    set, is used as it is (e.g. to reuse a build across runs)."""
+    if "GRAPHOPT_RUNNER_DIR" not in os.environ:
+        shared = tmp_path_factory.getbasetemp().parent / "aarch64-runner"
+        os.environ["GRAPHOPT_RUNNER_DIR"] = str(shared)
 
 
 @pytest.fixture(autouse=True)
@@ -29,4 +41,22 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU visible to TVM")
     for item in items:
         if "needs_gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+    _mark_qemu_tests(items)
+
+
+def _mark_qemu_tests(items):
+    """needs_qemu tests run aarch64 libraries under qemu-aarch64-static. Without the Debian
+    packages they skip, naming them; with GRAPHOPT_REQUIRE_QEMU=1 (set by .ci/run, which
+    installs them) they run regardless, so CI can never skip them."""
+    from graphopt.backends.tvm.aarch64 import missing_tools
+
+    if os.environ.get("GRAPHOPT_REQUIRE_QEMU") == "1":
+        return
+    missing = missing_tools()
+    if not missing:
+        return
+    skip = pytest.mark.skip(reason=f"needs the aarch64 cross tools: {'; '.join(missing)}")
+    for item in items:
+        if "needs_qemu" in item.keywords:
             item.add_marker(skip)

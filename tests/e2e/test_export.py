@@ -222,3 +222,30 @@ def test_cuda_artifact_runs_on_the_gpu_and_matches_eager(tmp_path):
     assert exported.manifest["verification"]["ran"] == "on the GPU (TVM runtime)"
     with torch.no_grad():
         assert_same_outputs(model(x), graphopt.load(exported.path)(x.cuda()).cpu())
+
+
+@pytest.mark.needs_qemu
+@pytest.mark.parametrize(
+    "name, quantize", [("mlp", None), ("cnn", None), ("transformer", None), ("cnn", "int8")]
+)
+def test_aarch64_library_runs_under_qemu_and_matches_eager(tmp_path, name, quantize):
+    model, x, calibration = _model(name)
+    options = {"quantize": quantize, "calibration": calibration} if quantize else {}
+    exported = graphopt.export(
+        model, (x,), tmp_path / "arm", format="tvm", target="aarch64", progress=False, **options
+    )
+    manifest = _files_match_manifest(exported.path)
+    assert manifest["tvm"]["target"]["mtriple"] == "aarch64-linux-gnu"
+    assert manifest["tvm"]["cpu_features"] == ["neon"]
+    assert manifest["verification"]["ran"] == "under qemu-aarch64 (backends/tvm/runner)"
+    assert (exported.path / "model.so").read_bytes()[18] == 0xB7  # ELF e_machine: AArch64
+
+    artifact = graphopt.load(exported.path)  # on this x86 host: through qemu
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        expected, got = model(y), artifact(y)
+    if quantize is None:
+        assert_same_outputs(expected, got)
+    else:
+        low, high = INT8_RELATIVE_ERROR
+        assert low < relative_error(expected, got) < high
