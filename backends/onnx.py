@@ -1,8 +1,10 @@
 """target="onnx": the optimized graph exported to ONNX and run by onnxruntime (CPU).
 
 The whole graph goes through torch.export and torch.onnx's translator (int8 graphs become
-QuantizeLinear/DequantizeLinear, which onnxruntime fuses into its integer kernels). A graph
-the exporter cannot take runs in PyTorch instead, named in the report (lowering's fallback).
+QuantizeLinear/DequantizeLinear, which onnxruntime fuses into its integer kernels). Dims that
+are dynamic in a torch.export graph stay dynamic; under torch.compile, a graph with dynamic
+sizes (SymInt inputs) is not taken. A graph the exporter cannot take runs in PyTorch instead,
+named in the report (lowering's fallback).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ ONNX = OpRegistry("onnxruntime", supports_all=True)
 
 
 def export_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bytes:
-    """The graph as a serialized ONNX model (static shapes of `example_inputs`)."""
+    """The graph as a serialized ONNX model. A symbolic dim of an input (a SymInt in its traced
+    shape, e.g. a dynamic batch) stays symbolic in the ONNX model, named by its symbol."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
@@ -33,20 +36,46 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> byte
         for node in graph.nodes:  # traced metadata belongs to another fake mode: re-trace
             node.meta = {}
         module = torch.fx.GraphModule(gm, graph)
-        exported = torch.export.export(module, args, strict=False)
+        dynamic = _dynamic_shapes(example_inputs)
+        exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
         program = torch.onnx.export(exported, args, dynamo=True, verbose=False)
         return program.model_proto.SerializeToString()
+
+
+def _dynamic_shapes(example_inputs: Sequence[Any]) -> tuple | None:
+    """torch.export dynamic_shapes for the graph's inputs: one Dim per symbol, shared by every
+    input dim that is that symbol; None when all shapes are static."""
+    dims: dict[str, Any] = {}
+    spec = []
+    for x in example_inputs:
+        entry = {}
+        for i, d in enumerate(x.shape if isinstance(x, torch.Tensor) else ()):
+            if isinstance(d, torch.SymInt):
+                expr = d.node.expr
+                if not expr.is_Symbol:
+                    raise NotImplementedError(
+                        f"input dim {i} has size {expr}: ONNX export takes a dynamic dim only "
+                        "as a plain symbol (like a batch size)"
+                    )
+                entry[i] = dims.setdefault(expr.name, torch.export.Dim(expr.name))
+        spec.append(entry or None)
+    return tuple(spec) if dims else None
 
 
 def compile_onnx(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config
 ) -> Callable[..., Any]:
     """An onnxruntime session for `gm`; returns a function of gm's inputs giving a tuple."""
+    if not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise NotImplementedError(
+            "target='onnx' under torch.compile takes static shapes only (dynamo passes dynamic "
+            "sizes as inputs of their own); graphopt.export(..., format='onnx', "
+            "dynamic_shapes=...) writes an ONNX model with dynamic dims"
+        )
     run = OnnxRunner(export_onnx(gm, example_inputs))
     if run.num_inputs != len(example_inputs):
         raise ValueError(
-            f"the ONNX model takes {run.num_inputs} inputs, the graph {len(example_inputs)} "
-            "(non-tensor inputs are not supported on target='onnx')"
+            f"the ONNX model takes {run.num_inputs} inputs, the graph {len(example_inputs)}"
         )
     return run
 
@@ -73,10 +102,12 @@ class OnnxRunner:
 
 
 def _real_like(x: Any) -> Any:
+    """A real tensor of x's dtype and shape (a symbolic dim at the size it was traced with)."""
     if not isinstance(x, torch.Tensor):
         return x
-    if any(not isinstance(d, int) for d in x.shape):
-        raise NotImplementedError("target='onnx' supports static shapes only (no dynamic dims)")
+    from graphopt.capture import concrete
+
+    shape = tuple(int(concrete(d)) for d in x.shape)
     if x.is_floating_point():
-        return torch.randn(tuple(x.shape), dtype=x.dtype)
-    return torch.zeros(tuple(x.shape), dtype=x.dtype)
+        return torch.randn(shape, dtype=x.dtype)
+    return torch.zeros(shape, dtype=x.dtype)

@@ -93,8 +93,8 @@ def export(
             except dims made dynamic by `dynamic_shapes`).
         out_dir: the folder to write; it must not exist unless `overwrite=True`.
         format: "onnx" (model.onnx, run by onnxruntime) or "tvm" (model.so, a TVM library).
-        dynamic_shapes: as in torch.export.export (format="tvm" only), e.g.
-            {"x": {0: torch.export.Dim("batch")}}.
+        dynamic_shapes: as in torch.export.export, e.g. {"x": {0: torch.export.Dim("batch")}}:
+            those dims stay dynamic in the artifact (named by their symbol in the manifest).
         overwrite: replace an existing `out_dir` (after the new folder is complete).
         progress: print what is being done, with elapsed seconds, to stderr.
         **options: fields of `graphopt.Config`. `target`: for format="tvm" "llvm" (x86, the
@@ -112,7 +112,7 @@ def export(
         VerificationError: the artifact's outputs differ from the optimized graph's.
     """
     say = _Progress(progress)
-    cfg = _export_config(format, options, dynamic_shapes)
+    cfg = _export_config(format, options)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists; pass overwrite=True to replace it")
@@ -157,7 +157,7 @@ def export(
     return Exported(out, manifest, report)
 
 
-def _export_config(format: str, options: dict[str, Any], dynamic_shapes: Any) -> Config:
+def _export_config(format: str, options: dict[str, Any]) -> Config:
     if format not in FORMATS:
         raise ValueError(f"graphopt.export format {format!r}; accepted formats: {list(FORMATS)}")
     if format == "hls":
@@ -170,11 +170,6 @@ def _export_config(format: str, options: dict[str, Any], dynamic_shapes: Any) ->
             raise ValueError(
                 f"format='onnx' writes an ONNX file for any runtime; target={target!r} does not "
                 "apply (accepted: 'onnx' or leave it out). For a TVM library use format='tvm'."
-            )
-        if dynamic_shapes is not None:
-            raise ValueError(
-                "format='onnx' exports static shapes only (dynamic_shapes is not supported "
-                "yet); export with the shapes you serve, or use format='tvm'"
             )
         options = {**options, "target": "onnx"}
     elif target is None:
@@ -246,7 +241,8 @@ def _write_model(
         from graphopt.backends.onnx import export_onnx
 
         say("exporting to ONNX (torch.onnx)")
-        data = export_onnx(gm, captured.example_inputs)
+        traced = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]  # symbolic dims
+        data = export_onnx(gm, traced)
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
         (folder / _MODEL_FILE["onnx"]).write_bytes(data)
         return {}

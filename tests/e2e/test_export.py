@@ -95,14 +95,15 @@ def test_tvm_library_main_takes_only_the_inputs(tmp_path):
         assert_same_outputs(model(x), torch.from_numpy(out.numpy()))
 
 
-def test_tvm_artifact_with_a_dynamic_batch(tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "tvm"])
+def test_artifact_with_a_dynamic_batch(tmp_path, fmt):
     model, x, _ = _model("transformer")
     batch = torch.export.Dim("batch", max=64)
     exported = graphopt.export(
         model,
         (x,),
         tmp_path / "d",
-        format="tvm",
+        format=fmt,
         dynamic_shapes={"x": {0: batch}},
         progress=False,
     )

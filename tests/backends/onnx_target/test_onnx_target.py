@@ -63,6 +63,7 @@ def test_dynamic_shapes_fall_back_to_pytorch_and_say_so():
         assert_same_outputs(model(x), compiled(x))
     report = graphopt.reports()[-1]
     assert report.fallbacks and "static shapes only" in report.fallbacks[0].reason
+    assert "dynamic_shapes=" in report.fallbacks[0].reason  # says what does work
 
 
 def test_onnxruntime_fuses_every_int8_conv_into_its_integer_kernel(tmp_path):
