@@ -81,6 +81,7 @@ def export(
     format: str = "onnx",
     *,
     dynamic_shapes: Any = None,
+    tvm_target: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     **options: Any,
@@ -95,6 +96,11 @@ def export(
         format: "onnx" (model.onnx, run by onnxruntime) or "tvm" (model.so, a TVM library).
         dynamic_shapes: as in torch.export.export, e.g. {"x": {0: torch.export.Dim("batch")}}:
             those dims stay dynamic in the artifact (named by their symbol in the manifest).
+        tvm_target: format="tvm": a TVM target (JSON dict) instead of graphopt's default for
+            `target`, of the same kind: {"kind": "cuda", "arch": "sm_90"} (default sm_80, or
+            the GPU here); {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon",
+            "+sve"]} (default +neon; the features go into the manifest and are checked before
+            the library runs); {"kind": "llvm", "mcpu": "x86-64-v3"} (default: this CPU).
         overwrite: replace an existing `out_dir` (after the new folder is complete).
         progress: print what is being done, with elapsed seconds, to stderr.
         **options: fields of `graphopt.Config`. `target`: for format="tvm" "llvm" (x86, the
@@ -113,6 +119,7 @@ def export(
     """
     say = _Progress(progress)
     cfg = _export_config(format, options)
+    target = _tvm_target(cfg, tvm_target) if format == "tvm" else None
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists; pass overwrite=True to replace it")
@@ -136,7 +143,7 @@ def export(
     temp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         start = time.perf_counter()
-        build = _write_model(gm, captured, cfg, temp, say)
+        build = _write_model(gm, captured, cfg, target, temp, say)
         report.lowering_seconds = time.perf_counter() - start
         report.partitions.append(
             PartitionRecord(
@@ -144,7 +151,7 @@ def export(
             )
         )
         (temp / "report.json").write_text(report.to_json())
-        manifest = _manifest(gm, captured, cfg, format, temp, build)
+        manifest = _manifest(gm, captured, cfg, target, temp, build)
         _write_json(temp / MANIFEST, manifest)
         manifest["verification"] = _verify(temp, cfg, captured, expected, eager, say)
         _write_json(temp / MANIFEST, manifest)
@@ -186,6 +193,35 @@ def _export_config(format: str, options: dict[str, Any]) -> Config:
     if options.get("devices") is not None:
         raise ValueError("graphopt.export writes one artifact for one target; drop 'devices'")
     return Config.from_options(options)
+
+
+def _tvm_target(cfg: Config, override: dict[str, Any] | None) -> Any:
+    """graphopt's TVM target for cfg.target, or `override` after checking it is of that kind."""
+    import tvm
+
+    from graphopt.backends.tvm import target_for
+
+    if override is None:
+        return target_for(cfg)
+    if not isinstance(override, dict):
+        raise ValueError(f"tvm_target must be a dict (TVM target JSON), got {override!r}")
+    spec = dict(override)
+    if spec.get("kind") == "cuda":
+        spec.setdefault("host", {"kind": "llvm"})
+    try:
+        target = tvm.target.Target(spec)
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+        raise ValueError(f"tvm_target {override!r} is not a valid TVM target: {err}") from err
+    arm = str(target.attrs.get("mtriple", "")).startswith("aarch64")
+    kind = {"cuda": "cuda", "aarch64": "llvm", "llvm": "llvm"}[cfg.target]
+    if target.kind.name != kind or arm != (cfg.target == "aarch64"):
+        raise ValueError(
+            f"tvm_target {override!r} does not build for target={cfg.target!r}: it needs kind "
+            f"{kind!r}"
+            + (" with an aarch64 mtriple" if cfg.target == "aarch64" else "")
+            + (" and no aarch64 mtriple" if cfg.target == "llvm" else "")
+        )
+    return target
 
 
 def _is_batches(calibration: Any) -> bool:
@@ -230,6 +266,7 @@ def _write_model(
     gm: torch.fx.GraphModule,
     captured: CapturedGraph,
     cfg: Config,
+    target: Any,
     folder: Path,
     say: _Progress,
 ) -> dict[str, Any]:
@@ -246,9 +283,8 @@ def _write_model(
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
         (folder / _MODEL_FILE["onnx"]).write_bytes(data)
         return {}
-    from graphopt.backends.tvm import build_relax, compile_relax, target_for
+    from graphopt.backends.tvm import build_relax, compile_relax
 
-    target = target_for(cfg)
     say(f"compiling with TVM for {cfg.target} ({target})")
     executable = compile_relax(build_relax(gm, captured.example_inputs, cfg), cfg, target)
     path = folder / _MODEL_FILE["tvm"]
@@ -278,10 +314,11 @@ def _manifest(
     gm: torch.fx.GraphModule,
     captured: CapturedGraph,
     cfg: Config,
-    format: str,
+    target: Any,
     folder: Path,
     build: dict[str, Any],
 ) -> dict[str, Any]:
+    format = "onnx" if target is None else "tvm"
     placeholders = gm.graph.find_nodes(op="placeholder")
     outputs = gm.graph.find_nodes(op="output")[0].args[0]
     outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
@@ -303,11 +340,9 @@ def _manifest(
         "out_spec": pytree.treespec_dumps(captured.out_spec),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if format == "tvm":
-        from graphopt.backends.tvm import target_for
-
+    if target is not None:
         manifest["tvm"] = {
-            "target": _plain(target_for(cfg).export()),
+            "target": _plain(target.export()),
             "entry": "main",
             "runtime": "relax.VirtualMachine",
             **build,
@@ -581,7 +616,7 @@ def _tvm_runner(library: Path, manifest: dict[str, Any]) -> Callable[..., Any]:
     if target == "llvm":
         built_for = manifest["tvm"]["target"].get("mcpu")
         here = tvm.target.Target.from_device(tvm.cpu()).attrs.get("mcpu")
-        if built_for and built_for != here:
+        if built_for and built_for != here and not str(built_for).startswith("x86-64"):
             log.warning(
                 "graphopt: %s was compiled for x86 CPU %s, this one is %s: it fails if it uses "
                 "instructions this CPU lacks (re-export on this machine to be sure)",

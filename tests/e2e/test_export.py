@@ -216,6 +216,41 @@ def test_cuda_library_is_built_and_its_kernels_compile_without_a_gpu(tmp_path):
             graphopt.load(exported.path)
 
 
+def test_tvm_target_picks_the_cuda_architecture(tmp_path):
+    model, x, _ = _model("mlp")
+    exported = graphopt.export(
+        model,
+        (x,),
+        tmp_path / "h",
+        format="tvm",
+        target="cuda",
+        tvm_target={"kind": "cuda", "arch": "sm_90"},
+        progress=False,
+    )
+    assert exported.manifest["tvm"]["target"]["arch"] == "sm_90"
+    if shutil.which("nvcc"):
+        assert exported.manifest["tvm"]["nvcc"].endswith("kernels compiled to PTX for sm_90")
+
+
+@pytest.mark.parametrize(
+    "target, tvm_target, error",
+    [
+        ("cuda", {"kind": "llvm"}, "does not build for target='cuda': it needs kind 'cuda'"),
+        ("aarch64", {"kind": "llvm"}, "needs kind 'llvm' with an aarch64 mtriple"),
+        ("llvm", {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "and no aarch64 mtriple"),
+        ("llvm", {"kind": "no-such-kind"}, "is not a valid TVM target"),
+        ("llvm", "llvm -mcpu=znver3", "must be a dict"),
+    ],
+)
+def test_a_tvm_target_of_another_kind_is_refused(tmp_path, target, tvm_target, error):
+    model, x, _ = _model("mlp")
+    with pytest.raises(ValueError, match=error):
+        graphopt.export(
+            model, (x,), tmp_path / "a", format="tvm", target=target, tvm_target=tvm_target
+        )
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.needs_gpu
 def test_cuda_artifact_runs_on_the_gpu_and_matches_eager(tmp_path):
     model, x, _ = _model("transformer")
@@ -250,3 +285,19 @@ def test_aarch64_library_runs_under_qemu_and_matches_eager(tmp_path, name, quant
     else:
         low, high = INT8_RELATIVE_ERROR
         assert low < relative_error(expected, got) < high
+
+
+@pytest.mark.needs_qemu
+def test_aarch64_sve_library_records_and_checks_its_features(tmp_path):
+    from graphopt.backends.tvm import aarch64
+
+    model, x, _ = _model("mlp")
+    sve = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+sve"]}
+    exported = graphopt.export(
+        model, (x,), tmp_path / "sve", format="tvm", target="aarch64", tvm_target=sve
+    )
+    assert exported.manifest["tvm"]["cpu_features"] == ["neon", "sve"]
+    assert exported.manifest["verification"]["ran"]  # qemu's default core has SVE
+    library, features = exported.path / "model.so", exported.manifest["tvm"]["cpu_features"]
+    with pytest.raises(RuntimeError, match="built for \\+sve but this CPU does not have sve"):
+        aarch64.run_library(library, [x.numpy()], cpu="cortex-a72", require=features)
