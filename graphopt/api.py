@@ -68,7 +68,7 @@ def optimize(
     traced_inputs = [n.meta["val"] for n in captured.gm.graph.find_nodes(op="placeholder")]
     calibration = None
     if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
-        calibration = [_flat_inputs(batch, captured) for batch in cfg.calibration]
+        calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
     compiled = compile_graph(
         captured.gm,
         traced_inputs,
@@ -84,14 +84,3 @@ def optimize(
         if problem is not None:
             raise VerificationError("whole model (export capture)", problem)
     return optimized
-
-
-def _flat_inputs(batch: tuple, captured: CapturedGraph) -> list[Any]:
-    """A calibration batch as values for the captured graph's placeholders."""
-    flat, spec = pytree.tree_flatten((tuple(batch), {}))
-    if captured.in_spec is not None and spec != captured.in_spec:
-        raise ValueError(
-            f"calibration batch does not match the example inputs: got inputs {spec}, "
-            f"the model was captured for {captured.in_spec}"
-        )
-    return flat

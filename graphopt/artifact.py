@@ -21,7 +21,7 @@ export leaves nothing behind; an existing folder is replaced only with `overwrit
 only once the new one is complete.
 
 Every artifact is run before the export returns, on the example inputs, and compared with
-graphopt's optimized graph run by PyTorch (int8: within graphopt.testing's int8 tolerance):
+graphopt's optimized graph run by PyTorch (int8: see `_verify` for the tolerance):
 ONNX in onnxruntime, x86 TVM in process, aarch64 TVM under qemu-aarch64 with the runner in
 backends/tvm/runner (when the cross tools are installed), CUDA on a GPU when there is one, and
 otherwise its kernels compiled with nvcc. The manifest says which of these ran.
@@ -54,7 +54,7 @@ from graphopt.errors import UnsupportedOpError, VerificationError
 from graphopt.passes.base import count_call_nodes
 from graphopt.pipeline import run_graph, run_pipeline
 from graphopt.report import PartitionRecord, Report, op_histogram
-from graphopt.testing import compare_outputs, relative_error
+from graphopt.testing import QUANTIZED_RELATIVE_ERROR, compare_outputs, relative_error
 
 log = logging.getLogger("graphopt")
 
@@ -119,6 +119,8 @@ def export(
     """
     say = _Progress(progress)
     cfg = _export_config(format, options)
+    if tvm_target is not None and format != "tvm":
+        raise ValueError(f"tvm_target applies to format='tvm' only, not format={format!r}")
     target = _tvm_target(cfg, tvm_target) if format == "tvm" else None
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -147,7 +149,10 @@ def export(
         report.lowering_seconds = time.perf_counter() - start
         report.partitions.append(
             PartitionRecord(
-                "graph", f"{format}-{cfg.target}", op_histogram(gm), count_call_nodes(gm)
+                "graph",
+                "onnx" if target is None else f"tvm-{cfg.target}",
+                op_histogram(gm),
+                count_call_nodes(gm),
             )
         )
         (temp / "report.json").write_text(report.to_json())
@@ -235,9 +240,7 @@ def _optimize(
     record_captured(captured.gm, report)
     calibration = None
     if cfg.quantize is not None:
-        from graphopt.api import _flat_inputs
-
-        calibration = [_flat_inputs(batch, captured) for batch in cfg.calibration]
+        calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
         say(f"quantizing to int8, calibrating on {len(calibration)} batches")
     say("running graphopt's passes")
     start = time.perf_counter()
@@ -400,21 +403,34 @@ def _verify(
         return where
     say(f"verifying: running the artifact {where}")
     got = list(load(folder).run_flat(captured.example_inputs))
-    quantized = cfg.quantize is not None
-    problem = compare_outputs(tuple(expected), tuple(got), quantized=quantized)
+    floats = [
+        i for i, e in enumerate(eager) if isinstance(e, torch.Tensor) and e.is_floating_point()
+    ]
+
+    def worst(a: list[Any], b: list[Any]) -> float:
+        return max((relative_error(a[i], b[i]) for i in floats), default=0.0)
+
+    result = {"ran": where, "inputs": "the example inputs"}
+    limit = QUANTIZED_RELATIVE_ERROR
+    if cfg.quantize is not None:
+        # Integer kernels land a value on a rounding boundary one step away from PyTorch's
+        # float simulation of the same graph, and deep nets carry those steps: the artifact may
+        # differ from the int8 graph as much as the int8 graph differs from float, not more.
+        result["int8_graph_relative_error_vs_eager"] = worst(eager, expected)
+        limit = max(limit, result["int8_graph_relative_error_vs_eager"])
+    problem = compare_outputs(
+        tuple(expected), tuple(got), quantized=cfg.quantize is not None, quantized_limit=limit
+    )
     if problem is not None:
         raise VerificationError(f"{cfg.target} artifact", problem)
-    floats = [
-        (e, g) for e, g in zip(eager, got) if isinstance(e, torch.Tensor) and e.is_floating_point()
-    ]
     return {
-        "ran": where,
-        "inputs": "the example inputs",
+        **result,
         "compared_with": "graphopt's optimized graph run by PyTorch"
-        + (" (int8 tolerance)" if quantized else ""),
+        + (f" (int8: relative error <= {limit:.3g})" if cfg.quantize is not None else ""),
         "max_abs_error_vs_graph": _max_abs(zip(expected, got)),
-        "max_abs_error_vs_eager": _max_abs(floats),
-        "relative_error_vs_eager": max((relative_error(e, g) for e, g in floats), default=0.0),
+        "relative_error_vs_graph": worst(expected, got),
+        "max_abs_error_vs_eager": _max_abs((eager[i], got[i]) for i in floats),
+        "relative_error_vs_eager": worst(eager, got),
     }
 
 
@@ -438,7 +454,7 @@ def _runs_here(cfg: Config) -> str | dict[str, Any]:
 
     if tvm.cuda(0).exist:
         return "on the GPU (TVM runtime)"
-    return {"ran": False, "reason": "no CUDA GPU here (kernels checked by nvcc: see tvm.nvcc)"}
+    return {"ran": False, "reason": "no CUDA GPU here"}
 
 
 def _max_abs(pairs: Any) -> float:

@@ -39,6 +39,16 @@ class CapturedGraph:
     in_spec: pytree.TreeSpec | None = None
     out_spec: pytree.TreeSpec | None = None
 
+    def flat_inputs(self, args: Sequence[Any]) -> list[Any]:
+        """Positional model inputs (e.g. a calibration batch) as values for gm's placeholders."""
+        flat, spec = pytree.tree_flatten((tuple(args), {}))
+        if self.in_spec is not None and spec != self.in_spec:
+            raise ValueError(
+                f"calibration batch does not match the example inputs: got inputs {spec}, "
+                f"the model was captured for {self.in_spec}"
+            )
+        return flat
+
 
 def is_param_source(placeholder: torch.fx.Node) -> bool:
     """True if a dynamo placeholder is a module parameter or buffer (by its dynamo source)."""

@@ -33,15 +33,21 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
 
 
-def compare_outputs(expected: Any, actual: Any, *, quantized: bool = False) -> str | None:
+def compare_outputs(
+    expected: Any,
+    actual: Any,
+    *,
+    quantized: bool = False,
+    quantized_limit: float = QUANTIZED_RELATIVE_ERROR,
+) -> str | None:
     """None if the outputs match (structure, then shape, then dtype, then values), else why not.
 
-    quantized: float values are compared by relative L2 error (QUANTIZED_RELATIVE_ERROR).
+    quantized: float values are compared by relative L2 error, up to `quantized_limit`.
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():  # verify=True compares inside torch.compile's fake mode
-        return _compare(expected, actual, quantized)
+        return _compare(expected, actual, quantized and quantized_limit)
 
 
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
@@ -51,7 +57,8 @@ def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return float((a - e).norm()) / den if den > 0 else float((a - e).norm())
 
 
-def _compare(expected: Any, actual: Any, quantized: bool = False) -> str | None:
+def _compare(expected: Any, actual: Any, quantized: float | bool = False) -> str | None:
+    """quantized: False, or the relative L2 error allowed for float values."""
     exp_leaves, exp_spec = pytree.tree_flatten(expected)
     act_leaves, act_spec = pytree.tree_flatten(actual)
     if exp_spec != act_spec:
@@ -72,8 +79,8 @@ def _compare(expected: Any, actual: Any, quantized: bool = False) -> str | None:
             return f"{where}: dtype {a.dtype} != expected {e.dtype}"
         if quantized and e.dtype.is_floating_point:
             err = relative_error(e, a)
-            if not err <= QUANTIZED_RELATIVE_ERROR:
-                return f"{where}: relative error {err:.4g} > {QUANTIZED_RELATIVE_ERROR} (int8)"
+            if not err <= quantized:
+                return f"{where}: relative error {err:.4g} > {quantized:.4g} (int8)"
             continue
         rtol, atol = tolerance(e.dtype)
         try:

@@ -183,6 +183,7 @@ def test_overwrite_replaces_only_a_whole_new_artifact(tmp_path, monkeypatch):
         ({"quantize": "int8"}, "needs calibration data"),
         ({"quantize": "int8", "calibration": 8}, "needs calibration data"),
         ({"quantise": "int8"}, "unknown graphopt option 'quantise'"),
+        ({"tvm_target": {"kind": "llvm"}}, "tvm_target applies to format='tvm' only"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, error):
