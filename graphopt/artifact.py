@@ -63,6 +63,7 @@ TVM_TARGETS = ("llvm", "aarch64", "cuda")
 MANIFEST = "manifest.json"
 ARTIFACT_VERSION = 1  # bump when the folder layout or the manifest's meaning changes
 _MODEL_FILE = {"onnx": "model.onnx", "tvm": "model.so"}
+INT8_RUNS_APART = 1.5  # an int8 artifact vs the int8 graph, in units of int8's error (_verify)
 
 
 @dataclass(frozen=True)
@@ -414,10 +415,14 @@ def _verify(
     limit = QUANTIZED_RELATIVE_ERROR
     if cfg.quantize is not None:
         # Integer kernels land a value on a rounding boundary one step away from PyTorch's
-        # float simulation of the same graph, and deep nets carry those steps: the artifact may
-        # differ from the int8 graph as much as the int8 graph differs from float, not more.
+        # float simulation of the same graph, and deep nets carry those steps, so the artifact
+        # and the graph are two int8 runs of one model, each about the int8 error away from
+        # float in its own direction: two independent errors of size e differ by about
+        # sqrt(2) * e. Measured (random weights): onnxruntime ResNet-18 1.4% from the graph
+        # with int8 costing 1.6%, BERT-base 4.0% with 3.7%. A wrong scale or layout is tens
+        # of percent off.
         result["int8_graph_relative_error_vs_eager"] = worst(eager, expected)
-        limit = max(limit, result["int8_graph_relative_error_vs_eager"])
+        limit = max(limit, INT8_RUNS_APART * result["int8_graph_relative_error_vs_eager"])
     problem = compare_outputs(
         tuple(expected), tuple(got), quantized=cfg.quantize is not None, quantized_limit=limit
     )

@@ -302,3 +302,18 @@ def test_aarch64_sve_library_records_and_checks_its_features(tmp_path):
     library, features = exported.path / "model.so", exported.manifest["tvm"]["cpu_features"]
     with pytest.raises(RuntimeError, match="built for \\+sve but this CPU does not have sve"):
         aarch64.run_library(library, [x.numpy()], cpu="cortex-a72", require=features)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"], ids=["fp32", "int8"])
+def test_an_artifact_that_computes_wrong_numbers_is_not_written(tmp_path, monkeypatch, quantize):
+    model, x, calibration = _model("cnn")
+    options = {"quantize": quantize, "calibration": calibration} if quantize else {}
+    run_flat = graphopt.Artifact.run_flat
+
+    def off_by_a_fifth(self, inputs):  # e.g. a requantization scale that is wrong by 20%
+        return tuple(1.2 * y for y in run_flat(self, inputs))
+
+    monkeypatch.setattr(graphopt.Artifact, "run_flat", off_by_a_fifth)
+    with pytest.raises(graphopt.VerificationError, match="'onnx artifact' changed the outputs"):
+        graphopt.export(model, (x,), tmp_path / "a", progress=False, **options)
+    assert list(tmp_path.iterdir()) == []
