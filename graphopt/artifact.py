@@ -332,7 +332,7 @@ def _manifest(
         "target": cfg.target,
         "model": _MODEL_FILE[format],
         "files": {
-            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in sorted(folder.iterdir())
             if p.name != MANIFEST
         },
@@ -491,7 +491,8 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -595,7 +596,7 @@ def load(path: str | os.PathLike[str]) -> Artifact:
         file = folder / name
         if not file.is_file():
             raise ValueError(f"{folder}: {name} is missing (listed in {MANIFEST})")
-        if _sha256(file) != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             raise ValueError(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
     model = folder / manifest["model"]
     if manifest["format"] == "onnx":

@@ -182,18 +182,24 @@ def cmd_ops(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="graphopt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="compile a model with graphopt and time it against eager")
-    bench.add_argument("model", help="'file.py:factory' or 'module:factory' returning an nn.Module")
-    bench.add_argument(
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", help="'file.py:factory' or 'module:factory' returning an nn.Module"
+    )
+    parser.add_argument(
         "--input",
         type=_shape,
         action="append",
         required=True,
         help="input shape, e.g. 1,3,224,224 (repeat for several inputs)",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="graphopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="compile a model with graphopt and time it against eager")
+    _model_arguments(bench)
     bench.add_argument("--target", default="cpu")
     bench.add_argument("--option", action="append", default=[], help="Config field, key=value")
     bench.add_argument("--rounds", type=int, default=20)
@@ -201,17 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser(
         "export", help="optimize a model and write a deployable artifact folder (ONNX, TVM)"
     )
-    export.add_argument(
-        "model", help="'file.py:factory' or 'module:factory' returning an nn.Module"
-    )
+    _model_arguments(export)
     export.add_argument("out_dir", help="the folder to write (must not exist, see --overwrite)")
-    export.add_argument(
-        "--input",
-        type=_shape,
-        action="append",
-        required=True,
-        help="input shape, e.g. 1,3,224,224 (repeat for several inputs)",
-    )
     export.add_argument("--format", default="onnx", help="onnx (default) or tvm")
     export.add_argument("--target", help="format=tvm: llvm (x86, default), aarch64 or cuda")
     export.add_argument("--option", action="append", default=[], help="Config field, key=value")

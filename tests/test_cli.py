@@ -15,14 +15,14 @@ def test_ops_for_cpu_says_inductor_takes_everything(capsys):
 
 
 def test_bench_compiles_checks_and_times_a_model_file(tmp_path, capsys):
-    model_file = tmp_path / "tiny_model.py"
-    model_file.write_text(
-        textwrap.dedent("""
+    model_file = _model_file(
+        tmp_path,
+        """
         import torch
 
         def make():
             return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
-    """)
+    """,
     )
     assert main(["bench", f"{model_file}:make", "--input", "2,8", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
@@ -31,11 +31,11 @@ def test_bench_compiles_checks_and_times_a_model_file(tmp_path, capsys):
 
 
 def test_bench_int8_calibrates_and_reports_its_error(tmp_path, capsys):
-    model_file = tmp_path / "tiny_model.py"
-    model_file.write_text(
+    model_file = _model_file(
+        tmp_path,
         "import torch\n\ndef make():\n"
         "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), "
-        "torch.nn.Linear(16, 4))\n"
+        "torch.nn.Linear(16, 4))\n",
     )
     argv = ["bench", f"{model_file}:make", "--input", "4,8", "--rounds", "2"]
     assert main([*argv, "--option", "quantize=int8"]) == 0
@@ -52,14 +52,14 @@ def test_bad_option_is_a_clean_error(tmp_path, capsys):
 
 
 def test_export_writes_an_artifact_that_run_loads_and_times(tmp_path, capsys):
-    model_file = tmp_path / "tiny_model.py"
-    model_file.write_text(
-        textwrap.dedent("""
+    model_file = _model_file(
+        tmp_path,
+        """
         import torch
 
         def make():
             return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
-    """)
+    """,
     )
     out_dir = tmp_path / "artifact"
     argv = ["export", f"{model_file}:make", str(out_dir), "--input", "2,8", "--format", "tvm"]
@@ -76,9 +76,9 @@ def test_export_writes_an_artifact_that_run_loads_and_times(tmp_path, capsys):
 
 
 def test_export_int8_needs_calibration_and_takes_a_batches_function(tmp_path, capsys):
-    model_file = tmp_path / "tiny_model.py"
-    model_file.write_text(
-        textwrap.dedent("""
+    model_file = _model_file(
+        tmp_path,
+        """
         import torch
 
         def make():
@@ -87,7 +87,7 @@ def test_export_int8_needs_calibration_and_takes_a_batches_function(tmp_path, ca
 
         def batches():
             return [(torch.randn(2, 8),) for _ in range(4)]
-    """)
+    """,
     )
     argv = ["export", f"{model_file}:make", str(tmp_path / "a"), "--input", "2,8"]
     assert main([*argv, "--option", "quantize=int8"]) == 2
@@ -95,3 +95,10 @@ def test_export_int8_needs_calibration_and_takes_a_batches_function(tmp_path, ca
     calibrated = [*argv, "--option", "quantize=int8", "--calibration", f"{model_file}:batches"]
     assert main(calibrated) == 0
     assert "ran in onnxruntime (CPU)" in capsys.readouterr().out
+
+
+def _model_file(tmp_path, source: str):
+    """A model file for the command line (its factories are named in the tests' argv)."""
+    path = tmp_path / "tiny_model.py"
+    path.write_text(textwrap.dedent(source))
+    return path

@@ -40,6 +40,7 @@ import tvm
 from torch._subclasses.fake_tensor import is_fake
 from tvm import relax
 
+from graphopt.artifact import file_sha256
 from graphopt.config import Config
 from graphopt.passes.base import get_attr_value
 
@@ -199,7 +200,7 @@ def load(root: Path, key: str) -> relax.VMExecutable | None:
         if not isinstance(meta, dict) or meta.get("key") != key:
             raise ValueError(f"meta.json names key {str(meta.get('key'))[:16]}...")
         library = entry / Path(str(meta["library"])).name
-        if _file_sha256(library) != meta["library_sha256"]:
+        if file_sha256(library) != meta["library_sha256"]:
             raise ValueError(f"{library.name} does not match the sha256 in meta.json")
         return relax.VMExecutable(tvm.runtime.load_module(str(library)))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
@@ -224,7 +225,7 @@ def store(root: Path, key: str, executable: relax.VMExecutable) -> None:
         return
     try:
         executable.export_library(str(temp / "library.so"))
-        digest = _file_sha256(temp / "library.so")
+        digest = file_sha256(temp / "library.so")
         library = f"{digest[:16]}.so"
         (temp / "library.so").rename(temp / library)
         meta = {
@@ -254,11 +255,3 @@ def _remove_stale_temps(root: Path) -> None:
                 shutil.rmtree(temp, ignore_errors=True)
         except OSError:
             pass  # removed by another process meanwhile
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -30,6 +30,14 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, list[tuple[torch.T
     return make().eval(), torch.randn(*shape), calibration
 
 
+def _assert_matches_eager(expected, got, quantize) -> None:
+    if quantize is None:
+        assert_same_outputs(expected, got)
+    else:  # int8 costs something, but not much
+        low, high = INT8_RELATIVE_ERROR
+        assert low < relative_error(expected, got) < high
+
+
 def _files_match_manifest(folder) -> dict:
     manifest = json.loads((folder / "manifest.json").read_text())
     on_disk = sorted(p.name for p in folder.iterdir())
@@ -59,11 +67,7 @@ def test_exported_artifact_loads_runs_and_matches_eager(tmp_path, name, fmt, qua
     y = torch.randn_like(x)  # not the example input the export verified with
     with torch.no_grad():
         expected, got = model(y), artifact(y)
-    if quantize is None:
-        assert_same_outputs(expected, got)
-    else:
-        low, high = INT8_RELATIVE_ERROR
-        assert low < relative_error(expected, got) < high
+    _assert_matches_eager(expected, got, quantize)
 
 
 def test_onnx_artifact_runs_in_plain_onnxruntime(tmp_path):
@@ -281,11 +285,7 @@ def test_aarch64_library_runs_under_qemu_and_matches_eager(tmp_path, name, quant
     y = torch.randn_like(x)
     with torch.no_grad():
         expected, got = model(y), artifact(y)
-    if quantize is None:
-        assert_same_outputs(expected, got)
-    else:
-        low, high = INT8_RELATIVE_ERROR
-        assert low < relative_error(expected, got) < high
+    _assert_matches_eager(expected, got, quantize)
 
 
 @pytest.mark.needs_qemu
