@@ -340,8 +340,8 @@ def _manifest(
         "options": cfg.describe(),
         "inputs": [_spec(n.name, n.meta["val"]) for n in placeholders],
         "outputs": [_spec(f"output{i}", n.meta["val"]) for i, n in enumerate(outputs)],
-        "in_spec": pytree.treespec_dumps(captured.in_spec),
-        "out_spec": pytree.treespec_dumps(captured.out_spec),
+        "in_spec": _dumps(captured.in_spec, "inputs"),
+        "out_spec": _dumps(captured.out_spec, "outputs"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if target is not None:
@@ -352,6 +352,18 @@ def _manifest(
             **build,
         }
     return manifest
+
+
+def _dumps(spec: pytree.TreeSpec, what: str) -> str:
+    """A pytree spec as JSON (no pickles), or a clear error for a container torch cannot name."""
+    try:
+        return pytree.treespec_dumps(spec)
+    except Exception as err:  # noqa: BLE001 - torch raises several kinds here
+        raise ValueError(
+            f"the model's {what} use a container type that cannot be written as JSON ({err}); "
+            "return tensors, tuples, lists or dicts, or register the type with "
+            "torch.utils._pytree.register_pytree_node(..., serialized_type_name=...)"
+        ) from err
 
 
 def _plain(value: Any) -> Any:

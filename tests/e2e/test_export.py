@@ -12,7 +12,7 @@ import torch
 import graphopt
 import graphopt.artifact
 from graphopt.testing import assert_same_outputs, relative_error
-from tests.models import MLP, ResidualCNN, SpectralHead, TransformerBlock
+from tests.models import MLP, Fn, ResidualCNN, SpectralHead, TransformerBlock
 
 MODELS = {
     "mlp": (MLP, (4, 32)),
@@ -316,4 +316,19 @@ def test_an_artifact_that_computes_wrong_numbers_is_not_written(tmp_path, monkey
     monkeypatch.setattr(graphopt.Artifact, "run_flat", off_by_a_fifth)
     with pytest.raises(graphopt.VerificationError, match="'onnx artifact' changed the outputs"):
         graphopt.export(model, (x,), tmp_path / "a", progress=False, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_container_torch_cannot_serialize_is_named(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Pair:
+        a: torch.Tensor
+        b: torch.Tensor
+
+    torch.utils._pytree.register_dataclass(Pair)  # export can trace it, but it has no JSON name
+    model = Fn(lambda self, x: Pair(x + 1, x * 2)).eval()
+    with pytest.raises(ValueError, match="outputs use a container type that cannot be written"):
+        graphopt.export(model, (torch.randn(2, 3),), tmp_path / "a", progress=False)
     assert list(tmp_path.iterdir()) == []
