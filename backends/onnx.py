@@ -25,9 +25,14 @@ log = logging.getLogger("graphopt")
 ONNX = OpRegistry("onnxruntime", supports_all=True)
 
 
-def export_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bytes:
+def export_onnx(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    dim_names: dict[str, str] | None = None,
+) -> bytes:
     """The graph as a serialized ONNX model. A symbolic dim of an input (a SymInt in its traced
-    shape, e.g. a dynamic batch) stays symbolic in the ONNX model, named by its symbol."""
+    shape, e.g. a dynamic batch) stays symbolic in the ONNX model, named by `dim_names`
+    (torch's symbol -> a name) or by its symbol."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
@@ -36,13 +41,39 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> byte
         for node in graph.nodes:  # traced metadata belongs to another fake mode: re-trace
             node.meta = {}
         module = torch.fx.GraphModule(gm, graph)
-        dynamic = _dynamic_shapes(example_inputs)
+        dynamic = _dynamic_shapes(example_inputs, dim_names or {})
         exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
         program = torch.onnx.export(exported, args, dynamo=True, verbose=False)
-        return program.model_proto.SerializeToString()
+        proto = program.model_proto
+        if dim_names:
+            _rename_dims(proto, example_inputs, dim_names)
+        return proto.SerializeToString()
 
 
-def _dynamic_shapes(example_inputs: Sequence[Any]) -> tuple | None:
+def _rename_dims(proto: Any, example_inputs: Sequence[Any], dim_names: dict[str, str]) -> None:
+    """Name the ONNX model's dynamic dims as the user named them (the exporter uses its own
+    symbols): each input dim that is one of `dim_names`' symbols, and that symbol wherever else
+    it appears in the graph's inputs, outputs and value infos (10*s77 -> 10*batch)."""
+    renames = {}
+    for value, x in zip(proto.graph.input, example_inputs):
+        for dim, size in zip(value.type.tensor_type.shape.dim, getattr(x, "shape", ())):
+            if isinstance(size, torch.SymInt) and dim.dim_param:
+                name = dim_names.get(str(size.node.expr))
+                if name is not None:
+                    renames[dim.dim_param] = name
+    if not renames:
+        return
+    import re
+
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
+    graph = proto.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:  # also inside expressions like 10*s77
+                dim.dim_param = symbol.sub(lambda m: renames[m.group(1)], dim.dim_param)
+
+
+def _dynamic_shapes(example_inputs: Sequence[Any], dim_names: dict[str, str]) -> tuple | None:
     """torch.export dynamic_shapes for the graph's inputs: one Dim per symbol, shared by every
     input dim that is that symbol; None when all shapes are static."""
     dims: dict[str, Any] = {}
@@ -57,7 +88,8 @@ def _dynamic_shapes(example_inputs: Sequence[Any]) -> tuple | None:
                         f"input dim {i} has size {expr}: ONNX export takes a dynamic dim only "
                         "as a plain symbol (like a batch size)"
                     )
-                entry[i] = dims.setdefault(expr.name, torch.export.Dim(expr.name))
+                name = dim_names.get(expr.name, expr.name)
+                entry[i] = dims.setdefault(expr.name, torch.export.Dim(name))
         spec.append(entry or None)
     return tuple(spec) if dims else None
 

@@ -7,7 +7,7 @@
 An artifact folder holds:
     manifest.json  what is in it: files with sha256 and size, graphopt/torch/tvm/onnx versions,
                    the options, input and output specs (name, dtype, shape; a dynamic dim by
-                   its symbol), the pytree specs to call it like the model, CPU features it
+                   its Dim name), the pytree specs to call it like the model, CPU features it
                    needs, and how it was verified when it was written
     model.onnx     format="onnx": the optimized graph (fp32, or int8 as QuantizeLinear/
                    DequantizeLinear), checked by onnx.checker
@@ -96,7 +96,7 @@ def export(
         out_dir: the folder to write; it must not exist unless `overwrite=True`.
         format: "onnx" (model.onnx, run by onnxruntime) or "tvm" (model.so, a TVM library).
         dynamic_shapes: as in torch.export.export, e.g. {"x": {0: torch.export.Dim("batch")}}:
-            those dims stay dynamic in the artifact (named by their symbol in the manifest).
+            those dims stay dynamic in the artifact, named as the Dims are (manifest, ONNX).
         tvm_target: format="tvm": a TVM target (JSON dict) instead of graphopt's default for
             `target`, of the same kind: {"kind": "cuda", "arch": "sm_90"} (default sm_80, or
             the GPU here); {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon",
@@ -133,6 +133,7 @@ def export(
     start = time.perf_counter()
     captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     report.capture_seconds = time.perf_counter() - start
+    dim_names = _dim_names(model, captured, dynamic_shapes)
     gm = _optimize(captured, cfg, report, say)
     with torch.no_grad():
         eager = pytree.tree_leaves(model(*example_inputs))
@@ -146,7 +147,7 @@ def export(
     temp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         start = time.perf_counter()
-        build = _write_model(gm, captured, cfg, target, temp, say)
+        build = _write_model(gm, captured, cfg, target, temp, say, dim_names)
         report.lowering_seconds = time.perf_counter() - start
         report.partitions.append(
             PartitionRecord(
@@ -157,7 +158,7 @@ def export(
             )
         )
         (temp / "report.json").write_text(report.to_json())
-        manifest = _manifest(gm, captured, cfg, target, temp, build)
+        manifest = _manifest(gm, captured, cfg, target, temp, build, dim_names)
         _write_json(temp / MANIFEST, manifest)
         manifest["verification"] = _verify(temp, cfg, captured, expected, eager, say)
         _write_json(temp / MANIFEST, manifest)
@@ -273,6 +274,7 @@ def _write_model(
     target: Any,
     folder: Path,
     say: _Progress,
+    dim_names: dict[str, str],
 ) -> dict[str, Any]:
     """Write the model file into `folder`; returns what the manifest records of the build
     (the CPU features an aarch64 library needs, the nvcc check of CUDA kernels)."""
@@ -283,7 +285,7 @@ def _write_model(
 
         say("exporting to ONNX (torch.onnx)")
         traced = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]  # symbolic dims
-        data = export_onnx(gm, traced)
+        data = export_onnx(gm, traced, dim_names)
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
         (folder / _MODEL_FILE["onnx"]).write_bytes(data)
         return {}
@@ -321,6 +323,7 @@ def _manifest(
     target: Any,
     folder: Path,
     build: dict[str, Any],
+    dim_names: dict[str, str],
 ) -> dict[str, Any]:
     format = "onnx" if target is None else "tvm"
     placeholders = gm.graph.find_nodes(op="placeholder")
@@ -338,8 +341,8 @@ def _manifest(
         },
         "versions": _versions(format),
         "options": cfg.describe(),
-        "inputs": [_spec(n.name, n.meta["val"]) for n in placeholders],
-        "outputs": [_spec(f"output{i}", n.meta["val"]) for i, n in enumerate(outputs)],
+        "inputs": [_spec(n.name, n.meta["val"], dim_names) for n in placeholders],
+        "outputs": [_spec(f"output{i}", n.meta["val"], dim_names) for i, n in enumerate(outputs)],
         "in_spec": _dumps(captured.in_spec, "inputs"),
         "out_spec": _dumps(captured.out_spec, "outputs"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -366,6 +369,43 @@ def _dumps(spec: pytree.TreeSpec, what: str) -> str:
         ) from err
 
 
+def _dim_names(
+    model: torch.nn.Module, captured: CapturedGraph, dynamic_shapes: Any
+) -> dict[str, str]:
+    """torch's symbol (s77) -> the user's Dim name (batch) for dims of top-level tensor inputs
+    given a named `torch.export.Dim`; other symbols keep their own name."""
+    import inspect
+
+    if dynamic_shapes is None:
+        return {}
+    if isinstance(dynamic_shapes, dict):  # keyed by forward's parameter names
+        params = list(inspect.signature(model.forward).parameters)
+        per_input = [dynamic_shapes.get(p) for p in params[: len(captured.example_inputs)]]
+    else:
+        per_input = list(dynamic_shapes)
+    placeholders = captured.gm.graph.find_nodes(op="placeholder")
+    names: dict[str, str] = {}
+    for node, spec in zip(placeholders, per_input):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or spec is None:
+            continue
+        dims = spec.items() if isinstance(spec, dict) else enumerate(spec)
+        for i, dim in dims:
+            size = value.shape[i] if 0 <= i < value.dim() else None
+            name = getattr(dim, "__name__", None)
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol and name:
+                names.setdefault(size.node.expr.name, name)
+    return names
+
+
+def _dim_text(expr: Any, dim_names: dict[str, str]) -> str:
+    """A symbolic size as text, with the user's Dim names (s77 * 2 -> batch*2)."""
+    import sympy
+
+    renamed = {s: sympy.Symbol(dim_names[s.name]) for s in expr.free_symbols if s.name in dim_names}
+    return str(expr.subs(renamed))  # (torch's symbols carry assumptions: match them by name)
+
+
 def _plain(value: Any) -> Any:
     """TVM's target description (tvm containers inside) as plain JSON values."""
     if isinstance(value, str | int | float | bool) or value is None:
@@ -377,10 +417,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _spec(name: str, value: Any) -> dict[str, Any]:
+def _spec(name: str, value: Any, dim_names: dict[str, str]) -> dict[str, Any]:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name}: artifacts take and return tensors, not {type(value).__name__}")
-    shape = [int(d) if not isinstance(d, torch.SymInt) else str(d.node.expr) for d in value.shape]
+    shape = [
+        int(d) if not isinstance(d, torch.SymInt) else _dim_text(d.node.expr, dim_names)
+        for d in value.shape
+    ]
     return {"name": name, "dtype": str(value.dtype).removeprefix("torch."), "shape": shape}
 
 

@@ -112,7 +112,14 @@ def test_artifact_with_a_dynamic_batch(tmp_path, fmt):
         progress=False,
     )
     (spec,) = exported.manifest["inputs"]
-    assert isinstance(spec["shape"][0], str) and spec["shape"][1:] == [10, 32]
+    assert spec["shape"] == ["batch", 10, 32]  # the user's name for the dim, not torch's s77
+    assert exported.manifest["outputs"][0]["shape"] == ["batch", 10, 32]
+    if fmt == "onnx":
+        import onnx
+
+        (onnx_input,) = onnx.load(exported.path / "model.onnx").graph.input
+        dims = onnx_input.type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == ["batch", 10, 32]
     artifact = graphopt.load(exported.path)
     for n in (1, 5):
         y = torch.randn(n, 10, 32)
