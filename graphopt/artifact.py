@@ -661,6 +661,31 @@ def load(path: str | os.PathLike[str]) -> Artifact:
     return Artifact(folder, manifest, _tvm_runner(model, manifest))
 
 
+def _aarch64_runner(
+    library: Path, features: list[str], arm_host: bool
+) -> Callable[..., Any] | None:
+    """On an x86 host, a function running the aarch64 library under qemu (the runner checks
+    the features); on an ARM host None (run it in process), after checking this CPU has the
+    library's features: an illegal instruction would kill the process."""
+    from graphopt.backends.tvm import aarch64
+
+    if arm_host:
+        missing = aarch64.missing_cpu_features(features)
+        if missing:
+            raise RuntimeError(
+                f"{library} was built for {', '.join('+' + f for f in missing)} but this CPU "
+                f"does not have {', '.join(missing)}"
+            )
+        return None
+
+    def run_under_qemu(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        arrays = [a.detach().cpu().contiguous().numpy() for a in args]
+        outputs = aarch64.run_library(library, arrays, require=features)
+        return tuple(torch.from_numpy(o) for o in outputs)
+
+    return run_under_qemu
+
+
 def _tvm_runner(library: Path, manifest: dict[str, Any]) -> Callable[..., Any]:
     import tvm
     from tvm import relax
@@ -677,17 +702,11 @@ def _tvm_runner(library: Path, manifest: dict[str, Any]) -> Callable[..., Any]:
         )
     target = manifest["target"]
     inputs = len(manifest["inputs"])
-    if target == "aarch64" and platform.machine().lower() not in ("aarch64", "arm64"):
-        from graphopt.backends.tvm import aarch64
-
-        features = manifest["tvm"]["cpu_features"]
-
-        def run_under_qemu(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            arrays = [a.detach().cpu().contiguous().numpy() for a in args]
-            outputs = aarch64.run_library(library, arrays, require=features)
-            return tuple(torch.from_numpy(o) for o in outputs)
-
-        return run_under_qemu
+    if target == "aarch64":
+        arm_host = platform.machine().lower() in ("aarch64", "arm64")
+        runner = _aarch64_runner(library, manifest["tvm"]["cpu_features"], arm_host)
+        if runner is not None:
+            return runner
     if target == "cuda" and not tvm.cuda(0).exist:
         raise RuntimeError(f"{library} is a CUDA library and this machine has no CUDA GPU")
     if target == "llvm":

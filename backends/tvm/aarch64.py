@@ -5,6 +5,8 @@
     build_runner()                    -> a folder holding tvm_runner (built once, then reused)
     run_library(library, inputs)      -> main's outputs as numpy arrays, run under
                                          qemu-aarch64-static -cpu CPU -L /usr/aarch64-linux-gnu
+    missing_cpu_features(required)    -> what this ARM CPU lacks (/proc/cpuinfo), for running
+                                         a library in process on an ARM host
 
 The runner (`runner/runner.cc`, built by `runner/build.sh`) is a small C++ program linked
 against the aarch64 `libtvm_runtime.so` / `libtvm_ffi.so` from the aarch64 apache-tvm /
@@ -89,6 +91,39 @@ def export_library(executable: Any, path: str | os.PathLike) -> None:
             f"(Debian/Ubuntu: {_PACKAGES[CROSS_CXX]})"
         )
     executable.export_library(str(path), cc=CROSS_CXX)
+
+
+# The feature names of runner.cc's --require (LLVM's mattr without "+") -> the names Linux lists
+# under "Features" in /proc/cpuinfo on arm64.
+_CPUINFO_NAMES = {
+    "neon": "asimd",
+    "asimd": "asimd",
+    "fp16": "fphp",
+    "dotprod": "asimddp",
+    "sve": "sve",
+    "sve2": "sve2",
+    "i8mm": "i8mm",
+    "bf16": "bf16",
+    "sme": "sme",
+}
+
+
+def missing_cpu_features(
+    required: Sequence[str], cpuinfo: str | os.PathLike = "/proc/cpuinfo"
+) -> list[str]:
+    """The features of `required` (e.g. a library's ["neon", "sve"]) that this aarch64 Linux
+    CPU lacks, by /proc/cpuinfo: the in-process twin of the runner's --require check. Names
+    it does not know (other LLVM attributes) are not checked."""
+    present: set[str] = set()
+    for line in Path(cpuinfo).read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Features":
+            present.update(value.split())
+    return [
+        f
+        for f in (name.lstrip("+") for name in required)
+        if f in _CPUINFO_NAMES and _CPUINFO_NAMES[f] not in present
+    ]
 
 
 def default_runner_dir() -> Path:

@@ -183,3 +183,28 @@ def test_missing_tools_name_their_packages(monkeypatch, tmp_path):
         export_library(object(), tmp_path / "x.so")
     with pytest.raises(RuntimeError, match="apt-get install qemu-user-static"):
         run_library(tmp_path / "x.so", [])
+
+
+def test_cpu_features_from_cpuinfo(tmp_path):
+    """The in-process check graphopt.load makes on an ARM host (the runner's twin)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull crc32 atomics fphp asimddp\n"
+        "CPU implementer\t: 0x41\n"
+    )
+    assert arm.missing_cpu_features(["neon", "dotprod", "fp16"], cpuinfo) == []
+    assert arm.missing_cpu_features(["+neon", "+sve", "+i8mm"], cpuinfo) == ["sve", "i8mm"]
+    assert arm.missing_cpu_features(["v8.2a"], cpuinfo) == []  # not a feature it knows
+
+
+def test_load_on_an_arm_host_refuses_a_library_for_features_it_lacks(tmp_path, monkeypatch):
+    import graphopt.artifact
+
+    library = tmp_path / "model.so"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("Features\t: fp asimd\n")
+    real = arm.missing_cpu_features
+    monkeypatch.setattr(arm, "missing_cpu_features", lambda features: real(features, cpuinfo))
+    with pytest.raises(RuntimeError, match=r"built for \+sve but this CPU does not have sve"):
+        graphopt.artifact._aarch64_runner(library, ["neon", "sve"], arm_host=True)
+    assert graphopt.artifact._aarch64_runner(library, ["neon"], arm_host=True) is None
