@@ -135,10 +135,6 @@ def export(
     report.capture_seconds = time.perf_counter() - start
     dim_names = _dim_names(model, captured, dynamic_shapes)
     gm = _optimize(captured, cfg, report, say)
-    with torch.no_grad():
-        eager = pytree.tree_leaves(model(*example_inputs))
-    expected = run_graph(gm, captured.example_inputs)
-    expected = list(expected) if isinstance(expected, list | tuple) else [expected]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -160,7 +156,7 @@ def export(
         (temp / "report.json").write_text(report.to_json())
         manifest = _manifest(gm, captured, cfg, target, temp, build, dim_names)
         _write_json(temp / MANIFEST, manifest)
-        manifest["verification"] = _verify(temp, cfg, captured, expected, eager, say)
+        manifest["verification"] = _verify(temp, cfg, captured, model, example_inputs, gm, say)
         _write_json(temp / MANIFEST, manifest)
         _move_into_place(temp, out, overwrite)
     except BaseException:
@@ -192,14 +188,15 @@ def _export_config(format: str, options: dict[str, Any]) -> Config:
         raise ValueError(
             f"format='tvm' target={target!r}; accepted targets: {list(TVM_TARGETS)} ('llvm' is x86)"
         )
-    if options.get("quantize") is not None and not _is_batches(options.get("calibration")):
+    if options.get("devices") is not None:
+        raise ValueError("graphopt.export writes one artifact for one target; drop 'devices'")
+    cfg = Config.from_options(options)
+    if cfg.quantize is not None and not isinstance(cfg.calibration, tuple):  # batches, not N
         raise ValueError(
             "graphopt.export with quantize='int8' needs calibration data: "
             "calibration=[(x1,), (x2,), ...] (an artifact cannot calibrate on its first calls)"
         )
-    if options.get("devices") is not None:
-        raise ValueError("graphopt.export writes one artifact for one target; drop 'devices'")
-    return Config.from_options(options)
+    return cfg
 
 
 def _tvm_target(cfg: Config, override: dict[str, Any] | None) -> Any:
@@ -229,10 +226,6 @@ def _tvm_target(cfg: Config, override: dict[str, Any] | None) -> Any:
             + (" and no aarch64 mtriple" if cfg.target == "llvm" else "")
         )
     return target
-
-
-def _is_batches(calibration: Any) -> bool:
-    return calibration is not None and not isinstance(calibration, int | bool)
 
 
 def _optimize(
@@ -446,8 +439,9 @@ def _verify(
     folder: Path,
     cfg: Config,
     captured: CapturedGraph,
-    expected: list[torch.Tensor],
-    eager: list[Any],
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    gm: torch.fx.GraphModule,
     say: _Progress,
 ) -> dict[str, Any]:
     """Run the artifact in `folder` on the example inputs (through `load`, as a user would)
@@ -458,6 +452,10 @@ def _verify(
         say(f"not run: {where['reason']}")
         return where
     say(f"verifying: running the artifact {where}")
+    with torch.no_grad():
+        eager = pytree.tree_leaves(model(*example_inputs))
+    expected = run_graph(gm, captured.example_inputs)
+    expected = list(expected) if isinstance(expected, list | tuple) else [expected]
     got = list(load(folder).run_flat(captured.example_inputs))
     floats = [
         i for i, e in enumerate(eager) if isinstance(e, torch.Tensor) and e.is_floating_point()

@@ -57,6 +57,14 @@ def _shape(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _random_calibration(shapes: list[tuple[int, ...]]) -> list[tuple[Any, ...]]:
+    """4 batches of random inputs of `shapes` for int8 calibration (announced: speed only)."""
+    import torch
+
+    print("int8: calibrating on 4 random batches (fine for speed, not for accuracy)")
+    return [tuple(torch.randn(*shape) for shape in shapes) for _ in range(4)]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -70,10 +78,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     inputs = tuple(torch.randn(*shape) for shape in args.input)
     quantized = options.get("quantize") is not None
     if quantized and "calibration" not in options:
-        options["calibration"] = [
-            tuple(torch.randn(*shape) for shape in args.input) for _ in range(4)
-        ]
-        print("int8: calibrating on 4 random batches (fine for speed, not for accuracy)")
+        options["calibration"] = _random_calibration(args.input)
     compiled = torch.compile(model, backend="graphopt", options=options)
     shown = {k: v for k, v in options.items() if k != "calibration"}
     print(f"compiling {args.model} with graphopt {shown} ...", flush=True)
@@ -109,10 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = _load_factory(args.model)().eval()
     inputs = tuple(torch.randn(*shape) for shape in args.input)
     if args.calibration == "random":
-        options["calibration"] = [
-            tuple(torch.randn(*shape) for shape in args.input) for _ in range(4)
-        ]
-        print("int8: calibrating on 4 random batches (fine for speed, not for accuracy)")
+        options["calibration"] = _random_calibration(args.input)
     elif args.calibration is not None:
         options["calibration"] = list(_load_factory(args.calibration)())
     exported = graphopt.export(
@@ -193,6 +195,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="input shape, e.g. 1,3,224,224 (repeat for several inputs)",
     )
+    parser.add_argument("--option", action="append", default=[], help="Config field, key=value")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="compile a model with graphopt and time it against eager")
     _model_arguments(bench)
     bench.add_argument("--target", default="cpu")
-    bench.add_argument("--option", action="append", default=[], help="Config field, key=value")
     bench.add_argument("--rounds", type=int, default=20)
     bench.set_defaults(func=cmd_bench)
     export = sub.add_parser(
@@ -211,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("out_dir", help="the folder to write (must not exist, see --overwrite)")
     export.add_argument("--format", default="onnx", help="onnx (default) or tvm")
     export.add_argument("--target", help="format=tvm: llvm (x86, default), aarch64 or cuda")
-    export.add_argument("--option", action="append", default=[], help="Config field, key=value")
     export.add_argument(
         "--calibration",
         help="int8 calibration data: 'file.py:batches' (a function returning input tuples) or "
