@@ -1,6 +1,6 @@
 """`graphopt.export` and `graphopt.load`: deployable artifacts from the same pass pipeline.
 
-    export(model, example_inputs, out_dir, format="onnx" | "tvm", target=..., **options)
+    export(model, example_inputs, out_dir, format="onnx" | "tvm" | "hls", target=..., **options)
         -> Exported (the folder, its manifest and the report)
     load(out_dir) -> Artifact (callable like the model; every file's sha256 is checked first)
 
@@ -13,6 +13,9 @@ An artifact folder holds:
                    DequantizeLinear), checked by onnx.checker
     model.so       format="tvm": a shared library with the weights embedded; its Relax VM
                    function "main" takes the model's inputs only and returns a tuple
+    firmware/ ...  format="hls": a Vitis-HLS-style C++ project (backends/hls/project.py):
+                   firmware/, tb/csim.cpp, Makefile, build_prj.tcl, config.json,
+                   estimates.json, tb_input.txt/tb_output.txt
     report.json    what each pass did (`graphopt.Report`)
 Nothing is pickled: JSON, ONNX protobuf and a shared library.
 
@@ -62,7 +65,7 @@ FORMATS = ("onnx", "tvm", "hls")
 TVM_TARGETS = ("llvm", "aarch64", "cuda")
 MANIFEST = "manifest.json"
 ARTIFACT_VERSION = 1  # bump when the folder layout or the manifest's meaning changes
-_MODEL_FILE = {"onnx": "model.onnx", "tvm": "model.so"}
+_MODEL_FILE = {"onnx": "model.onnx", "tvm": "model.so", "hls": "firmware/model.cpp"}
 INT8_RUNS_APART = 1.5  # an int8 artifact vs the int8 graph, in units of int8's error (_verify)
 
 
@@ -83,6 +86,7 @@ def export(
     *,
     dynamic_shapes: Any = None,
     tvm_target: dict[str, Any] | None = None,
+    hls_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     **options: Any,
@@ -94,7 +98,9 @@ def export(
         example_inputs: a tuple of example positional inputs (their shapes are the artifact's,
             except dims made dynamic by `dynamic_shapes`).
         out_dir: the folder to write; it must not exist unless `overwrite=True`.
-        format: "onnx" (model.onnx, run by onnxruntime) or "tvm" (model.so, a TVM library).
+        format: "onnx" (model.onnx, run by onnxruntime), "tvm" (model.so, a TVM library) or
+            "hls" (an FPGA C++ project, integer-only; needs quantize="int8" and calibration;
+            `load` runs its C simulation).
         dynamic_shapes: as in torch.export.export, e.g. {"x": {0: torch.export.Dim("batch")}}:
             those dims stay dynamic in the artifact, named as the Dims are (manifest, ONNX).
         tvm_target: format="tvm": a TVM target (JSON dict) instead of graphopt's default for
@@ -102,6 +108,9 @@ def export(
             the GPU here); {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon",
             "+sve"]} (default +neon; the features go into the manifest and are checked before
             the library runs); {"kind": "llvm", "mcpu": "x86-64-v3"} (default: this CPU).
+        hls_options: format="hls": part, clock_ns, io ("array"/"stream"), reuse_factor
+            ("auto", an int, or per layer), max_dsp, target_latency_us (see
+            `graphopt.backends.hls.HLSOptions`).
         overwrite: replace an existing `out_dir` (after the new folder is complete).
         progress: print what is being done, with elapsed seconds, to stderr.
         **options: fields of `graphopt.Config`. `target`: for format="tvm" "llvm" (x86, the
@@ -122,6 +131,13 @@ def export(
     cfg = _export_config(format, options)
     if tvm_target is not None and format != "tvm":
         raise ValueError(f"tvm_target applies to format='tvm' only, not format={format!r}")
+    if hls_options is not None and format != "hls":
+        raise ValueError(f"hls_options applies to format='hls' only, not format={format!r}")
+    hls = None
+    if format == "hls":
+        from graphopt.backends.hls import HLSOptions
+
+        hls = HLSOptions.from_dict(hls_options)
     target = _tvm_target(cfg, tvm_target) if format == "tvm" else None
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -143,12 +159,12 @@ def export(
     temp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         start = time.perf_counter()
-        build = _write_model(gm, captured, cfg, target, temp, say, dim_names)
+        build = _write_model(gm, captured, cfg, target, temp, say, dim_names, hls)
         report.lowering_seconds = time.perf_counter() - start
         report.partitions.append(
             PartitionRecord(
                 "graph",
-                "onnx" if target is None else f"tvm-{cfg.target}",
+                {"onnx": "onnx", "hls": "hls"}.get(cfg.target, f"tvm-{cfg.target}"),
                 op_histogram(gm),
                 count_call_nodes(gm),
             )
@@ -170,12 +186,20 @@ def export(
 def _export_config(format: str, options: dict[str, Any]) -> Config:
     if format not in FORMATS:
         raise ValueError(f"graphopt.export format {format!r}; accepted formats: {list(FORMATS)}")
-    if format == "hls":
-        raise NotImplementedError(
-            "format='hls' (FPGA C++ project) is not implemented yet; implemented: 'onnx', 'tvm'"
-        )
     target = options.get("target")
-    if format == "onnx":
+    if format == "hls":
+        if target not in (None, "hls"):
+            raise ValueError(
+                f"format='hls' writes an FPGA C++ project; target={target!r} does not apply "
+                "(accepted: 'hls' or leave it out)"
+            )
+        if options.get("quantize") != "int8":
+            raise ValueError(
+                "format='hls' computes in integers only: pass quantize='int8' and "
+                "calibration=[(x1,), (x2,), ...]"
+            )
+        options = {**options, "target": "hls"}
+    elif format == "onnx":
         if target not in (None, "onnx"):
             raise ValueError(
                 f"format='onnx' writes an ONNX file for any runtime; target={target!r} does not "
@@ -257,6 +281,10 @@ def _optimize(
             raise UnsupportedOpError(
                 cfg.target, missing, why="a TVM artifact cannot run them in PyTorch"
             )
+    if cfg.target == "hls":
+        from graphopt.backends.hls import build_program
+
+        build_program(gm)  # every node it cannot express, at once, before anything is written
     return gm
 
 
@@ -268,9 +296,13 @@ def _write_model(
     folder: Path,
     say: _Progress,
     dim_names: dict[str, str],
+    hls: Any = None,
 ) -> dict[str, Any]:
     """Write the model file into `folder`; returns what the manifest records of the build
-    (the CPU features an aarch64 library needs, the nvcc check of CUDA kernels)."""
+    (the CPU features an aarch64 library needs, the nvcc check of CUDA kernels, the HLS
+    project's estimates and C simulation)."""
+    if cfg.target == "hls":
+        return _write_hls(gm, captured, cfg, folder, say, hls)
     if cfg.target == "onnx":
         import onnx
 
@@ -309,6 +341,90 @@ def _write_model(
     return build
 
 
+def _write_hls(
+    gm: torch.fx.GraphModule,
+    captured: CapturedGraph,
+    cfg: Config,
+    folder: Path,
+    say: _Progress,
+    options: Any,
+) -> dict[str, Any]:
+    """The HLS project, its estimates, and its C simulation checked bit for bit against
+    graphopt's int8 reference on the example inputs and every calibration batch."""
+    from graphopt.backends.hls import (
+        build_csim,
+        missing_compiler,
+        run_csim,
+        run_program,
+        write_hls_project,
+    )
+
+    batches = [captured.flat_inputs(batch) for batch in cfg.calibration]
+    inputs = list(captured.example_inputs)
+    if any(x.dim() == 0 for x in inputs):
+        raise ValueError("format='hls' needs a batch dim (dim 0) on every input")
+    say(f"writing the HLS project (part {options.part}, {options.clock_ns} ns, io={options.io})")
+    project = write_hls_project(gm, folder, options, batches, inputs)
+    _write_json(folder / "estimates.json", project.estimates)
+    _write_json(folder / "config.json", project.config)
+    total = project.estimates["total"]
+    say(
+        f"estimates: {total['dsp']} DSP, {total['bram18']} BRAM18, {total['lut']} LUT, "
+        f"latency {total['latency_us']:.3g} us at {options.clock_ns} ns"
+    )
+    build: dict[str, Any] = {
+        "hls": {
+            "part": options.part,
+            "clock_ns": options.clock_ns,
+            "io": options.io,
+            "reuse_factors": project.reuse,
+            "estimates": total,
+        }
+    }
+    problem = missing_compiler()
+    if problem is not None:
+        build["hls"]["csim"] = f"not run: {problem}"
+        say(build["hls"]["csim"])
+        return build
+    with tempfile.TemporaryDirectory(prefix="graphopt-csim-") as tmp:
+        start = time.perf_counter()
+        binary = build_csim(folder, Path(tmp) / "csim")
+        built = time.perf_counter() - start
+        shapes = [project.program.buffers[n].shape for n in project.program.outputs]
+        samples = worst = 0
+        start = time.perf_counter()
+        for batch in [inputs, *batches]:
+            got = run_csim(binary, list(batch), shapes)
+            want = run_program(project.program, list(batch))
+            samples += batch[0].shape[0]
+            for g, w in zip(got, want):
+                worst = max(worst, float((g - w).abs().max()) if g.numel() else 0.0)
+                if not torch.equal(g, w):
+                    raise VerificationError(
+                        "hls C simulation",
+                        f"differs from graphopt's int8 reference by up to {worst:.3g} "
+                        "(it must be bit-exact)",
+                    )
+        ran = time.perf_counter() - start
+    build["hls"]["csim"] = {
+        "compiler": _cxx_version(),
+        "samples": samples,
+        "max_abs_difference_vs_int8_reference": worst,
+        "build_seconds": round(built, 2),
+        "run_seconds": round(ran, 3),
+    }
+    say(f"C simulation: {samples} samples bit-exact with graphopt's int8 reference")
+    return build
+
+
+def _cxx_version() -> str:
+    import subprocess
+
+    cxx = os.environ.get("CXX", "g++")
+    done = subprocess.run([cxx, "--version"], capture_output=True, text=True)
+    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else cxx
+
+
 def _manifest(
     gm: torch.fx.GraphModule,
     captured: CapturedGraph,
@@ -318,7 +434,7 @@ def _manifest(
     build: dict[str, Any],
     dim_names: dict[str, str],
 ) -> dict[str, Any]:
-    format = "onnx" if target is None else "tvm"
+    format = {"onnx": "onnx", "hls": "hls"}.get(cfg.target, "tvm")
     placeholders = gm.graph.find_nodes(op="placeholder")
     outputs = gm.graph.find_nodes(op="output")[0].args[0]
     outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
@@ -328,9 +444,9 @@ def _manifest(
         "target": cfg.target,
         "model": _MODEL_FILE[format],
         "files": {
-            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.iterdir())
-            if p.name != MANIFEST
+            p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
         },
         "versions": _versions(format),
         "options": cfg.describe(),
@@ -340,7 +456,9 @@ def _manifest(
         "out_spec": _dumps(captured.out_spec, "outputs"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if target is not None:
+    if cfg.target == "hls":
+        manifest.update(build)
+    elif target is not None:
         manifest["tvm"] = {
             "target": _plain(target.export()),
             "entry": "main",
@@ -428,7 +546,7 @@ def _versions(format: str) -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    modules = ("onnx", "onnxruntime") if format == "onnx" else ("tvm", "tvm_ffi")
+    modules = {"onnx": ("onnx", "onnxruntime"), "hls": ()}.get(format, ("tvm", "tvm_ffi"))
     for name in modules:
         module = sys.modules.get(name) or __import__(name)
         versions[name] = str(getattr(module, "__version__", "unknown"))
@@ -497,6 +615,13 @@ def _runs_here(cfg: Config) -> str | dict[str, Any]:
     was checked instead."""
     if cfg.target == "onnx":
         return "in onnxruntime (CPU)"
+    if cfg.target == "hls":
+        from graphopt.backends.hls import missing_compiler
+
+        problem = missing_compiler()
+        if problem is not None:
+            return {"ran": False, "reason": problem}
+        return "in C simulation (g++)"
     if cfg.target == "llvm":
         return "in process (TVM runtime)"
     if cfg.target == "aarch64":
@@ -652,11 +777,34 @@ def load(path: str | os.PathLike[str]) -> Artifact:
         if file_sha256(file) != entry["sha256"]:
             raise ValueError(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
     model = folder / manifest["model"]
+    if manifest["format"] == "hls":
+        return Artifact(folder, manifest, _hls_runner(folder, manifest))
     if manifest["format"] == "onnx":
         from graphopt.backends.onnx import OnnxRunner
 
         return Artifact(folder, manifest, OnnxRunner(str(model)))
     return Artifact(folder, manifest, _tvm_runner(model, manifest))
+
+
+def _hls_runner(folder: Path, manifest: dict[str, Any]) -> Callable[..., Any]:
+    """Build the project's C simulation (in a temporary folder) and run it."""
+    from graphopt.backends.hls import build_csim, run_csim
+
+    build = Path(tempfile.mkdtemp(prefix="graphopt-csim-"))
+    try:
+        binary = build_csim(folder, build / "csim")
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    import atexit
+
+    atexit.register(shutil.rmtree, build, True)
+    shapes = [tuple(spec["shape"][1:]) for spec in manifest["outputs"]]
+
+    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        return run_csim(binary, [x.detach().cpu() for x in inputs], shapes)
+
+    return run
 
 
 def _aarch64_runner(

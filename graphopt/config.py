@@ -23,7 +23,8 @@ class Config:
     Args:
         target: where the graph runs. "cpu" (default): graphopt's passes, then inductor's codegen;
             "llvm": TVM for x86; "aarch64": TVM cross-compiled (export only); "cuda": TVM for
-            NVIDIA GPUs; "hls": FPGA C++; "onnx": onnxruntime.
+            NVIDIA GPUs; "hls": FPGA C++, integer-only (needs quantize="int8"), run as its
+            C simulation; "onnx": onnxruntime.
         quantize: None (float) or "int8" (post-training quantization).
         calibration: int8 calibration data: an iterable of example input tuples (positional
             arguments of the model), or a number N: calibrate on the first N real calls, which
@@ -59,6 +60,11 @@ class Config:
         _check_choice("quantize", self.quantize, QUANTIZE)
         _check_choice("fallback", self.fallback, FALLBACKS)
         _check_choice("observer", self.observer, OBSERVERS)
+        if self.target == "hls" and self.quantize != "int8":
+            raise ValueError(
+                "graphopt option target='hls' computes in integers only (FPGA): set "
+                f"quantize='int8' (and calibration), got quantize={self.quantize!r}"
+            )
         if self.accuracy_budget is not None and (
             isinstance(self.accuracy_budget, bool)
             or not isinstance(self.accuracy_budget, int | float)

@@ -21,6 +21,7 @@ reproduce them exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -202,3 +203,40 @@ def output_multipliers(
     m0 = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
     shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
     return m0, shift
+
+
+def rescale_multipliers(ratios: Sequence[float]) -> tuple[list[int], int]:
+    """Integer multipliers sharing one shift: ratio[i] ~= m[i] / 2**shift, every m[i] < 2**30.
+
+    Used where several 8-bit inputs meet at one output scale (a residual add: ratio[i] =
+    in_scale[i] / out_scale): each input is scaled exactly in 64 bits and the sum is rounded
+    once, `out = saturate(round(sum((q[i] - z[i]) * m[i]) / 2**shift) + z_out)`.
+    """
+    if not ratios or not all(r > 0 and math.isfinite(r) for r in ratios):
+        raise ValueError(f"rescale ratios must be positive and finite, got {list(ratios)}")
+    exponent = max(math.frexp(r)[1] for r in ratios)  # every ratio < 2**exponent
+    shift = 30 - exponent
+    if shift < 1:
+        raise ValueError(f"rescale ratio {max(ratios)} >= 2**29 is not supported")
+    return [round(r * 2.0**shift) for r in ratios], shift
+
+
+def rescale_add(
+    terms: Sequence[tuple[torch.Tensor, int]],
+    multipliers: Sequence[int],
+    shift: int,
+    zero_point: int,
+    *,
+    qmin: int = ACT_QMIN,
+    qmax: int = ACT_QMAX,
+) -> torch.Tensor:
+    """saturate(round(sum((q - z) * m) / 2**shift) + zero_point) over (q, z) `terms`.
+
+    The 8-bit add of quantized tensors at different scales (`rescale_multipliers`); with one
+    term it requantizes a tensor to another scale.
+    """
+    total = torch.zeros((), dtype=torch.int64)
+    for (q, z), m in zip(terms, multipliers, strict=True):
+        total = total + (q.to(torch.int64) - z) * m
+    out = rounding_shift(total, shift) + zero_point
+    return out.clamp(qmin, qmax).to(torch.uint8 if qmin >= 0 else torch.int8)

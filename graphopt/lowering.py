@@ -39,7 +39,7 @@ def backend_for(target: str) -> Backend:
             "target='aarch64' cross-compiles for an ARM device: it cannot run on this host "
             "through torch.compile or graphopt.optimize; write the ARM library with "
             "graphopt.export(model, inputs, out_dir, format='tvm', target='aarch64'). "
-            "Targets that run here: 'cpu', 'llvm', 'cuda', 'onnx'"
+            "Targets that run here: 'cpu', 'llvm', 'cuda', 'onnx', 'hls' (C simulation)"
         )
     if target == "onnx":
         try:
@@ -60,9 +60,13 @@ def backend_for(target: str) -> Backend:
 
         runtime_device(Config(target=target))  # no GPU: one clear error, not a fallback per piece
         return Backend(f"tvm-{target}", TVM, compile_subgraph)
+    if target == "hls":
+        from graphopt.backends.hls import HLS, compile_hls
+
+        return Backend("hls-csim", HLS, compile_hls)
     raise NotImplementedError(
         f"target={target!r} is accepted by Config but its backend is not implemented yet; "
-        "implemented targets: 'cpu', 'llvm', 'cuda', 'onnx'"
+        "implemented targets: 'cpu', 'llvm', 'cuda', 'onnx', 'hls'"
     )
 
 

@@ -193,6 +193,7 @@ class _Runner(torch.fx.Interpreter):
         sites: dict[torch.fx.Node, Site],
         observers: dict[torch.fx.Node, _Observer] | None = None,
         simulate: dict[torch.fx.Node, _Plan] | None = None,
+        extra: dict[torch.fx.Node, tuple[float, int, int]] | None = None,
     ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.sites, self.observers, self.simulate = sites, observers or {}, simulate or {}
@@ -201,6 +202,7 @@ class _Runner(torch.fx.Interpreter):
             for plan in self.simulate.values()
             if plan.output is not None
         }
+        self.requantize.update(extra or {})
 
     def run_node(self, node: torch.fx.Node) -> Any:
         plan = self.simulate.get(node)
@@ -231,13 +233,14 @@ def _run(
     sites: dict[torch.fx.Node, Site],
     observers: dict[torch.fx.Node, _Observer] | None = None,
     simulate: dict[torch.fx.Node, _Plan] | None = None,
+    extra: dict[torch.fx.Node, tuple[float, int, int]] | None = None,
 ) -> list[list[torch.Tensor]]:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     outs = []
     with unset_fake_temporarily(), torch.no_grad():
         for batch in batches:
-            result = _Runner(gm, sites, observers, simulate).run(*batch)
+            result = _Runner(gm, sites, observers, simulate, extra).run(*batch)
             flat = torch.utils._pytree.tree_leaves(result)
             outs.append([t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()])
     return outs
@@ -303,13 +306,24 @@ def quantize(
     # with a quantize after the conv: for target="onnx" every conv whose output (after its
     # ReLU, if any) is not already quantized for a next layer gets one, as onnxruntime's own
     # quantize_static does. (Linear layers gained nothing from it on BERT, and lost accuracy.)
+    # target="hls" (integer-only hardware) goes further: every layer's output is quantized, and
+    # so is the output of every add, concat and average pool (their integer forms need an
+    # output scale); only float outputs of the model's last conv/linear stay float.
     outputs = {}
-    if cfg.target == "onnx":
-        for node in (n for n, site in sites.items() if site.kind == "conv2d"):
+    if cfg.target in ("onnx", "hls"):
+        kinds = ("conv2d",) if cfg.target == "onnx" else ("conv2d", "linear")
+        for node in (n for n, site in sites.items() if site.kind in kinds):
             out = _after_activation(node)
-            if out not in acts and all(u.op != "output" for u in out.users):
+            if not _quantized_later(out, acts) and all(u.op != "output" for u in out.users):
                 outputs[node] = out  # (model outputs stay float: no 8-bit logits)
-    observers = {n: _Observer(cfg.observer) for n in acts | set(outputs.values())}
+    extra = []  # (hls) non-layer values to quantize
+    if cfg.target == "hls":
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in _RESCALING_OPS:
+                out = _after_activation(node)
+                if not _quantized_later(out, acts):
+                    extra.append(out)
+    observers = {n: _Observer(cfg.observer) for n in acts | set(outputs.values()) | set(extra)}
     log.info("graphopt quantize: calibrating %d layers on %d batches", len(sites), len(calibration))
     reference = _run(gm, calibration, sites, observers=observers)
     # cpu (oneDNN) and onnx (onnxruntime's MLAS) multiply u8 x s8 with saturating int16 pairs
@@ -318,14 +332,21 @@ def quantize(
     plans = {node: _plan(gm, site, observers[site.act], qmax) for node, site in sites.items()}
     for node, out in outputs.items():
         plans[node].output = (out, *int8.activation_qparams(*observers[out].range(), qmax))
+    extra_qparams = {
+        out: (*int8.activation_qparams(*observers[out].range(), qmax), qmax) for out in extra
+    }
 
     sensitivity: dict[torch.fx.Node, float] = {}
     active = dict(plans)
-    error = _relative_error(reference, _run(gm, calibration, sites, simulate=active))
+    error = _relative_error(
+        reference, _run(gm, calibration, sites, simulate=active, extra=extra_qparams)
+    )
     if cfg.accuracy_budget is not None and error > cfg.accuracy_budget:
         for i, node in enumerate(sites):
             only = {node: plans[node]}
-            sensitivity[node] = _relative_error(reference, _run(gm, calibration, sites, None, only))
+            sensitivity[node] = _relative_error(
+                reference, _run(gm, calibration, sites, simulate=only, extra=extra_qparams)
+            )
             log.info(
                 "graphopt quantize: sensitivity %d/%d %s: %.4g",
                 i + 1,
@@ -337,7 +358,9 @@ def quantize(
             if error <= cfg.accuracy_budget:
                 break
             del active[node]
-            error = _relative_error(reference, _run(gm, calibration, sites, simulate=active))
+            error = _relative_error(
+                reference, _run(gm, calibration, sites, simulate=active, extra=extra_qparams)
+            )
             log.info(
                 "graphopt quantize: %s kept in float, output error now %.4g",
                 sites[node].name,
@@ -358,7 +381,15 @@ def quantize(
                 sensitivity.get(node),
             )
         )
-    _rewrite(gm, sites, active, mode, quantized_adds=cfg.target == "onnx")
+    _rewrite(
+        gm,
+        sites,
+        active,
+        mode,
+        extra_qparams,
+        quantized_adds=cfg.target in ("onnx", "hls"),
+        quantized_everywhere=cfg.target == "hls",
+    )
     if active:  # the error the rewritten graph really has (the simulation leaves out the adds)
         error = _relative_error(reference, _run(gm, calibration, {}))
     summary = QuantSummary(
@@ -382,6 +413,28 @@ def quantize(
 
 
 _ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
+
+
+# Ops whose integer form rescales to a new output scale (target="hls" quantizes their outputs).
+_RESCALING_OPS = (
+    aten.add.Tensor,
+    aten.cat.default,
+    aten.avg_pool2d.default,
+    aten.mean.dim,
+    aten._adaptive_avg_pool2d.default,
+)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _quantized_later(node: torch.fx.Node, acts: set[torch.fx.Node]) -> bool:
+    """`node`, or the end of a chain of views of it (a flatten), is quantized for a layer."""
+    while True:
+        if node in acts:
+            return True
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _VIEWS:
+            return False
+        node = users[0]
 
 
 def _after_activation(node: torch.fx.Node) -> torch.fx.Node:
@@ -409,12 +462,15 @@ def _rewrite(
     sites: dict[torch.fx.Node, Site],
     active: dict[torch.fx.Node, _Plan],
     mode: Any,
+    extra: dict[torch.fx.Node, tuple[float, int, int]],
     *,
     quantized_adds: bool = False,
+    quantized_everywhere: bool = False,
 ) -> None:
     """Insert the QDQ nodes of every active site. quantized_adds: an add that reads an
     activation which is quantized for a layer reads the dequantized copy instead, so
-    onnxruntime can run residual adds as QLinearAdd."""
+    onnxruntime can run residual adds as QLinearAdd; quantized_everywhere: every reader does
+    (target="hls": integer-only hardware has no float copy)."""
     graph = gm.graph
     dequantized: dict[tuple[torch.fx.Node, float, int, int], torch.fx.Node] = {}
     for node, plan in active.items():
@@ -423,7 +479,9 @@ def _rewrite(
         act = site.act
         key = (act, plan.act_scale, plan.act_zero_point, plan.act_qmax)
         if key not in dequantized:  # right after the activation: its readers share the pair
-            dequantized[key] = _insert_qdq(gm, act, plan.act_scale, plan.act_zero_point, plan, mode)
+            dequantized[key] = _insert_qdq(
+                gm, act, plan.act_scale, plan.act_zero_point, plan.act_qmax, mode
+            )
         hint = f"{node.name}_weight"
         qweight = insert_constant(gm, plan.qweight, hint + "_int8", before=node)
         scales = insert_constant(gm, plan.scales, hint + "_scale", before=node)
@@ -448,13 +506,21 @@ def _rewrite(
         if plan.output is not None:
             out, scale, zero_point = plan.output
             users = list(out.users)
-            dq = _insert_qdq(gm, out, scale, zero_point, plan, mode)
+            dq = _insert_qdq(gm, out, scale, zero_point, plan.act_qmax, mode)
             for user in users:
                 user.replace_input_with(out, dq)
+    for out, (scale, zero_point, qmax) in extra.items():
+        users = list(out.users)
+        dq = _insert_qdq(gm, out, scale, zero_point, qmax, mode)
+        for user in users:
+            user.replace_input_with(out, dq)
     if quantized_adds:
         for (act, *_), dq in dequantized.items():
             for user in list(act.users):
-                if user.op == "call_function" and user.target is aten.add.Tensor:
+                if user.op == "call_function" and (
+                    user.target is aten.add.Tensor
+                    or (quantized_everywhere and user is not dq.args[0])
+                ):
                     user.replace_input_with(act, dq)
     graph.lint()
     gm.recompile()
@@ -465,7 +531,7 @@ def _insert_qdq(
     value: torch.fx.Node,
     scale: float,
     zero_point: int,
-    plan: _Plan,
+    qmax: int,
     mode: Any,
 ) -> torch.fx.Node:
     """quantize_per_tensor + dequantize_per_tensor of `value`, right after it; the dequantize."""
@@ -473,7 +539,7 @@ def _insert_qdq(
     while after.op == "placeholder":
         after = after.next
     emit = Emitter(gm, after, mode)
-    q_args = (scale, zero_point, int8.ACT_QMIN, plan.act_qmax, int8.ACT_DTYPE)
+    q_args = (scale, zero_point, int8.ACT_QMIN, qmax, int8.ACT_DTYPE)
     q = emit(qd.quantize_per_tensor.default, value, *q_args)
     return emit(qd.dequantize_per_tensor.default, q, *q_args)
 

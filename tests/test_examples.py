@@ -35,3 +35,9 @@ def test_export_artifacts_writes_loads_and_times_each(tmp_path):
         assert f"{name}: {tmp_path / name}" in out and f"| {name} |" in out
         assert (tmp_path / name / "manifest.json").is_file()
     assert out.count("loaded again: max abs error vs eager") == 3
+
+
+def test_fpga_digits_exports_simulates_and_is_bit_exact(tmp_path):
+    out = _run("examples/fpga_digits.py", "--model", "mlp", "--out", str(tmp_path / "p"))
+    assert "bit-exact with graphopt's int8 reference: True" in out
+    assert "DSP" in out and "reuse" in out

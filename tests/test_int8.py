@@ -140,3 +140,20 @@ def test_integer_conv_padding_is_a_real_zero():
     qw = torch.ones(1, 1, 3, 3, dtype=torch.int8)
     acc = int8.integer_conv2d(qx, 7, qw, None, padding=(1, 1))
     assert torch.all(acc == 0)
+
+
+def test_rescale_add_is_one_rounding_of_the_exact_sum():
+    """(q_a - z_a) * s_a + (q_b - z_b) * s_b at output scale s: the integer multipliers share
+    one shift, so the sum is rounded once; results within 1 LSB of the real-valued sum and
+    saturated, never wrapped."""
+    torch.manual_seed(0)
+    sa, sb, so = 0.02, 0.013, 0.01  # ratios above 1: both ends saturate
+    multipliers, shift = int8.rescale_multipliers([sa / so, sb / so])
+    assert all(m < 2**30 for m in multipliers) and shift >= 1
+    qa, qb = torch.randint(0, 256, (1000,)), torch.randint(0, 256, (1000,))
+    got = int8.rescale_add([(qa, 100), (qb, 30)], multipliers, shift, 7)
+    real = ((qa - 100) * sa + (qb - 30) * sb) / so + 7
+    assert (got.double() - real.clamp(0, 255)).abs().max() <= 0.5 + 1e-3
+    assert got.dtype == torch.uint8 and int(got.min()) == 0 and int(got.max()) == 255
+    with pytest.raises(ValueError, match="positive and finite"):
+        int8.rescale_multipliers([0.5, 0.0])
