@@ -18,7 +18,7 @@ import time
 import torch
 
 import graphopt
-from graphopt.backends.hls import build_program, run_program
+from graphopt.backends.hls import int8_program, run_program
 
 try:
     from examples.int8_digits import BATCH, DigitsCNN, DigitsMLP, load_digits_split, train
@@ -41,9 +41,10 @@ def main() -> None:
     options = {"part": args.part, "clock_ns": args.clock_ns}
     if args.max_dsp is not None:
         options["max_dsp"] = args.max_dsp
+    batch = torch.export.Dim("batch")
     exported = graphopt.export(
         model, (x[:8],), args.out, format="hls", quantize="int8", calibration=calibration,
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, hls_options=options,
+        dynamic_shapes={"x": {0: batch}}, hls_options=options,
         overwrite=True,
     )  # fmt: skip
 
@@ -52,16 +53,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     with torch.no_grad():
         float_logits = model(x)
-    # graphopt's int8 reference of the same integer program, computed in PyTorch
-    from graphopt.capture import capture_export
-    from graphopt.compiler import new_report
-    from graphopt.config import Config
-    from graphopt.pipeline import run_pipeline
-
-    captured = capture_export(model, calibration[0])
-    cfg = Config(target="hls", quantize="int8")
-    gm = run_pipeline(captured.gm, cfg, new_report(cfg), calibration=[list(b) for b in calibration])
-    reference = run_program(build_program(gm), [x])[0]
+    # graphopt's int8 reference: the same integer program, computed exactly in PyTorch
+    program = int8_program(model, (x[:8],), calibration, dynamic_shapes={"x": {0: batch}})
+    reference = run_program(program, [x])[0]
 
     def top1(logits: torch.Tensor) -> float:
         return 100 * (logits.argmax(1) == y).float().mean().item()

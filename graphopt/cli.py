@@ -117,10 +117,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         options["calibration"] = _random_calibration(args.input)
     elif args.calibration is not None:
         options["calibration"] = list(_load_factory(args.calibration)())
+    if args.hls_option:
+        options["hls_options"] = dict(_parse_option(o) for o in args.hls_option)
     exported = graphopt.export(
         model, inputs, args.out_dir, format=args.format, overwrite=args.overwrite, **options
     )
     print(exported.report)
+    hls = exported.manifest.get("hls")
+    if hls is not None:
+        total = hls["estimates"]
+        print(
+            f"FPGA estimates ({hls['part']}, {hls['clock_ns']} ns): {total['dsp']} DSP, "
+            f"{total['bram18']} BRAM18, {total['lut']} LUT, latency {total['latency_us']:.3g} us "
+            f"(estimates.json)"
+        )
+        csim = hls["csim"]
+        if isinstance(csim, dict):
+            print(f"C simulation: {csim['samples']} samples bit-exact with the int8 reference")
+        else:
+            print(f"C simulation {csim}")
     verification = exported.manifest["verification"]
     if verification.get("ran"):
         print(
@@ -207,16 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rounds", type=int, default=20)
     bench.set_defaults(func=cmd_bench)
     export = sub.add_parser(
-        "export", help="optimize a model and write a deployable artifact folder (ONNX, TVM)"
+        "export", help="optimize a model and write a deployable artifact folder (ONNX, TVM, HLS)"
     )
     _model_arguments(export)
     export.add_argument("out_dir", help="the folder to write (must not exist, see --overwrite)")
-    export.add_argument("--format", default="onnx", help="onnx (default) or tvm")
+    export.add_argument("--format", default="onnx", help="onnx (default), tvm or hls (FPGA C++)")
     export.add_argument("--target", help="format=tvm: llvm (x86, default), aarch64 or cuda")
     export.add_argument(
         "--calibration",
         help="int8 calibration data: 'file.py:batches' (a function returning input tuples) or "
         "'random' (random inputs: for speed only, not accuracy)",
+    )
+    export.add_argument(
+        "--hls-option",
+        action="append",
+        default=[],
+        help="format=hls: key=value of hls_options (part=xc7z020clg400-1, clock_ns=4, io=stream, "
+        "reuse_factor=4, max_dsp=200, target_latency_us=20); repeatable",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     export.set_defaults(func=cmd_export)

@@ -97,6 +97,32 @@ def test_export_int8_needs_calibration_and_takes_a_batches_function(tmp_path, ca
     assert "ran in onnxruntime (CPU)" in capsys.readouterr().out
 
 
+def test_export_hls_project_with_options_then_run_its_csim(tmp_path, capsys):
+    model_file = _model_file(
+        tmp_path,
+        """
+        import torch
+
+        def make():
+            relu = torch.nn.ReLU()
+            return torch.nn.Sequential(torch.nn.Linear(8, 16), relu, torch.nn.Linear(16, 4))
+    """,
+    )
+    out_dir = tmp_path / "fpga"
+    argv = ["export", f"{model_file}:make", str(out_dir), "--input", "2,8", "--format", "hls"]
+    argv += ["--option", "quantize=int8", "--calibration", "random"]
+    assert main([*argv, "--hls-option", "part=xc7z020clg400-1", "--hls-option", "io=stream"]) == 0
+    out = capsys.readouterr()
+    assert "FPGA estimates (xc7z020clg400-1, 5.0 ns)" in out.out
+    assert "C simulation: 10 samples bit-exact with the int8 reference" in out.out  # 2 + 4 x 2
+    assert "ran in C simulation (g++)" in out.out
+    assert "#pragma HLS DATAFLOW" in (out_dir / "firmware" / "model.cpp").read_text()
+    assert main(["run", str(out_dir), "--rounds", "2"]) == 0
+    assert "outputs [((2, 4), 'torch.float32')]" in capsys.readouterr().out
+    assert main([*argv, "--overwrite", "--hls-option", "reuse_factor=7"]) == 2
+    assert "reuse factor 7 is not legal" in capsys.readouterr().err
+
+
 def _model_file(tmp_path, source: str):
     """A model file for the command line (its factories are named in the tests' argv)."""
     path = tmp_path / "tiny_model.py"

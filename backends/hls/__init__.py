@@ -55,9 +55,30 @@ __all__ = [
     "HLSProject",
     "build_program",
     "compile_hls",
+    "int8_program",
     "run_program",
     "write_hls_project",
 ]
+
+
+def int8_program(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    calibration: Sequence[Sequence[torch.Tensor]],
+    *,
+    dynamic_shapes: Any = None,
+) -> Program:
+    """The integer program `graphopt.export(model, ..., format="hls", quantize="int8",
+    calibration=calibration)` writes, without writing or compiling anything:
+    `run_program(program, [x])` is graphopt's int8 reference, which the C simulation equals."""
+    from graphopt.capture import capture_export
+    from graphopt.compiler import new_report
+    from graphopt.pipeline import run_pipeline
+
+    captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    cfg = Config(target="hls", quantize="int8", calibration=tuple(calibration))
+    batches = [captured.flat_inputs(batch) for batch in calibration]
+    return build_program(run_pipeline(captured.gm, cfg, new_report(cfg), calibration=batches))
 
 
 @dataclass

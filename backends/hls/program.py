@@ -137,6 +137,19 @@ class _Builder:
         self.pending: dict[torch.fx.Node, Layer] = {}  # accumulators waiting for their output
         self.problems: list[tuple[str, str, str]] = []
         self.failed: set[torch.fx.Node] = set()  # (their users are not reported again)
+        self.handlers = {
+            **dict.fromkeys(_QUANTIZE, self.quantize),
+            **dict.fromkeys(_DEQUANTIZE, self.dequantize),
+            **dict.fromkeys(_VIEWS, self.view),
+            **dict.fromkeys(_ACTIVATIONS, self.activation),
+            **dict.fromkeys(_LAYERS, self.linear_or_conv),
+            **dict.fromkeys(_POOLS, self.maxpool),
+            **dict.fromkeys(_AVERAGES, self.average),
+            aten.add.Tensor: self.add,
+            aten.cat.default: self.concat,
+            operator.getitem: self.getitem,
+            aten.sym_size.int: self.batch_size,
+        }
         self.batch: str | None = None
 
     # -- helpers ---------------------------------------------------------------------------
@@ -225,19 +238,7 @@ class _Builder:
                 "reads a layer's accumulators before they are quantized (quantize the "
                 "graph with target='hls')",
             )
-        handler = {
-            **dict.fromkeys(_QUANTIZE, self.quantize),
-            **dict.fromkeys(_DEQUANTIZE, self.dequantize),
-            **dict.fromkeys(_VIEWS, self.view),
-            **dict.fromkeys(_ACTIVATIONS, self.activation),
-            **dict.fromkeys(_LAYERS, self.linear_or_conv),
-            **dict.fromkeys(_POOLS, self.maxpool),
-            **dict.fromkeys(_AVERAGES, self.average),
-            aten.add.Tensor: self.add,
-            aten.cat.default: self.concat,
-            operator.getitem: self.getitem,
-            aten.sym_size.int: self.batch_size,
-        }.get(target)
+        handler = self.handlers.get(target)
         if handler is None:
             return self.fail(node, f"no hls rule for {op_name(target)}")
         handler(node)
