@@ -517,10 +517,9 @@ def _rewrite(
     if quantized_adds:
         for (act, *_), dq in dequantized.items():
             for user in list(act.users):
-                if user.op == "call_function" and (
-                    user.target is aten.add.Tensor
-                    or (quantized_everywhere and user is not dq.args[0])
-                ):
+                if quantized_everywhere and user is not dq.args[0]:  # (the model's outputs too)
+                    user.replace_input_with(act, dq)
+                elif user.op == "call_function" and user.target is aten.add.Tensor:
                     user.replace_input_with(act, dq)
     graph.lint()
     gm.recompile()

@@ -546,7 +546,7 @@ class _Builder:
         self.buffers[out.name] = out
         self.layers.append(
             Layer(
-                f"L{len(self.layers)}_{node.name}_out",
+                f"L{len(self.layers)}_{node.name}",
                 "dequantize",
                 [buffer.name],
                 out.name,

@@ -334,7 +334,43 @@ def test_makefile_builds_the_testbench_and_it_reads_its_own_files(digits, tmp_pa
         progress=False,
     )  # fmt: skip
     subprocess.run(["make", "-C", str(out), "csim"], check=True, capture_output=True)
-    subprocess.run([str(out / "csim"), "tb_input.txt", "got.txt"], cwd=out, check=True)
+    csim = [str(out / "csim"), "tb_input.txt", "got.txt"]
+    subprocess.run(csim, cwd=out, check=True)
     got = (out / "got.txt").read_text().split()
     want = (out / "tb_output.txt").read_text().split()
     assert [float(v) for v in got] == [float(v) for v in want]
+    # self-checking against graphopt's reference (as build_prj.tcl runs it): pass, then fail
+    done = subprocess.run([*csim, "tb_output.txt"], cwd=out, capture_output=True, text=True)
+    assert done.returncode == 0 and "0 of 4 samples differ" in done.stderr
+    (out / "bad.txt").write_text("1.5 " + " ".join(want[1:]))  # one value off
+    done = subprocess.run([*csim, "bad.txt"], cwd=out, capture_output=True, text=True)
+    assert done.returncode == 1 and "1 of 4 samples differ" in done.stderr
+    (out / "short.txt").write_text("0.5 0.25\n")  # a sample cut short is an error, not skipped
+    short = [str(out / "csim"), "short.txt", "o.txt"]
+    done = subprocess.run(short, cwd=out, capture_output=True, text=True)
+    assert done.returncode == 1 and "has 2 of 64 numbers" in done.stderr
+
+
+def test_a_hidden_activation_returned_beside_the_logits_comes_back_dequantized(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h), h
+
+    torch.manual_seed(0)
+    model, x = Two().eval(), torch.rand(4, 8)
+    program = int8_program(model, (x,), [(x,)])
+    assert [layer.kind for layer in program.layers] == ["quantize", "dense", "dense", "dequantize"]
+    exported = graphopt.export(
+        model, (x,), tmp_path / "two", format="hls", quantize="int8", calibration=[(x,)],
+        progress=False,
+    )  # fmt: skip
+    logits, hidden = graphopt.load(exported.path)(x)
+    want = run_program(program, [x])
+    assert torch.equal(logits, want[0]) and torch.equal(hidden, want[1])
+    with torch.no_grad():
+        assert relative_error(model(x)[1], hidden) < 0.02
