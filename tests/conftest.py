@@ -16,6 +16,19 @@ def _aarch64_runner_dir(tmp_path_factory):
         os.environ["GRAPHOPT_RUNNER_DIR"] = str(shared)
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits (real data): ({"mlp", "cnn"}: models trained here, 4 calibration
+    batches of training images, (test images, labels)), as in examples/int8_digits.py."""
+    from examples.int8_digits import BATCH, DigitsCNN, DigitsMLP, load_digits_split, train
+
+    train_data, test = load_digits_split()
+    torch.manual_seed(0)  # the same initial weights whichever test asks first
+    models = {"mlp": train(DigitsMLP(), train_data), "cnn": train(DigitsCNN(), train_data)}
+    calibration = [(train_data[0][i : i + BATCH],) for i in range(0, 4 * BATCH, BATCH)]
+    return models, calibration, test
+
+
 @pytest.fixture(autouse=True)
 def _fresh_compile_state(monkeypatch):
     """dynamo reuses compiled graphs across instances of one class: reset between tests.

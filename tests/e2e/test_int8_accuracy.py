@@ -9,16 +9,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import graphopt
-from examples.int8_digits import BATCH, DigitsCNN, DigitsMLP, accuracy, load_digits_split, train
+from examples.int8_digits import BATCH, DigitsMLP, accuracy
 from graphopt.testing import relative_error
-
-
-@pytest.fixture(scope="module")
-def digits():
-    train_data, test = load_digits_split()
-    models = {"mlp": train(DigitsMLP(), train_data), "cnn": train(DigitsCNN(), train_data)}
-    calibration = [(train_data[0][i : i + BATCH],) for i in range(0, 4 * BATCH, BATCH)]
-    return models, calibration, test
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

@@ -282,16 +282,6 @@ def test_reuse_factors_meet_the_latency_target_or_the_dsp_budget(residual):
 # -- digits: real data, the acceptance test --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from examples.int8_digits import BATCH, DigitsCNN, DigitsMLP, load_digits_split, train
-
-    train_data, test = load_digits_split()
-    models = {"mlp": train(DigitsMLP(), train_data), "cnn": train(DigitsCNN(), train_data)}
-    calibration = [(train_data[0][i : i + BATCH],) for i in range(0, 4 * BATCH, BATCH)]
-    return models, calibration, test
-
-
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_digits_csim_equals_int8_reference_on_the_whole_test_set(digits, kind, tmp_path):
     models, calibration, (x, y) = digits
