@@ -1,7 +1,7 @@
 """Accuracy of hls4ml 1.3.0's C emulation against graphopt's FPGA export on the digits models.
 
 python -m benchmarks.hls4ml_compare                          # mlp and cnn, every config
-python -m benchmarks.hls4ml_compare --models mlp --out-dir /tmp/hls4ml_compare --out table.md
+python -m benchmarks.hls4ml_compare --models mlp --out-dir hls4ml_projects --out table.md
 
 Needs hls4ml beside graphopt and g++, e.g. in a separate venv (the project's stays clean):
     pip install -c constraints.txt torch==2.13.0 numpy scikit-learn
@@ -34,6 +34,7 @@ import copy
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-trace", dest="trace", action="store_false", help="skip the per-layer range check"
     )
     parser.add_argument(
-        "--out-dir", default="/tmp/hls4ml_compare", help="where the projects are written"
+        "--out-dir", help="where the projects are written (default: a new temporary folder)"
     )
     parser.add_argument("--out", help="also write the markdown to this file")
     args = parser.parse_args(argv)
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown config {name!r}; accepted: {list(HLS4ML_CONFIGS)}")
     import hls4ml  # fail early, with the install hint of the docstring
 
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="hls4ml-compare-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [row for name in args.models.split(",") for row in compare(name, args, out_dir)]
     command = "python -m benchmarks.hls4ml_compare " + " ".join(argv or sys.argv[1:])
