@@ -209,9 +209,7 @@ def run_hls4ml(
             logits = hls_model.predict(np.ascontiguousarray(x.numpy())).reshape(len(y), -1)
             row.run_s = time.perf_counter() - start
         except Exception as err:  # noqa: BLE001 - a row that says why
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            row.note = f"failed: {type(err).__name__}: {first}"
-            return row
+            return _failed(row, err)
     row.top1 = top1(logits, y)
     row.max_diff = float(np.abs(logits - float_logits).max())
     if trace:
@@ -225,6 +223,12 @@ def run_hls4ml(
         off = [r[0] for r in row.layers if float(r[6]) > 0.5 * float(r[3])]
         if off:
             row.note += f"; first layer far off the float model: {off[0]}"
+    return row
+
+
+def _failed(row: Row, err: Exception) -> Row:
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    row.note = f"failed: {type(err).__name__}: {first}"
     return row
 
 
@@ -242,9 +246,7 @@ def run_graphopt(model: nn.Module, label: str, data: Any, calibration: list, fol
         logits = graphopt.load(exported.path)(x)
         row.run_s = time.perf_counter() - start
     except Exception as err:  # noqa: BLE001 - a row that says why
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        row.note = f"failed: {type(err).__name__}: {first}"
-        return row
+        return _failed(row, err)
     row.top1 = top1(logits, y)
     row.max_diff = float((logits - float_logits).abs().max())
     row.note = "int8, saturating; run includes the g++ build of the testbench"

@@ -136,6 +136,10 @@ def _finish(
 ) -> Callable[..., Any]:
     """Record what the passes left, then lower."""
     record_optimized(gm, report)
+    if cfg.devices is not None and not training:
+        from graphopt.distributed import lower_stages
+
+        return lower_stages(gm, example_inputs, cfg, report)
     return lower(gm, example_inputs, cfg, report, training=training)
 
 

@@ -36,7 +36,9 @@ class Config:
             that cost the most stay in float until it is met (mixed precision). None: all int8.
         sparsity: fraction of weights to prune, 0 <= sparsity < 1.
         structured: prune whole channels (True) or single weights (False).
-        devices: devices to partition the graph over (e.g. ["cpu", "cuda:0"]).
+        devices: split the graph into one pipeline stage per device, in order, by the cost
+            model (graphopt.passes.partition_stages); e.g. ["cpu", "cpu"]. CPU only for now.
+            Across processes: graphopt.distributed.pipeline.
         fallback: "eager" runs ops no backend supports in PyTorch; "error" raises instead.
         verify: compare each pass and the compiled result with eager on the example inputs,
             and raise `VerificationError` naming the first stage that changed the numbers.

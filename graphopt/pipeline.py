@@ -105,8 +105,6 @@ def _check_implemented(cfg: Config) -> None:
     missing = []
     if cfg.sparsity > 0:
         missing.append("sparsity (issue #5)")
-    if cfg.devices is not None:
-        missing.append("devices (issue #6)")
     if missing:
         raise NotImplementedError(
             "graphopt does not implement these options yet: " + ", ".join(missing)

@@ -66,6 +66,7 @@ class Report:
     verified: bool | None = None
     quantization: Any = None  # a graphopt.passes.quantize.QuantSummary when quantize="int8"
     calibration_pending: int | None = None  # int8 calibration calls still to come
+    stages: str | None = None  # with devices=[...]: the pipeline stages and their imbalance
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +92,8 @@ class Report:
             note = f"  [{part.note}]" if part.note else ""
             lines.append(f"  {part.name:<20}{part.target:<14}{part.nodes:>6}  {ops}{more}{note}")
         lines.extend(self._quantization_lines())
+        if self.stages:
+            lines.extend(f"  {line}" for line in self.stages.splitlines())
         lines.extend(f"  warning: {w}" for w in self.warnings)
         if self.fallbacks:
             lines.append(f"  ops run in PyTorch ({len(self.fallbacks)}):")
@@ -174,28 +177,32 @@ def count_flops(gm: torch.fx.GraphModule) -> int:
     Symbolic sizes count at the value seen while tracing.
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return sum(node_flops(node) for node in gm.graph.nodes)
+
+
+def node_flops(node: torch.fx.Node) -> int:
+    """FLOPs of one node (torch's flop formula on its meta["val"] shapes; 0 without one)."""
     from torch.utils.flop_counter import flop_registry
 
     from graphopt.capture import concrete
 
+    if node.op != "call_function" or not hasattr(node.target, "overloadpacket"):
+        return 0
+    formula = flop_registry.get(node.target.overloadpacket)
+    if formula is None:
+        return 0
+
     def val(x: Any) -> Any:
         return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
 
-    total = 0
-    with unset_fake_temporarily():
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or not hasattr(node.target, "overloadpacket"):
-                continue
-            formula = flop_registry.get(node.target.overloadpacket)
-            if formula is None:
-                continue
-            args = torch.fx.node.map_aggregate(node.args, val)
-            kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
-            try:
-                total += int(concrete(formula(*args, out_val=node.meta.get("val"), **kwargs)))
-            except Exception:  # noqa: BLE001 - a formula that rejects these args counts as 0
-                continue
-    return total
+    args = torch.fx.node.map_aggregate(node.args, val)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
+    try:
+        return int(concrete(formula(*args, out_val=node.meta.get("val"), **kwargs)))
+    except Exception:  # noqa: BLE001 - a formula that rejects these args counts as 0
+        return 0
 
 
 def op_histogram(gm: torch.fx.GraphModule) -> dict[str, int]:

@@ -41,3 +41,9 @@ def test_fpga_digits_exports_simulates_and_is_bit_exact(tmp_path):
     out = _run("examples/fpga_digits.py", "--model", "mlp", "--out", str(tmp_path / "p"))
     assert "bit-exact with graphopt's int8 reference: True" in out
     assert "DSP" in out and "reuse" in out
+
+
+def test_pipeline_gloo_runs_two_processes_and_checks_the_output():
+    out = _run("examples/pipeline_gloo.py", "--rounds", "1", "--batch", "8")
+    assert "2 stages, imbalance" in out and "pipeline of 2 processes" in out
+    assert "one process" in out and "samples/s" in out
