@@ -160,23 +160,24 @@ def plan_stages(gm: torch.fx.GraphModule, devices: list[DeviceSpec]) -> StagePla
     position = {name: i for i, name in enumerate(order)}
     # cut_bytes[j]: bytes of values made before position j (or inputs) and read at >= j
     cut_bytes = [0] * (n + 1)
+    output_names = {o.name for o in _output_values(gm)}
     for name in dag.nodes:
         start = position.get(name, -1) + 1  # inputs count as made before position 0
         readers = [position[s] for s in dag.successors(name) if s in position]
         last = max(readers, default=-1)
-        if name in {o.name for o in _output_values(gm)}:
+        if name in output_names:
             last = n  # an output travels to the end
         for j in range(start, last + 1):
             if j <= n:
                 cut_bytes[j] += dag.nodes[name]["cost"].bytes
-    prefix_flops = [0]
-    prefix_bytes = [0]
+    prefix_flops, prefix_bytes, prefix_params = [0], [0], [0]
     for c in costs:
         prefix_flops.append(prefix_flops[-1] + c.flops)
         prefix_bytes.append(prefix_bytes[-1] + c.bytes)
+        prefix_params.append(prefix_params[-1] + c.params)
 
     def params(i: int, j: int) -> int:
-        return sum(costs[p].params for p in range(i, j))
+        return prefix_params[j] - prefix_params[i]
 
     def stage_time(i: int, j: int, d: DeviceSpec) -> tuple[float, float]:
         compute = (prefix_flops[j] - prefix_flops[i]) / d.flops_per_s + (
