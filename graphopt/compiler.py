@@ -136,10 +136,14 @@ def _finish(
 ) -> Callable[..., Any]:
     """Record what the passes left, then lower."""
     record_optimized(gm, report)
-    if cfg.devices is not None and not training:
-        from graphopt.distributed import lower_stages
+    if cfg.devices is not None:
+        if not training:
+            from graphopt.distributed import lower_stages
 
-        return lower_stages(gm, example_inputs, cfg, report)
+            return lower_stages(gm, example_inputs, cfg, report)
+        warning = "devices: pipeline stages are for inference; this training graph runs whole"
+        log.warning("graphopt: %s: %s", report.graph_id, warning)
+        report.warnings.append(warning)
     return lower(gm, example_inputs, cfg, report, training=training)
 
 

@@ -121,3 +121,13 @@ def test_two_process_gloo_pipeline_matches_eager(tmp_path):
     got, want, imbalance = torch.load(tmp_path / "out.pt")
     assert_same_outputs(want, got)
     assert imbalance < 1.5
+
+
+def test_training_graphs_run_whole_with_a_warning():
+    model, x = MLP().eval(), torch.randn(4, 32)  # (eval: no dropout; weights still train)
+    compiled = torch.compile(model, backend="graphopt", options={"devices": ["cpu", "cpu"]})
+    out = compiled(x)
+    out.sum().backward()
+    assert_same_outputs(model(x), out)
+    warnings = [w for r in graphopt.reports() for w in r.warnings]
+    assert any("pipeline stages are for inference" in w for w in warnings), warnings
