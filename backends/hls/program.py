@@ -258,9 +258,10 @@ class _Builder:
                 return self.fail(node, "quantizes a float value that is not a model input")
             out = self.new_buffer(node, scale, zp)
             inv = float(torch.tensor(1.0 / scale, dtype=torch.float32))
-            return self.add_layer(
-                node, "quantize", [self.value[source].name], out, {"inv_scale": inv}
+            self.add_layer(
+                node, "quantize", [self.value[source].name], out.name, {"inv_scale": inv}
             )
+            return
         buffer = self.quantized_input(source)
         if buffer is None:
             return self.fail(node, "quantizes a value the HLS program does not compute")
@@ -269,13 +270,8 @@ class _Builder:
             return
         out = self.new_buffer(node, scale, zp)
         multipliers, shift = int8.rescale_multipliers([buffer.scale / scale])
-        self.add_layer(
-            node,
-            "requantize",
-            [buffer.name],
-            out,
-            {"multipliers": multipliers, "shift": shift, "in_zero_points": [buffer.zero_point]},
-        )
+        params = {"multipliers": multipliers, "shift": shift, "in_zero_points": [buffer.zero_point]}
+        self.add_layer(node, "requantize", [buffer.name], out.name, params)
 
     def input_names(self) -> set[str]:
         return {b.name for n, b in self.value.items() if n.op == "placeholder"}
@@ -317,7 +313,7 @@ class _Builder:
             return self.fail(node, "an activation of a value the HLS program does not compute")
         qlo, qhi = _quantized_bounds(lo, hi, buffer.scale, buffer.zero_point)
         out = self.new_buffer(node, buffer.scale, buffer.zero_point)
-        self.add_layer(node, "clamp", [buffer.name], out, {"lo": qlo, "hi": qhi})
+        self.add_layer(node, "clamp", [buffer.name], out.name, {"lo": qlo, "hi": qhi})
 
     def linear_or_conv(self, node: torch.fx.Node) -> None:
         if node.target is aten.convolution.default:
@@ -353,30 +349,28 @@ class _Builder:
                 out_shape=list(self.shape(node)),
             )
         # the accumulators' buffer: a float output, unless a quantize follows (it renames it)
+        params["acc_bound"] = _accumulator_bound(qweight, qbias, buffer.zero_point)
         acc = self.new_buffer(node, None)
-        layer = Layer(
-            f"L{len(self.layers)}_{node.name}",
-            kind,
-            [buffer.name],
-            acc.name,
-            params,
-            {"weight": qweight, "bias": qbias, "acc_scale": out_scale},
-            node.name,
-        )
-        self.layers.append(layer)
-        self.pending[node] = layer
-        layer.params["acc_bound"] = _accumulator_bound(qweight, qbias, buffer.zero_point, kind)
+        tensors = {"weight": qweight, "bias": qbias, "acc_scale": out_scale}
+        self.add_layer(node, kind, [buffer.name], acc.name, params, tensors, pending=True)
 
     def requantize_accumulators(self, layer: Layer, out: Buffer) -> None:
-        """Output scale known: per-channel fixed-point multipliers acc_scale / out_scale
-        (add and concat get theirs in `_finish_rescaling`)."""
+        """Output scale known: the integer multipliers to it (per channel acc_scale / out_scale
+        for accumulators; in_scale[i] / out_scale for the inputs of an add or concat), and the
+        fused activation as an 8-bit clamp."""
         self.buffers.pop(f"t_{layer.source}", None)
-        if layer.kind in ("add", "concat"):
-            return
-        real = layer.tensors.pop("acc_scale").double() / out.scale
-        pairs = [int8.quantize_multiplier(float(r)) for r in real]
-        layer.tensors["m0"] = torch.tensor([p[0] for p in pairs], dtype=torch.int32)
-        layer.tensors["shift"] = torch.tensor([31 + p[1] for p in pairs], dtype=torch.int32)
+        if layer.kind == "add":
+            ratios = [s / out.scale for s in layer.params.pop("in_scales")]
+            multipliers, shift = int8.rescale_multipliers(ratios)
+            layer.params.update(multipliers=multipliers, shift=shift)
+        elif layer.kind == "concat":
+            scales = layer.params.pop("in_scales")
+            layer.params["parts"] = [int8.rescale_multipliers([s / out.scale]) for s in scales]
+        else:
+            real = layer.tensors.pop("acc_scale").double() / out.scale
+            pairs = [int8.quantize_multiplier(float(r)) for r in real]
+            layer.tensors["m0"] = torch.tensor([p[0] for p in pairs], dtype=torch.int32)
+            layer.tensors["shift"] = torch.tensor([31 + p[1] for p in pairs], dtype=torch.int32)
         activation = layer.params.pop("activation") or (None, None)
         lo, hi = _quantized_bounds(*activation, out.scale, out.zero_point)
         layer.params.update(out_zero_point=out.zero_point, lo=lo, hi=hi)
@@ -396,17 +390,7 @@ class _Builder:
         self.buffers[out.name] = out
         self.value[node] = out
         params = {"kernel": _pair(kernel), "stride": _pair(stride), "padding": _pair(padding)}
-        self.layers.append(
-            Layer(
-                f"L{len(self.layers)}_{node.name}",
-                "maxpool2d",
-                [buffer.name],
-                out.name,
-                params,
-                {},
-                node.name,
-            )
-        )
+        self.add_layer(node, "maxpool2d", [buffer.name], out.name, params)
 
     def batch_size(self, node: torch.fx.Node) -> None:
         if node.args[1] != 0:  # the batch size feeds views; other sizes are static here
@@ -451,9 +435,8 @@ class _Builder:
             if list(node.args[1]) != [1, 1]:
                 return self.fail(node, "adaptive average pool to other sizes than 1x1")
             kernel, stride, padding = [h, w], [h, w], [0, 0]
-        span = max(buffer.zero_point - int8.ACT_QMIN, int8.ACT_QMAX - buffer.zero_point)
         params = {
-            "acc_bound": kernel[0] * kernel[1] * span,
+            "acc_bound": kernel[0] * kernel[1] * _span(buffer.zero_point),
             "kernel": kernel,
             "stride": stride,
             "padding": padding,
@@ -461,21 +444,9 @@ class _Builder:
             "activation": None,
         }
         acc = self.new_buffer(node, None)
-        layer = Layer(
-            f"L{len(self.layers)}_{node.name}",
-            "avgpool2d",
-            [buffer.name],
-            acc.name,
-            params,
-            {
-                "acc_scale": torch.tensor(
-                    [buffer.scale / (kernel[0] * kernel[1])], dtype=torch.float32
-                )
-            },
-            node.name,
-        )
-        self.layers.append(layer)
-        self.pending[node] = layer
+        scale = torch.tensor([buffer.scale / (kernel[0] * kernel[1])], dtype=torch.float32)
+        tensors = {"acc_scale": scale}
+        self.add_layer(node, "avgpool2d", [buffer.name], acc.name, params, tensors, pending=True)
 
     def add(self, node: torch.fx.Node) -> None:
         a, b = node.args[:2]
@@ -506,24 +477,27 @@ class _Builder:
             "activation": None,
             "in_scales": [b.scale for b in ins],
         }
-        layer = Layer(
-            f"L{len(self.layers)}_{node.name}",
-            kind,
-            [b.name for b in ins],
-            acc.name,
-            params,
-            {},
-            node.name,
-        )
-        self.layers.append(layer)
-        self.pending[node] = layer
+        self.add_layer(node, kind, [b.name for b in ins], acc.name, params, pending=True)
 
     def add_layer(
-        self, node: torch.fx.Node, kind: str, inputs: list[str], out: Buffer, params: dict[str, Any]
-    ) -> None:
-        self.layers.append(
-            Layer(f"L{len(self.layers)}_{node.name}", kind, inputs, out.name, params, {}, node.name)
-        )
+        self,
+        node: torch.fx.Node,
+        kind: str,
+        inputs: list[str],
+        output: str,
+        params: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None = None,
+        *,
+        pending: bool = False,
+    ) -> Layer:
+        """Append a layer for `node`. pending: its output scale comes from the quantize that
+        follows (`quantize`), or it stays float if it is a model output (`output`)."""
+        name = f"L{len(self.layers)}_{node.name}"
+        layer = Layer(name, kind, inputs, output, params, tensors or {}, node.name)
+        self.layers.append(layer)
+        if pending:
+            self.pending[node] = layer
+        return layer
 
     def output(self, node: Any) -> str | None:
         if node in self.failed:
@@ -544,17 +518,8 @@ class _Builder:
             return buffer.name
         out = Buffer(f"t_{node.name}_out", buffer.shape)
         self.buffers[out.name] = out
-        self.layers.append(
-            Layer(
-                f"L{len(self.layers)}_{node.name}",
-                "dequantize",
-                [buffer.name],
-                out.name,
-                {"scale": buffer.scale, "zero_point": buffer.zero_point},
-                {},
-                node.name,
-            )
-        )
+        params = {"scale": buffer.scale, "zero_point": buffer.zero_point}
+        self.add_layer(node, "dequantize", [buffer.name], out.name, params)
         return out.name
 
 
@@ -569,9 +534,7 @@ def build_program(gm: torch.fx.GraphModule) -> Program:
     Raises:
         UnsupportedOpError: every node it cannot express, all at once.
     """
-    builder = _Builder(gm)
-    program = builder.run()
-    _finish_rescaling(program)
+    program = _Builder(gm).run()
     _name_buffers(program)
     return program
 
@@ -589,23 +552,6 @@ def _name_buffers(program: Program) -> None:
         layer.output = names[layer.output]
     program.inputs = [names[n] for n in program.inputs]
     program.outputs = [names[n] for n in program.outputs]
-
-
-def _finish_rescaling(program: Program) -> None:
-    """Integer multipliers of the add/concat/avgpool layers, now that output scales are known."""
-    for layer in program.layers:
-        out = program.buffers[layer.output]
-        if layer.kind in ("add", "concat"):
-            scales = layer.params.pop("in_scales")
-            if layer.kind == "add":
-                multipliers, shift = int8.rescale_multipliers([s / out.scale for s in scales])
-                layer.params.update(multipliers=multipliers, shift=shift)
-            else:
-                layer.params["parts"] = [int8.rescale_multipliers([s / out.scale]) for s in scales]
-            lo, hi = _quantized_bounds(
-                *(layer.params.pop("activation") or (None, None)), out.scale, out.zero_point
-            )
-            layer.params.update(out_zero_point=out.zero_point, lo=lo, hi=hi)
 
 
 def _pair(value: Any) -> list[int]:
@@ -651,13 +597,14 @@ def _float_activation(act: tuple[float | None, float | None] | None) -> list[flo
     return [float("-inf") if lo is None else lo, float("inf") if hi is None else hi]
 
 
-def _accumulator_bound(
-    qweight: torch.Tensor, qbias: torch.Tensor, zero_point: int, kind: str
-) -> int:
+def _span(zero_point: int) -> int:
+    """The largest |q - zero_point| of an 8-bit activation."""
+    return max(zero_point - int8.ACT_QMIN, int8.ACT_QMAX - zero_point)
+
+
+def _accumulator_bound(qweight: torch.Tensor, qbias: torch.Tensor, zero_point: int) -> int:
     """The largest |accumulator| any input can produce: sum |w| * max|x - zp| + |bias|, per
     output channel (the width the accumulator needs; it never wraps)."""
-    span = max(zero_point - int8.ACT_QMIN, int8.ACT_QMAX - zero_point)
-    per_channel = (
-        qweight.to(torch.int64).abs().flatten(1).sum(1) * span + qbias.to(torch.int64).abs()
-    )
+    weights = qweight.to(torch.int64).abs().flatten(1).sum(1)
+    per_channel = weights * _span(zero_point) + qbias.to(torch.int64).abs()
     return int(per_channel.max())
