@@ -12,6 +12,7 @@ P and P / R must stay within Vitis's unroll limit (`MAX_MULTIPLIERS`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,28 +263,14 @@ def choose_reuse(program: Program, options: HLSOptions, acc_bits: dict[str, int]
     if not free:
         return fixed
 
-    def total(reuse: dict[str, int], key: str) -> float:
-        result = estimate(program, options, reuse, acc_bits)["total"]
-        return result[key]
-
     if options.target_latency_us is not None:
         reuse = {**fixed, **{name: legal[name][-1] for name in free}}  # fewest DSPs first
-        while total(reuse, "latency_us") > options.target_latency_us:
-            layers = estimate(program, options, reuse, acc_bits)["layers"]
-            slow = [
-                e
-                for e in layers
-                if e["layer"] in free and legal[e["layer"]].index(reuse[e["layer"]]) > 0
-            ]
-            if not slow:
-                best = total(reuse, "latency_us")
-                raise ValueError(
-                    f"target_latency_us={options.target_latency_us} cannot be met: the fastest "
-                    f"legal reuse factors give {best:.3g} us at {options.clock_ns} ns"
-                )
-            name = max(slow, key=lambda e: e["cycles"])["layer"]
-            reuse[name] = legal[name][legal[name].index(reuse[name]) - 1]
-        return reuse
+        return _step_until(
+            program, options, acc_bits, reuse, legal, free,
+            key="latency_us", limit=options.target_latency_us, step=-1, worst="cycles",
+            failure=lambda best: f"target_latency_us={options.target_latency_us} cannot be met: "
+            f"the fastest legal reuse factors give {best:.3g} us at {options.clock_ns} ns",
+        )  # fmt: skip
     budget = options.max_dsp
     if budget is None:
         part = PARTS.get(options.part)
@@ -291,19 +278,42 @@ def choose_reuse(program: Program, options: HLSOptions, acc_bits: dict[str, int]
     reuse = {**fixed, **{name: legal[name][0] for name in free}}  # fastest first
     if budget is None:
         return reuse
-    while total(reuse, "dsp") > budget:
-        layers = estimate(program, options, reuse, acc_bits)["layers"]
-        wide = [
+    return _step_until(
+        program, options, acc_bits, reuse, legal, free,
+        key="dsp", limit=budget, step=1, worst="dsp",
+        failure=lambda used: f"the DSP budget {budget} cannot be met: the largest legal reuse "
+        f"factors use {used} DSPs (raise max_dsp or choose a larger part)",
+    )  # fmt: skip
+
+
+def _step_until(
+    program: Program,
+    options: HLSOptions,
+    acc_bits: dict[str, int],
+    reuse: dict[str, int],
+    legal: dict[str, list[int]],
+    free: list[str],
+    *,
+    key: str,
+    limit: float,
+    step: int,
+    worst: str,
+    failure: Callable[[Any], str],
+) -> dict[str, int]:
+    """Move the free layer with the largest `worst` (cycles or DSPs) one legal reuse factor
+    by `step` until the total `key` is within `limit`; ValueError(failure(total)) if no layer
+    can move."""
+    while True:
+        result = estimate(program, options, reuse, acc_bits)
+        if result["total"][key] <= limit:
+            return reuse
+        movable = [
             e
-            for e in layers
+            for e in result["layers"]
             if e["layer"] in free
-            and legal[e["layer"]].index(reuse[e["layer"]]) < len(legal[e["layer"]]) - 1
+            and 0 <= legal[e["layer"]].index(reuse[e["layer"]]) + step < len(legal[e["layer"]])
         ]
-        if not wide:
-            raise ValueError(
-                f"the DSP budget {budget} cannot be met: the largest legal reuse factors use "
-                f"{total(reuse, 'dsp')} DSPs (raise max_dsp or choose a larger part)"
-            )
-        name = max(wide, key=lambda e: e["dsp"])["layer"]
-        reuse[name] = legal[name][legal[name].index(reuse[name]) + 1]
-    return reuse
+        if not movable:
+            raise ValueError(failure(result["total"][key]))
+        name = max(movable, key=lambda e: e[worst])["layer"]
+        reuse[name] = legal[name][legal[name].index(reuse[name]) + step]
