@@ -353,6 +353,7 @@ def _write_hls(
     graphopt's int8 reference on the example inputs and every calibration batch."""
     from graphopt.backends.hls import (
         build_csim,
+        compiler_version,
         missing_compiler,
         run_csim,
         run_program,
@@ -407,7 +408,7 @@ def _write_hls(
                     )
         ran = time.perf_counter() - start
     build["hls"]["csim"] = {
-        "compiler": _cxx_version(),
+        "compiler": compiler_version(),
         "samples": samples,
         "max_abs_difference_vs_int8_reference": worst,
         "build_seconds": round(built, 2),
@@ -415,14 +416,6 @@ def _write_hls(
     }
     say(f"C simulation: {samples} samples bit-exact with graphopt's int8 reference")
     return build
-
-
-def _cxx_version() -> str:
-    import subprocess
-
-    cxx = os.environ.get("CXX", "g++")
-    done = subprocess.run([cxx, "--version"], capture_output=True, text=True)
-    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else cxx
 
 
 def _manifest(
@@ -788,23 +781,10 @@ def load(path: str | os.PathLike[str]) -> Artifact:
 
 def _hls_runner(folder: Path, manifest: dict[str, Any]) -> Callable[..., Any]:
     """Build the project's C simulation (in a temporary folder) and run it."""
-    from graphopt.backends.hls import build_csim, run_csim
+    from graphopt.backends.hls import csim_runner, temporary_build_dir
 
-    build = Path(tempfile.mkdtemp(prefix="graphopt-csim-"))
-    try:
-        binary = build_csim(folder, build / "csim")
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    import atexit
-
-    atexit.register(shutil.rmtree, build, True)
     shapes = [tuple(spec["shape"][1:]) for spec in manifest["outputs"]]
-
-    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        return run_csim(binary, [x.detach().cpu() for x in inputs], shapes)
-
-    return run
+    return csim_runner(folder, shapes, temporary_build_dir("graphopt-csim-"))
 
 
 def _aarch64_runner(

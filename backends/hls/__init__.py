@@ -9,10 +9,7 @@ kernels/      the C++ kernel library
 
 from __future__ import annotations
 
-import atexit
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,14 +24,18 @@ from graphopt.backends.hls.program import (
     SUPPORTED,
     Program,
     accumulator_bits,
+    accumulator_widths,
     build_program,
     unsupported_reason,
 )
 from graphopt.backends.hls.project import (
     ProjectOptions,
     build_csim,
+    compiler_version,
+    csim_runner,
     missing_compiler,
     run_csim,
+    temporary_build_dir,
     write_project,
     write_samples,
 )
@@ -53,10 +54,16 @@ __all__ = [
     "HLS",
     "HLSOptions",
     "HLSProject",
+    "build_csim",
     "build_program",
     "compile_hls",
+    "compiler_version",
+    "csim_runner",
     "int8_program",
+    "missing_compiler",
+    "run_csim",
     "run_program",
+    "temporary_build_dir",
     "write_hls_project",
 ]
 
@@ -123,7 +130,7 @@ def write_hls_project(
     example inputs and graphopt's int8 reference outputs, for the testbench)."""
     program = build_program(gm)
     accumulators = _accumulators(program, calibration)
-    acc_bits = {name: a["bits"] for name, a in accumulators.items()}
+    acc_bits = accumulator_widths(program)
     reuse = choose_reuse(program, options, acc_bits)
     estimates = estimate(program, options, reuse, acc_bits)
     for entry in estimates["layers"]:
@@ -185,17 +192,6 @@ def program_config(
     }
 
 
-_BUILD_DIRS: list[str] = []
-
-
-def _cleanup() -> None:
-    for path in _BUILD_DIRS:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-atexit.register(_cleanup)
-
-
 def compile_hls(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config
 ) -> Callable[..., Any]:
@@ -211,25 +207,16 @@ def compile_hls(
     ):
         raise RuntimeError("target='hls' computes int8: compile with quantize='int8'")
     program = build_program(gm)
-    folder = Path(tempfile.mkdtemp(prefix="graphopt-hls-"))
-    _BUILD_DIRS.append(str(folder))
+    folder = temporary_build_dir("graphopt-hls-")
     options = HLSOptions()
-    acc_bits = {
-        layer.name: accumulator_bits(layer)
-        for layer in program.layers
-        if "acc_bound" in layer.params
-    }
+    acc_bits = accumulator_widths(program)
     reuse = choose_reuse(program, options, acc_bits)
     write_project(
         program, folder, ProjectOptions(options.part, options.clock_ns, options.io, reuse)
     )
     start = time.perf_counter()
-    binary = build_csim(folder)
-    log.info("graphopt hls: C simulation of %s built in %.1fs", folder, time.perf_counter() - start)
     shapes = [program.buffers[name].shape for name in program.outputs]
-
-    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        return run_csim(binary, [x.detach().cpu() for x in inputs], shapes)
-
+    run = csim_runner(folder, shapes, folder)
+    log.info("graphopt hls: C simulation of %s built in %.1fs", folder, time.perf_counter() - start)
     run.project = folder  # type: ignore[attr-defined]
     return run

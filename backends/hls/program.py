@@ -528,6 +528,15 @@ def accumulator_bits(layer: Layer) -> int:
     return int(layer.params.get("acc_bound", 0)).bit_length() + 1
 
 
+def accumulator_widths(program: Program) -> dict[str, int]:
+    """`accumulator_bits` of every layer that accumulates (MAC layers, average pools)."""
+    return {
+        layer.name: accumulator_bits(layer)
+        for layer in program.layers
+        if "acc_bound" in layer.params
+    }
+
+
 def build_program(gm: torch.fx.GraphModule) -> Program:
     """The integer program of a QDQ graph quantized with target="hls".
 

@@ -14,11 +14,13 @@ The numbers are `reference.run_program`'s exactly; `tests/backends/hls` checks i
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -455,6 +457,41 @@ def build_csim(folder: Path, binary: Path | None = None) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"g++ failed to build the C simulation:\n{done.stderr[-4000:]}")
     return binary
+
+
+def compiler_version() -> str:
+    """The C++ compiler's first --version line (for the manifest)."""
+    cxx = os.environ.get("CXX", "g++")
+    done = subprocess.run([cxx, "--version"], capture_output=True, text=True)
+    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else cxx
+
+
+_BUILD_DIRS: list[str] = []
+
+
+@atexit.register
+def _remove_build_dirs() -> None:
+    for path in _BUILD_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def temporary_build_dir(prefix: str) -> Path:
+    """A new folder for builds, removed when the process exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    _BUILD_DIRS.append(path)
+    return Path(path)
+
+
+def csim_runner(
+    project: Path, output_shapes: list[tuple[int, ...]], build_dir: Path
+) -> Callable[..., list[torch.Tensor]]:
+    """Build the project's C simulation into `build_dir`; a function running it on a batch."""
+    binary = build_csim(project, build_dir / "csim")
+
+    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        return run_csim(binary, [x.detach().cpu() for x in inputs], output_shapes)
+
+    return run
 
 
 def run_csim(
