@@ -387,8 +387,7 @@ def quantize(
         active,
         mode,
         extra_qparams,
-        quantized_adds=cfg.target in ("onnx", "hls"),
-        quantized_everywhere=cfg.target == "hls",
+        readers={"onnx": "adds", "hls": "all"}.get(cfg.target, "layers"),
     )
     if active:  # the error the rewritten graph really has (the simulation leaves out the adds)
         error = _relative_error(reference, _run(gm, calibration, {}))
@@ -464,13 +463,12 @@ def _rewrite(
     mode: Any,
     extra: dict[torch.fx.Node, tuple[float, int, int]],
     *,
-    quantized_adds: bool = False,
-    quantized_everywhere: bool = False,
+    readers: str = "layers",
 ) -> None:
-    """Insert the QDQ nodes of every active site. quantized_adds: an add that reads an
-    activation which is quantized for a layer reads the dequantized copy instead, so
-    onnxruntime can run residual adds as QLinearAdd; quantized_everywhere: every reader does
-    (target="hls": integer-only hardware has no float copy)."""
+    """Insert the QDQ nodes of every active site. readers: who reads the dequantized copy of
+    an activation quantized for a layer: "layers" (those layers only); "adds" (residual adds
+    too, so onnxruntime runs them as QLinearAdd); "all" (every reader, the model's outputs
+    included: target="hls", integer-only hardware has no float copy)."""
     graph = gm.graph
     dequantized: dict[tuple[torch.fx.Node, float, int, int], torch.fx.Node] = {}
     for node, plan in active.items():
@@ -505,21 +503,14 @@ def _rewrite(
         node.args = tuple(args)
         if plan.output is not None:
             out, scale, zero_point = plan.output
-            users = list(out.users)
-            dq = _insert_qdq(gm, out, scale, zero_point, plan.act_qmax, mode)
-            for user in users:
-                user.replace_input_with(out, dq)
+            _quantize_for_readers(gm, out, scale, zero_point, plan.act_qmax, mode)
     for out, (scale, zero_point, qmax) in extra.items():
-        users = list(out.users)
-        dq = _insert_qdq(gm, out, scale, zero_point, qmax, mode)
-        for user in users:
-            user.replace_input_with(out, dq)
-    if quantized_adds:
+        _quantize_for_readers(gm, out, scale, zero_point, qmax, mode)
+    if readers != "layers":
         for (act, *_), dq in dequantized.items():
             for user in list(act.users):
-                if quantized_everywhere and user is not dq.args[0]:  # (the model's outputs too)
-                    user.replace_input_with(act, dq)
-                elif user.op == "call_function" and user.target is aten.add.Tensor:
+                is_add = user.op == "call_function" and user.target is aten.add.Tensor
+                if (readers == "all" and user is not dq.args[0]) or is_add:
                     user.replace_input_with(act, dq)
     graph.lint()
     gm.recompile()
@@ -541,6 +532,21 @@ def _insert_qdq(
     q_args = (scale, zero_point, int8.ACT_QMIN, qmax, int8.ACT_DTYPE)
     q = emit(qd.quantize_per_tensor.default, value, *q_args)
     return emit(qd.dequantize_per_tensor.default, q, *q_args)
+
+
+def _quantize_for_readers(
+    gm: torch.fx.GraphModule,
+    value: torch.fx.Node,
+    scale: float,
+    zero_point: int,
+    qmax: int,
+    mode: Any,
+) -> None:
+    """Quantize `value` right after it (`_insert_qdq`); all its readers get the dequantized."""
+    users = list(value.users)
+    dq = _insert_qdq(gm, value, scale, zero_point, qmax, mode)
+    for user in users:
+        user.replace_input_with(value, dq)
 
 
 def onednn_saturation_warning(gm: torch.fx.GraphModule) -> str | None:
