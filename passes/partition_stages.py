@@ -249,11 +249,12 @@ def split_stages(gm: torch.fx.GraphModule, plan: StagePlan) -> list[torch.fx.Gra
                 live.append(v)
         return live
 
+    live = [live_after(s) for s in range(k - 1)]  # the values crossing each cut
     modules = []
     for s in range(k):
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
-        inputs = placeholders if s == 0 else live_after(s - 1)
+        inputs = placeholders if s == 0 else live[s - 1]
         for v in inputs:
             env[v] = graph.placeholder(v.name)
             env[v].meta = dict(v.meta)
@@ -274,7 +275,7 @@ def split_stages(gm: torch.fx.GraphModule, plan: StagePlan) -> list[torch.fx.Gra
             out = gm.graph.find_nodes(op="output")[0].args[0]
             graph.output(torch.fx.node.map_arg(out, env.__getitem__))
         else:
-            graph.output(tuple(env[v] for v in live_after(s)))
+            graph.output(tuple(env[v] for v in live[s]))
         module = torch.fx.GraphModule(root, graph, class_name=f"Stage{s}")
         modules.append(module)
     return modules
