@@ -92,6 +92,24 @@ def compile_graph(
     return compiled
 
 
+def optimized_graph(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    cfg: Config,
+    *,
+    dynamic_shapes: Any = None,
+) -> tuple[Any, torch.fx.GraphModule]:
+    """(captured graph, graph after graphopt's passes) of `model` through torch.export, with
+    `cfg.calibration` batches (tuples of model inputs) for int8: no lowering, no report kept."""
+    from graphopt.capture import capture_export
+
+    captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    calibration = None
+    if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
+        calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
+    return captured, run_pipeline(captured.gm, cfg, new_report(cfg), calibration=calibration)
+
+
 def record_captured(gm: torch.fx.GraphModule, report: Report) -> None:
     """Record in `report` the params, FLOPs and bytes of the graph before the passes."""
     report.params_before, report.flops_before = count_params(gm), count_flops(gm)

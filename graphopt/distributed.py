@@ -97,13 +97,9 @@ def lower_stages(
 
 def plan_for(model: torch.nn.Module, example_inputs: Sequence[Any], stages: int, **options: Any):
     """(captured graph after graphopt's passes, StagePlan over `stages` CPU devices)."""
-    from graphopt.capture import capture_export
-    from graphopt.compiler import new_report
-    from graphopt.pipeline import run_pipeline
+    from graphopt.compiler import optimized_graph
 
-    cfg = Config.from_options(options)
-    captured = capture_export(model, tuple(example_inputs))
-    gm = run_pipeline(captured.gm, cfg, new_report(cfg))
+    captured, gm = optimized_graph(model, example_inputs, Config.from_options(options))
     return captured, gm, plan_stages(gm, device_specs(["cpu"] * stages))
 
 

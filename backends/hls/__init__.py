@@ -78,14 +78,11 @@ def int8_program(
     """The integer program `graphopt.export(model, ..., format="hls", quantize="int8",
     calibration=calibration)` writes, without writing or compiling anything:
     `run_program(program, [x])` is graphopt's int8 reference, which the C simulation equals."""
-    from graphopt.capture import capture_export
-    from graphopt.compiler import new_report
-    from graphopt.pipeline import run_pipeline
+    from graphopt.compiler import optimized_graph
 
-    captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     cfg = Config(target="hls", quantize="int8", calibration=tuple(calibration))
-    batches = [captured.flat_inputs(batch) for batch in calibration]
-    return build_program(run_pipeline(captured.gm, cfg, new_report(cfg), calibration=batches))
+    _, gm = optimized_graph(model, example_inputs, cfg, dynamic_shapes=dynamic_shapes)
+    return build_program(gm)
 
 
 @dataclass
