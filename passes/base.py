@@ -11,6 +11,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.node import map_arg
 from torch.multiprocessing.reductions import StorageWeakRef
 
+aten = torch.ops.aten
+
 
 @dataclass(frozen=True)
 class PassResult:
@@ -161,3 +163,79 @@ class Emitter:
         with unset_fake_temporarily(), self.mode:
             node.meta["val"] = target(*fake_args, **fake_kwargs)
         return node
+
+
+@dataclass
+class Site:
+    """A conv2d or linear layer with a constant float32 weight: what quantize and prune rewrite."""
+
+    node: torch.fx.Node  # aten.convolution / aten.mm / aten.addmm
+    kind: str  # "conv2d" or "linear"
+    act_index: int  # argument position of the activation
+    weight_index: int  # argument position of the weight constant
+    name: str  # the layer's module path when known, else the node's name
+
+    @property
+    def act(self) -> torch.fx.Node:
+        return self.node.args[self.act_index]
+
+    @property
+    def weight(self) -> torch.fx.Node:
+        return self.node.args[self.weight_index]
+
+
+def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
+    """Convolutions (2-D, not transposed) and matmuls by a constant float32 weight."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.convolution.default:
+            transposed = node.args[6]
+            site = Site(node, "conv2d", 0, 1, layer_name(node))
+            ok = not transposed and _weight_dim(gm, site.weight) == 4
+        elif node.target is aten.mm.default:
+            site = Site(node, "linear", 0, 1, layer_name(node))
+            ok = _weight_dim(gm, site.weight) == 2
+        elif node.target is aten.addmm.default:
+            site = Site(node, "linear", 1, 2, layer_name(node))
+            ok = (
+                _weight_dim(gm, site.weight) == 2
+                and node.kwargs.get("beta", 1) == 1
+                and node.kwargs.get("alpha", 1) == 1
+            )
+        else:
+            continue
+        act = site.act
+        if (
+            ok
+            and isinstance(act, torch.fx.Node)
+            and act.op != "get_attr"
+            and isinstance(act.meta.get("val"), torch.Tensor)
+            and act.meta["val"].dtype == torch.float32
+        ):
+            sites.append(site)
+    return sites
+
+
+def _weight_dim(gm: torch.fx.GraphModule, node: Any) -> int | None:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value = get_attr_value(gm, node)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+        return None
+    return value.dim()
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    """ "module.path (node)" from the node's nn_module_stack (export and dynamo spellings), else
+    the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        for prefix in ("L['self'].", "L['self']", "self."):
+            path = path.removeprefix(prefix)
+        path = path.replace("._modules['", ".").replace("']", "")
+        if path:
+            return f"{path} ({node.name})"
+    return node.name

@@ -21,7 +21,15 @@ import torch.fx
 
 from graphopt import int8
 from graphopt.config import Config
-from graphopt.passes.base import Emitter, PassResult, fake_mode_of, get_attr_value, insert_constant
+from graphopt.passes.base import (
+    Emitter,
+    PassResult,
+    Site,
+    fake_mode_of,
+    find_sites,
+    get_attr_value,
+    insert_constant,
+)
 
 log = logging.getLogger("graphopt")
 
@@ -30,25 +38,6 @@ qd = torch.ops.quantized_decomposed
 
 PERCENTILE = 99.99  # observer="percentile" clips the activation range to these percentiles
 _SAMPLES_PER_BATCH = 1 << 16  # values kept per batch and activation for percentiles
-
-
-@dataclass
-class Site:
-    """A conv or linear layer the pass can quantize."""
-
-    node: torch.fx.Node  # aten.convolution / aten.mm / aten.addmm
-    kind: str  # "conv2d" or "linear"
-    act_index: int  # argument position of the activation
-    weight_index: int  # argument position of the weight constant
-    name: str  # the layer's module path when known, else the node's name
-
-    @property
-    def act(self) -> torch.fx.Node:
-        return self.node.args[self.act_index]
-
-    @property
-    def weight(self) -> torch.fx.Node:
-        return self.node.args[self.weight_index]
 
 
 @dataclass
@@ -76,61 +65,6 @@ class QuantSummary:
     @property
     def kept_float(self) -> list[str]:
         return [layer.layer for layer in self.layers if not layer.quantized]
-
-
-def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
-    """Convolutions (2-D, not transposed) and matmuls by a constant float32 weight."""
-    sites = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is aten.convolution.default:
-            transposed = node.args[6]
-            site = Site(node, "conv2d", 0, 1, _layer_name(node))
-            ok = not transposed and _weight_dim(gm, site.weight) == 4
-        elif node.target is aten.mm.default:
-            site = Site(node, "linear", 0, 1, _layer_name(node))
-            ok = _weight_dim(gm, site.weight) == 2
-        elif node.target is aten.addmm.default:
-            site = Site(node, "linear", 1, 2, _layer_name(node))
-            ok = (
-                _weight_dim(gm, site.weight) == 2
-                and node.kwargs.get("beta", 1) == 1
-                and node.kwargs.get("alpha", 1) == 1
-            )
-        else:
-            continue
-        act = site.act
-        if (
-            ok
-            and isinstance(act, torch.fx.Node)
-            and act.op != "get_attr"
-            and isinstance(act.meta.get("val"), torch.Tensor)
-            and act.meta["val"].dtype == torch.float32
-        ):
-            sites.append(site)
-    return sites
-
-
-def _weight_dim(gm: torch.fx.GraphModule, node: Any) -> int | None:
-    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
-        return None
-    value = get_attr_value(gm, node)
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
-        return None
-    return value.dim()
-
-
-def _layer_name(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        for prefix in ("L['self'].", "L['self']", "self."):
-            path = path.removeprefix(prefix)
-        path = path.replace("._modules['", ".").replace("']", "")
-        if path:
-            return f"{path} ({node.name})"
-    return node.name
 
 
 def _weight_oc_first(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
