@@ -98,16 +98,26 @@ def optimized_graph(
     cfg: Config,
     *,
     dynamic_shapes: Any = None,
+    report: Report | None = None,
 ) -> tuple[Any, torch.fx.GraphModule]:
     """(captured graph, graph after graphopt's passes) of `model` through torch.export, with
-    `cfg.calibration` batches (tuples of model inputs) for int8: no lowering, no report kept."""
+    `cfg.calibration` batches (tuples of model inputs) for int8: no lowering. `report`, if
+    given, gets the passes and the params/FLOPs before and after."""
     from graphopt.capture import capture_export
 
+    report = report if report is not None else new_report(cfg)
+    start = time.perf_counter()
     captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    report.capture_seconds = time.perf_counter() - start
+    record_captured(captured.gm, report)
     calibration = None
     if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
         calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
-    return captured, run_pipeline(captured.gm, cfg, new_report(cfg), calibration=calibration)
+    start = time.perf_counter()
+    gm = run_pipeline(captured.gm, cfg, report, calibration=calibration)
+    report.passes_seconds = time.perf_counter() - start
+    record_optimized(gm, report)
+    return captured, gm
 
 
 def record_captured(gm: torch.fx.GraphModule, report: Report) -> None:
@@ -170,6 +180,7 @@ def record_optimized(gm: torch.fx.GraphModule, report: Report) -> None:
     report.params_after, report.flops_after = count_params(gm), count_flops(gm)
     report.weight_bytes_after = count_weight_bytes(gm)
     report.quantization = gm.meta.get("graphopt.quantization")
+    report.pruning = gm.meta.get("graphopt.pruning")
 
 
 class _CalibrateOnCalls:

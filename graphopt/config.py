@@ -13,6 +13,8 @@ TARGETS = ("cpu", "llvm", "aarch64", "cuda", "hls", "onnx")
 QUANTIZE = (None, "int8")
 FALLBACKS = ("eager", "error")
 OBSERVERS = ("minmax", "percentile")
+PRUNE_SCOPES = ("layer", "global")
+PRUNE_IMPORTANCE = ("l2", "l1")
 DEFAULT_CALIBRATION_CALLS = 8
 
 
@@ -34,8 +36,21 @@ class Config:
         accuracy_budget: with quantize="int8", the largest relative output error
             (||int8 - float|| / ||float|| over the calibration data) to accept; the layers
             that cost the most stay in float until it is met (mixed precision). None: all int8.
-        sparsity: fraction of weights to prune, 0 <= sparsity < 1.
-        structured: prune whole channels (True) or single weights (False).
+        sparsity: fraction to prune, 0 <= sparsity < 1: of each prunable channel group with
+            structured=True, of the conv/linear weights otherwise (graphopt.passes.prune).
+        structured: remove whole channels, shrinking the tensors (True), or zero single
+            weights (False), which saves storage only: no backend here runs sparse kernels.
+        prune_pattern: None, or "N:M" (e.g. "2:4"): zero all but the N largest of every M
+            weights along the input channels (structured=False; sparsity is then 1 - N/M).
+        prune_scope: with structured=False, "layer" (default: each layer loses `sparsity` of
+            its weights) or "global" (the smallest weights of all layers together).
+        prune_importance: how channels are ranked with structured=True: "l2" (default) or
+            "l1" norm of their weights, or a callable taking the group's weights (a list of
+            [channels, -1] tensors, one per layer) and returning one score per channel.
+        prune_round_to: with structured=True, keep a multiple of this many channels per
+            group (e.g. 8 for AVX2/NEON vectors); default 1.
+        prune_exclude: glob patterns of layer names (module paths, e.g. "layers.0.*") whose
+            channels or weights are never pruned.
         devices: split the graph into one pipeline stage per device, in order, by the cost
             model (graphopt.passes.partition_stages); e.g. ["cpu", "cpu"]. CPU only for now.
             Across processes: graphopt.distributed.pipeline.
@@ -52,6 +67,11 @@ class Config:
     accuracy_budget: float | None = None
     sparsity: float = 0.0
     structured: bool = False
+    prune_pattern: str | None = None
+    prune_scope: str = "layer"
+    prune_importance: Any = field(default="l2", compare=False)
+    prune_round_to: int = 1
+    prune_exclude: tuple[str, ...] = ()
     devices: tuple[str, ...] | None = None
     fallback: str = "eager"
     verify: bool = False
@@ -90,6 +110,7 @@ class Config:
                 f"graphopt option 'sparsity' must be a number in [0, 1), got {self.sparsity!r}"
             )
         object.__setattr__(self, "sparsity", float(self.sparsity))
+        self._check_pruning()
         if self.devices is not None:
             if isinstance(self.devices, str) or not isinstance(self.devices, Iterable):
                 raise ValueError(
@@ -131,6 +152,47 @@ class Config:
                 f"accepted: {list(pass_names())}"
             )
 
+    def _check_pruning(self) -> None:
+        _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
+        if not callable(self.prune_importance):
+            _check_choice("prune_importance", self.prune_importance, PRUNE_IMPORTANCE)
+        if (
+            isinstance(self.prune_round_to, bool)
+            or not isinstance(self.prune_round_to, int)
+            or self.prune_round_to < 1
+        ):
+            raise ValueError(
+                "graphopt option 'prune_round_to' must be an integer >= 1 (e.g. 8), got "
+                f"{self.prune_round_to!r}"
+            )
+        if isinstance(self.prune_exclude, str):
+            object.__setattr__(self, "prune_exclude", (self.prune_exclude,))
+        object.__setattr__(self, "prune_exclude", tuple(self.prune_exclude))
+        if self.structured and self.prune_scope != "layer":
+            raise ValueError(
+                "graphopt option prune_scope='global' applies to structured=False; structured "
+                "pruning removes the same fraction of every channel group"
+            )
+        if self.prune_pattern is None:
+            return
+        n_m = self.prune_pattern.split(":") if isinstance(self.prune_pattern, str) else []
+        if len(n_m) != 2 or not all(v.isdigit() for v in n_m) or not 0 < int(n_m[0]) < int(n_m[1]):
+            raise ValueError(
+                "graphopt option 'prune_pattern' must be 'N:M' with 0 < N < M (e.g. '2:4'), "
+                f"got {self.prune_pattern!r}"
+            )
+        if self.structured:
+            raise ValueError(
+                "graphopt option prune_pattern zeroes single weights: use it with structured=False"
+            )
+        implied = 1 - int(n_m[0]) / int(n_m[1])
+        if self.sparsity not in (0.0, implied):
+            raise ValueError(
+                f"graphopt option prune_pattern={self.prune_pattern!r} keeps {n_m[0]} of every "
+                f"{n_m[1]} weights: sparsity is {implied:g}, got sparsity={self.sparsity!r}"
+            )
+        object.__setattr__(self, "sparsity", implied)
+
     @classmethod
     def from_options(
         cls, options: Mapping[str, Any] | Config | None = None, **kwargs: Any
@@ -163,6 +225,8 @@ class Config:
                     value = f"first {value} calls"
             elif isinstance(value, tuple):
                 value = list(value)
+            elif callable(value):
+                value = getattr(value, "__name__", repr(value))
             out[f.name] = value
         return out
 

@@ -28,6 +28,7 @@ from graphopt.passes.dce import eliminate_dead_code
 from graphopt.passes.decompose_fused_ops import decompose_fused_ops
 from graphopt.passes.fold_batchnorm import fold_batchnorm
 from graphopt.passes.fold_constants import fold_constants
+from graphopt.passes.prune import prune
 from graphopt.passes.quantize import quantize
 from graphopt.passes.remove_noops import remove_noops
 from graphopt.report import PassRecord, Report
@@ -79,6 +80,15 @@ PIPELINE: list[Step] = [
         training=True,
     ),
     Step(
+        "prune",
+        prune,
+        "after BN and constant folding (each layer's weight is one constant, BN scale in it); "
+        "before quantize, which calibrates the pruned graph",
+        training=False,
+        option="sparsity",
+        lossy=True,
+    ),
+    Step(
         "quantize",
         quantize,
         "after BN folding and constant folding: quantizes the final weights, calibrated on "
@@ -99,16 +109,6 @@ PIPELINE: list[Step] = [
 
 def pass_names() -> tuple[str, ...]:
     return tuple(step.name for step in PIPELINE)
-
-
-def _check_implemented(cfg: Config) -> None:
-    missing = []
-    if cfg.sparsity > 0:
-        missing.append("sparsity (issue #5)")
-    if missing:
-        raise NotImplementedError(
-            "graphopt does not implement these options yet: " + ", ".join(missing)
-        )
 
 
 class _Dumper:
@@ -155,7 +155,6 @@ def run_pipeline(
         calibration: batches of real values for gm's placeholders (for `calibrated` steps).
         steps: a slice of PIPELINE to run (default: all of it).
     """
-    _check_implemented(cfg)
     dump = _Dumper(report.graph_id)
     dump("captured", gm)
     reference = None

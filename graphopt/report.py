@@ -65,6 +65,7 @@ class Report:
     lowering_seconds: float = 0.0
     verified: bool | None = None
     quantization: Any = None  # a graphopt.passes.quantize.QuantSummary when quantize="int8"
+    pruning: Any = None  # a graphopt.passes.prune.PruneSummary when sparsity > 0
     calibration_pending: int | None = None  # int8 calibration calls still to come
     stages: str | None = None  # with devices=[...]: the pipeline stages and their imbalance
     warnings: list[str] = field(default_factory=list)
@@ -91,6 +92,7 @@ class Report:
             more = " ..." if len(part.ops) > 8 else ""
             note = f"  [{part.note}]" if part.note else ""
             lines.append(f"  {part.name:<20}{part.target:<14}{part.nodes:>6}  {ops}{more}{note}")
+        lines.extend(self._pruning_lines())
         lines.extend(self._quantization_lines())
         if self.stages:
             lines.extend(f"  {line}" for line in self.stages.splitlines())
@@ -110,6 +112,43 @@ class Report:
             + ("" if self.verified is None else f", verified against eager: {self.verified}")
         )
         return "\n".join(lines)
+
+    def _pruning_lines(self) -> list[str]:
+        p = self.pruning
+        if p is None:
+            return []
+        before = sum(layer.params_before for layer in p.layers)
+        after = sum(layer.params_after for layer in p.layers)
+        flops_before = sum(layer.flops_before for layer in p.layers)
+        flops_after = sum(layer.flops_after for layer in p.layers)
+        kept = "nonzero weights" if p.method != "channels" else "weights"
+        what = (
+            f"{p.sparsity:.0%} of the channels of {p.groups_pruned} channel groups"
+            if p.method == "channels"
+            else f"{p.sparsity:.0%} of the weights, {p.method}"
+        )
+        lines = [
+            f"  prune: {what}; conv/linear {kept} {_human(before)} -> {_human(after)} "
+            f"({after / max(before, 1):.1%}), their FLOPs {_human(flops_before)} -> "
+            f"{_human(flops_after)} ({flops_after / max(flops_before, 1):.1%})"
+        ]
+        lines.append(f"    {'layer':<40}{'weight shape':>26}{kept:>18}{'bytes':>18}{'FLOPs':>20}")
+        for layer in p.layers:
+            shape = "x".join(map(str, layer.shape_before))
+            if layer.shape_after != layer.shape_before:
+                shape += " -> " + "x".join(map(str, layer.shape_after))
+            params = f"{_human(layer.params_before)} -> {_human(layer.params_after)}"
+            nbytes = f"{_human(layer.bytes_before)} -> {_human(layer.bytes_after)}"
+            flops = f"{_human(layer.flops_before)} -> {_human(layer.flops_after)}"
+            name = layer.layer[:39]
+            lines.append(f"    {name:<40}{shape:>26}{params:>18}{nbytes:>18}{flops:>20}")
+        for reason, names in p.groups_fixed.items():
+            shown = ", ".join(n.split(" (")[0] for n in names[:4])
+            more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+            lines.append(f"    left whole ({reason}): {shown}{more}")
+        if p.note:
+            lines.append(f"    note: {p.note}")
+        return lines
 
     def _quantization_lines(self) -> list[str]:
         q = self.quantization
