@@ -3,16 +3,19 @@
 compiled = torch.compile(model, backend="graphopt", options={"target": "cpu"})
 optimized = graphopt.optimize(model, example_inputs, target="llvm")
 print(optimized.report)
+pruned = graphopt.prune(model, example_inputs, sparsity=0.5, structured=True)
+graphopt.recover(pruned, teacher=model, data=batches, steps=300)
 graphopt.export(model, example_inputs, "out/", format="onnx"); run = graphopt.load("out/")
 """
 
 from graphopt import testing
-from graphopt.api import OptimizedModule, optimize
+from graphopt.api import OptimizedModule, optimize, prune
 from graphopt.artifact import Artifact, Exported, export, load
 from graphopt.backend import graphopt_backend
 from graphopt.compiler import REPORTS
 from graphopt.config import Config
 from graphopt.errors import UnsupportedOpError, VerificationError
+from graphopt.recover import Recovery, recover
 from graphopt.report import Report
 
 __version__ = "0.1.0"
@@ -40,6 +43,9 @@ __all__ = [
     "graphopt_backend",
     "load",
     "optimize",
+    "prune",
+    "recover",
+    "Recovery",
     "testing",
     "reports",
     "__version__",

@@ -10,7 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphopt.capture import CapturedGraph, capture_export
-from graphopt.compiler import compile_graph, new_report
+from graphopt.compiler import compile_graph, new_report, optimized_graph
 from graphopt.config import Config
 from graphopt.errors import VerificationError
 from graphopt.report import Report
@@ -84,3 +84,92 @@ def optimize(
         if problem is not None:
             raise VerificationError("whole model (export capture)", problem)
     return optimized
+
+
+def prune(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    dynamic_shapes: Any = "batch",
+    **options: Any,
+) -> OptimizedModule:
+    """Prune `model` and return it as a PyTorch module with smaller, trainable weights.
+
+    The same passes as `optimize` (BatchNorm folded into the convs, then the prune pass), but
+    nothing is lowered: the result runs in PyTorch, its weights are `nn.Parameter`s (each layer
+    its own copy), so `graphopt.recover` can fine-tune it; compile, optimize or export it after.
+
+    Args:
+        model: an nn.Module in eval mode.
+        example_inputs: a tuple of example positional inputs.
+        dynamic_shapes: "batch" (default): dim 0 of every tensor input may vary, so training
+            batches can be larger than the example (torch.export specializes a batch of 1:
+            give an example batch of 2 or more); None: the example's shapes only; or a
+            torch.export dynamic_shapes spec.
+        **options: sparsity (required, > 0, or prune_pattern), structured, prune_pattern,
+            prune_scope, prune_importance, prune_round_to, prune_exclude (see `Config`).
+
+    Returns:
+        An `OptimizedModule` running the pruned graph in PyTorch, with `.report`.
+    """
+    cfg = Config.from_options(options)
+    if cfg.sparsity == 0:
+        raise ValueError(
+            "graphopt.prune needs sparsity > 0 (e.g. sparsity=0.5, structured=True) or "
+            "prune_pattern='2:4'"
+        )
+    if cfg.quantize is not None or cfg.devices is not None:
+        raise ValueError(
+            "graphopt.prune returns a float PyTorch model to fine-tune; quantize or partition it "
+            "afterwards, e.g. graphopt.optimize(pruned, example_inputs, quantize='int8', ...)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if dynamic_shapes == "batch":
+        dynamic_shapes = _batch_dim_auto(example_inputs)
+    report = new_report(cfg)
+    captured, gm = optimized_graph(
+        model, example_inputs, cfg, dynamic_shapes=dynamic_shapes, report=report
+    )
+    _make_trainable(gm)
+    pruned = CapturedGraph(gm, captured.example_inputs, captured.in_spec, captured.out_spec)
+    report.partitions = []
+    return OptimizedModule(gm, pruned, report, cfg)
+
+
+def _batch_dim_auto(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A dynamic_shapes spec marking dim 0 of each tensor input Dim.AUTO (dynamic if it can)."""
+    auto = torch.export.Dim.AUTO
+    return tuple(
+        {0: auto} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
+    )
+
+
+def _make_trainable(gm: torch.fx.GraphModule) -> None:
+    """Turn the graph's floating-point constants into parameters, one per reading node: CSE
+    may have merged equal constants of different layers, which must train apart."""
+    from graphopt.passes.base import get_attr_value
+
+    params: dict[str, torch.Tensor] = {}
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        value = get_attr_value(gm, node)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not value.dim():
+            continue
+        for user in list(node.users):
+            target = node.target
+            if target in params:  # a second reader: give it its own copy
+                target = f"{node.target}_{user.name}"
+                with gm.graph.inserting_before(user):
+                    copy = gm.graph.get_attr(target)
+                copy.meta.update(node.meta)
+                user.replace_input_with(node, copy)
+            params[target] = value.detach().clone()
+        if not node.users:
+            gm.graph.erase_node(node)
+    for target, value in params.items():
+        if hasattr(gm, target):
+            delattr(gm, target)
+        gm.register_parameter(target, torch.nn.Parameter(value))
+    gm.graph.lint()
+    gm.recompile()

@@ -47,3 +47,9 @@ def test_pipeline_gloo_runs_two_processes_and_checks_the_output():
     out = _run("examples/pipeline_gloo.py", "--rounds", "1", "--batch", "8")
     assert "2 stages, imbalance" in out and "pipeline of 2 processes" in out
     assert "one process" in out and "samples/s" in out
+
+
+def test_prune_digits_prunes_recovers_and_compiles():
+    out = _run("examples/prune_digits.py", "--model", "mlp", "--steps", "100", "--rounds", "2")
+    assert "prune: 50% of the channels" in out and "graphopt recover: 100 steps" in out
+    assert "top-1: teacher" in out and "pruned int8:" in out and "speed vs dense" in out
