@@ -38,7 +38,13 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package im
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.models import CALIBRATION_BATCHES, FULL, MODELS, TINY, BenchModel  # noqa: E402
-from benchmarks.runners import ANCHORS, INT8_ANCHORS, INT8_RUNNERS, RUNNERS  # noqa: E402
+from benchmarks.runners import (  # noqa: E402
+    ANCHORS,
+    INT8_ANCHORS,
+    INT8_RUNNERS,
+    PRUNED_RUNNERS,
+    RUNNERS,
+)
 
 Log = Callable[[str], None]
 Batch = tuple[torch.Tensor, ...]
@@ -58,6 +64,7 @@ class RunnerResult:
     samples_ms: list[float] = field(default_factory=list)
     note: str = ""
     failed: bool = False
+    params_kept: float = math.nan  # pruned runners: conv/linear weights kept / dense
 
 
 @dataclass
@@ -155,6 +162,13 @@ def _graphopt_note(new_reports: list[graphopt.Report]) -> str:
     return note
 
 
+def _params_kept(new_reports: list[graphopt.Report]) -> float:
+    """Conv/linear weights the prune pass kept, as a fraction (nan when nothing was pruned)."""
+    layers = [layer for r in new_reports if r.pruning is not None for layer in r.pruning.layers]
+    before = sum(layer.params_before for layer in layers)
+    return sum(layer.params_after for layer in layers) / before if before else math.nan
+
+
 def compile_runner(
     name: str,
     model: torch.nn.Module,
@@ -193,7 +207,9 @@ def compile_runner(
     result.rel_error = _rel_error(reference, out)
     if name.startswith("graphopt"):
         result.note = _graphopt_note(graphopt.reports()[reports_before:])
+        result.params_kept = _params_kept(graphopt.reports()[reports_before:])
     result.note = _join(result.note, getattr(fn, "note", ""))
+    result.params_kept = getattr(fn, "params_kept", result.params_kept)
     if name in INT8_RUNNERS and not result.rel_error <= INT8_REL_ERROR_TOLERANCE:
         result.note = _join(
             f"SUSPECT: rel L2 err over the {INT8_REL_ERROR_TOLERANCE:.0%} int8 tolerance",
@@ -300,7 +316,7 @@ def format_model(result: ModelResult) -> str:
     anchor, int8_anchor = result.anchor(), result.int8_anchor()
     timed = {t.name for t in result.timings if not math.isnan(t.median_ms)}
     ratios = ["eager"] + ([anchor] if anchor else [])
-    if _has_int8(result):
+    if _has_int8(result) or any(r.name in PRUNED_RUNNERS for r in result.runners):
         ratios += [int8_anchor] if int8_anchor else []
         ratios += [FP32_BASELINE] if FP32_BASELINE in timed else []
     others = [r for r in result.runners if r.name != "eager"]
@@ -355,6 +371,25 @@ def format_int8_summary(results: Sequence[ModelResult]) -> str:
             cells += [anchor or "-", _cell(ms.get(anchor, math.nan), ".3f")]
             cells += [_cell(errors.get(anchor, math.nan), ".1e")]
             cells += [_speed(ms, anchor, name), _speed(ms, FP32_BASELINE, name)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def format_prune_summary(results: Sequence[ModelResult]) -> str:
+    """One line per model and pruned runner: weights kept, speed against graphopt-cpu (the
+    dense model through the same compiler) and against the fastest int8 anchor."""
+    lines = [
+        "| model | runner | median ms | conv/linear weights kept | speed vs "
+        f"{FP32_BASELINE} | fastest int8 anchor | speed vs fastest int8 anchor |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for res in results:
+        ms = {t.name: t.median_ms for t in res.timings}
+        kept = {r.name: r.params_kept for r in res.runners}
+        anchor = res.int8_anchor()
+        for name in (n for n in PRUNED_RUNNERS if n in ms):
+            cells = [res.model, name, _cell(ms[name], ".3f"), _cell(kept[name], ".1%")]
+            cells += [_speed(ms, FP32_BASELINE, name), anchor or "-", _speed(ms, anchor, name)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -423,6 +458,15 @@ def format_report(results: Sequence[ModelResult], machine: str, settings: str) -
             "||out - eager|| / ||eager|| on the timed input; a few percent is expected, over "
             f"{INT8_REL_ERROR_TOLERANCE:.0%} the runner's note says SUSPECT.",
             int8,
+        ]
+    pruned = format_prune_summary(results)
+    if pruned:
+        parts += [
+            "## Structured pruning (50% of the channels, no fine-tuning)",
+            "A pruned model computes other numbers than the dense one (its error against eager "
+            "is large by design: `graphopt.recover` wins the accuracy back by distillation); "
+            "what counts here is the weights it keeps and its speed.",
+            pruned,
         ]
     parts += [format_model(r) for r in results]
     return "\n\n".join(parts) + "\n"

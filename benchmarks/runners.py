@@ -114,9 +114,10 @@ def _reduce_range() -> bool:
     return host_activation_qmax() < ACT_QMAX
 
 
-def graphopt_int8(target: str) -> Builder:
+def graphopt_int8(target: str, **more: Any) -> Builder:
     """graphopt on `target` with int8 post-training quantization (default minmax observer),
-    calibrated on the suite's batches ("onnx": the QDQ graph run by onnxruntime)."""
+    calibrated on the suite's batches ("onnx": the QDQ graph run by onnxruntime); `more`:
+    further options (e.g. sparsity)."""
 
     def build(
         model: nn.Module,
@@ -125,7 +126,7 @@ def graphopt_int8(target: str) -> Builder:
         *,
         calibration: list[tuple[torch.Tensor, ...]],
     ) -> Runner:
-        options = {"quantize": "int8", "calibration": list(calibration)}
+        options = {"quantize": "int8", "calibration": list(calibration), **more}
         return graphopt(target, **options)(model, inputs, workdir)
 
     return build
@@ -244,6 +245,35 @@ def _onnx_input_names(path: str) -> list[str]:
     return [i.name for i in graph.input if i.name not in initializers]
 
 
+# ---------------------------------------------------------------- pruning
+# Structured pruning of 50% of the channels, no fine-tuning: the pruned model computes other
+# numbers (its error against eager is large by design); what counts is its speed against the
+# dense model and how many weights it keeps (`params_kept` on the runner: conv/linear weights).
+PRUNE = {"sparsity": 0.5, "structured": True}
+
+
+def torch_pruning(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
+    """Torch-Pruning (DepGraph, eager modules; `pip install torch-pruning`): MetaPruner with
+    GroupMagnitudeImportance(p=2), pruning_ratio 0.5, the last Linear left whole, then
+    inductor with freezing: the same recipe graphopt-cpu-pruned runs on the ATen graph."""
+    import torch_pruning as tp
+
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    before = sum(m.weight.numel() for m in layers)
+    with torch.enable_grad():  # its dependency graph traces with autograd
+        pruner = tp.pruner.MetaPruner(
+            model,
+            inputs,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=0.5,
+            ignored_layers=[layers[-1]],
+        )
+        pruner.step()
+    runner = inductor_freezing(model, inputs, workdir)
+    runner.params_kept = sum(m.weight.numel() for m in layers) / before
+    return runner
+
+
 # Name -> builder, in table order. "eager" first: every ratio is against it.
 RUNNERS: dict[str, Builder] = {
     "eager": eager,
@@ -257,10 +287,13 @@ RUNNERS: dict[str, Builder] = {
     "pt2e-int8": pt2e_int8,
     "onnxruntime-int8": onnxruntime_int8,
     "onnxruntime-int8-dynamic": onnxruntime_int8_dynamic,
-    "graphopt-cpu-pruned": graphopt("cpu", sparsity=0.5, structured=True),
+    "graphopt-cpu-pruned": graphopt("cpu", **PRUNE),
+    "graphopt-cpu-pruned-int8": graphopt_int8("cpu", **PRUNE),
+    "torch-pruning": torch_pruning,
 }
 # The fastest of these is the bar graphopt has to beat: fp32 runners against ANCHORS, int8
 # runners against INT8_ANCHORS (and against graphopt-cpu, the fp32 graphopt they replace).
 ANCHORS = ("inductor", "onnxruntime")
 INT8_ANCHORS = ("pt2e-int8", "onnxruntime-int8", "onnxruntime-int8-dynamic")
 INT8_RUNNERS = ("graphopt-cpu-int8", "graphopt-onnx-int8", *INT8_ANCHORS)
+PRUNED_RUNNERS = ("graphopt-cpu-pruned", "graphopt-cpu-pruned-int8", "torch-pruning")
