@@ -289,6 +289,8 @@ RUNNERS: dict[str, Builder] = {
     "onnxruntime-int8-dynamic": onnxruntime_int8_dynamic,
     "graphopt-cpu-pruned": graphopt("cpu", **PRUNE),
     "graphopt-cpu-pruned-int8": graphopt_int8("cpu", **PRUNE),
+    "graphopt-onnx-pruned": graphopt("onnx", **PRUNE),
+    "graphopt-onnx-pruned-int8": graphopt_int8("onnx", **PRUNE),
     "torch-pruning": torch_pruning,
 }
 # The fastest of these is the bar graphopt has to beat: fp32 runners against ANCHORS, int8
@@ -296,4 +298,10 @@ RUNNERS: dict[str, Builder] = {
 ANCHORS = ("inductor", "onnxruntime")
 INT8_ANCHORS = ("pt2e-int8", "onnxruntime-int8", "onnxruntime-int8-dynamic")
 INT8_RUNNERS = ("graphopt-cpu-int8", "graphopt-onnx-int8", *INT8_ANCHORS)
-PRUNED_RUNNERS = ("graphopt-cpu-pruned", "graphopt-cpu-pruned-int8", "torch-pruning")
+PRUNED_RUNNERS = (
+    "graphopt-cpu-pruned",
+    "graphopt-cpu-pruned-int8",
+    "graphopt-onnx-pruned",
+    "graphopt-onnx-pruned-int8",
+    "torch-pruning",
+)

@@ -164,15 +164,24 @@ def _finish(
 ) -> Callable[..., Any]:
     """Record what the passes left, then lower."""
     record_optimized(gm, report)
+    if training and cfg.sparsity > 0:
+        _warn(
+            report,
+            "sparsity: pruning is for inference graphs (call under torch.no_grad()); "
+            "this training graph is not pruned (graphopt.prune + recover fine-tune instead)",
+        )
     if cfg.devices is not None:
         if not training:
             from graphopt.distributed import lower_stages
 
             return lower_stages(gm, example_inputs, cfg, report)
-        warning = "devices: pipeline stages are for inference; this training graph runs whole"
-        log.warning("graphopt: %s: %s", report.graph_id, warning)
-        report.warnings.append(warning)
+        _warn(report, "devices: pipeline stages are for inference; this training graph runs whole")
     return lower(gm, example_inputs, cfg, report, training=training)
+
+
+def _warn(report: Report, warning: str) -> None:
+    log.warning("graphopt: %s: %s", report.graph_id, warning)
+    report.warnings.append(warning)
 
 
 def record_optimized(gm: torch.fx.GraphModule, report: Report) -> None:

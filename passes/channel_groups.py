@@ -284,7 +284,7 @@ class ChannelAnalysis:
             if d != channel_dim:
                 self._fix(tag, f"a non-channel dim of the input of {site.name}")
         tag_in = in_tags[channel_dim] if len(in_tags) > channel_dim else None
-        bias_index = 2 if site.kind == "conv2d" else 0
+        bias_index = {aten.convolution.default: 2, aten.addmm.default: 0}.get(node.target)
         out_dims = node.meta["val"].dim()
         if site.kind == "conv2d":
             groups = node.args[8]
@@ -311,9 +311,9 @@ class ChannelAnalysis:
         self._cut_bias(node, bias_index, tag_out)
         self.tags[node] = [None, tag_out] + [None] * (out_dims - 2)
 
-    def _cut_bias(self, node: torch.fx.Node, index: int, tag: DimTag) -> None:
-        bias = node.args[index]
-        if bias is None:
+    def _cut_bias(self, node: torch.fx.Node, index: int | None, tag: DimTag) -> None:
+        bias = None if index is None else node.args[index]
+        if bias is None:  # aten.mm, or a conv without bias
             return
         if isinstance(bias, torch.fx.Node) and bias.op == "get_attr":
             self.cuts.append(Cut(node, index, bias.meta["val"].dim() - 1, tag))

@@ -138,9 +138,9 @@ class ConcatSENet(nn.Module):
 class FeedForward(nn.Module):
     """A transformer FFN on [batch, seq, d]: the hidden width is prunable, d is not."""
 
-    def __init__(self, d: int = 16, hidden: int = 32):
+    def __init__(self, d: int = 16, hidden: int = 32, bias: bool = True):
         super().__init__()
-        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.up, self.down = nn.Linear(d, hidden, bias=bias), nn.Linear(hidden, d, bias=bias)
 
     def forward(self, x):
         return x + self.down(F.gelu(self.up(x)))
@@ -153,6 +153,7 @@ CASES = {
     "flatten_channels_last": (lambda: FlattenNet(True), (2, 2, 4, 4), ("fc2",)),
     "concat_se": (ConcatSENet, (2, 3, 6, 6), ("head",)),
     "feedforward": (FeedForward, (2, 5, 16), ("down",)),
+    "feedforward_no_bias": (lambda: FeedForward(bias=False), (2, 5, 16), ("down",)),  # aten.mm
 }
 
 
