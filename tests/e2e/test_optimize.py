@@ -82,11 +82,6 @@ def test_dump_writes_graph_after_each_pass(tmp_path, monkeypatch):
     assert len(files) == 1 + len([s for s in pipeline.PIPELINE if s.option is None])
 
 
-def test_unimplemented_options_say_so():
-    with pytest.raises(NotImplementedError, match="sparsity \\(issue #5\\)"):
-        graphopt.optimize(MLP().eval(), (torch.randn(2, 32),), sparsity=0.5)
-
-
 def test_entry_point_registers_backend_without_import():
     code = (
         "import sys, torch\n"
