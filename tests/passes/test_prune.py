@@ -218,6 +218,34 @@ def test_channels_tied_to_a_model_input_or_an_op_without_rule_stay_whole():
     assert _pruned(gm).stats["channels_removed"] == 0
 
 
+class Affine(nn.Module):
+    """Per-channel constants after a conv (x * scale + shift): they are cut with the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.shift = nn.Parameter(torch.cat([torch.randn(4), torch.zeros(4)]).view(8, 1, 1))
+
+    def forward(self, x):
+        return self.out(torch.relu(self.conv(x) * self.scale + self.shift))
+
+
+def test_per_channel_constants_are_cut_with_their_channels():
+    model = kill_upper_half(Affine(), keep=("out",))  # shift is 0 on the dead channels too
+    x = torch.randn(2, 3, 6, 6)
+    gm, _ = _folded(model, x)
+    result = _pruned(gm)
+    assert result.stats["channels_removed"] == 4
+    assert_matches_eager(model, result.gm, x)
+    shapes = {
+        tuple(get_attr_value(result.gm, n).shape)
+        for n in result.gm.graph.find_nodes(op="get_attr")
+        if n.users
+    }
+    assert (4, 1, 1) in shapes and (8, 1, 1) not in shapes
+
+
 def test_dynamic_batch_views_keep_their_symbolic_sizes():
     model = kill_upper_half(FlattenNet(), keep=("fc2",))
     x = torch.randn(3, 2, 4, 4)
