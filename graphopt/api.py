@@ -134,7 +134,6 @@ def prune(
     )
     _make_trainable(gm)
     pruned = CapturedGraph(gm, captured.example_inputs, captured.in_spec, captured.out_spec)
-    report.partitions = []
     return OptimizedModule(gm, pruned, report, cfg)
 
 

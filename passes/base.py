@@ -159,10 +159,16 @@ class Emitter:
     def __call__(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
         with self.graph.inserting_before(self.before):
             node = self.graph.call_function(target, args, kwargs)
-        fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta["val"])
-        with unset_fake_temporarily(), self.mode:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        node.meta["val"] = fake_value(node, self.mode)
         return node
+
+
+def fake_value(node: torch.fx.Node, mode: Any) -> Any:
+    """What a call node computes, as fake tensors: its target run in `mode` on its inputs'
+    meta["val"] (for new nodes, and for nodes whose inputs changed shape)."""
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    with unset_fake_temporarily(), mode:
+        return node.target(*args, **kwargs)
 
 
 @dataclass

@@ -293,7 +293,7 @@ class ChannelAnalysis:
                 if groups == out_channels and in_per_group == 1 and tag_in is not None:
                     # depthwise: channel c of the output reads channel c of the input only
                     self.depthwise.append((node, tag_in))
-                    self.cuts.append(Cut(node, 1, 0, tag_in))
+                    self.cuts.append(Cut(node, site.weight_index, 0, tag_in))
                     self._cut_bias(node, bias_index, tag_in)
                     self.tags[node] = [None, tag_in] + [None] * (out_dims - 2)
                 else:

@@ -16,26 +16,25 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.node import map_arg
 
 from graphopt.config import Config
 from graphopt.passes.base import (
     PassResult,
     Site,
     fake_mode_of,
+    fake_value,
     find_sites,
     get_attr_value,
     insert_constant,
 )
 from graphopt.passes.channel_groups import ChannelAnalysis, ChannelGroup
-from graphopt.report import node_flops
+from graphopt.report import count_params, node_flops
 
 Importance = Callable[[list[torch.Tensor]], torch.Tensor]
 
@@ -70,7 +69,6 @@ class PruneSummary:
     groups_pruned: int = 0
     groups_fixed: dict[str, list[str]] = field(default_factory=dict)  # reason -> layer names
     note: str = ""
-    seconds: float = 0.0
 
 
 def prune(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
@@ -93,23 +91,19 @@ def prune(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
         (structured) or {"weights_zeroed", "layers_pruned"}; gm.meta["graphopt.pruning"]
         holds a `PruneSummary`.
     """
-    start = time.perf_counter()
-    sites = [s for s in find_sites(gm) if not _excluded(s.name, cfg.prune_exclude)]
-    before = {s.node: _layer_numbers(gm, s) for s in find_sites(gm)}
+    sites = find_sites(gm)  # the layers stay the same nodes; only their weight arguments change
+    before = [_layer_numbers(gm, s) for s in sites]
     if cfg.structured:
         summary, stats = _prune_channels(gm, cfg)
     else:
-        summary, stats = _prune_weights(gm, cfg, sites)
+        kept = [s for s in sites if not _excluded(s.name, cfg.prune_exclude)]
+        summary, stats = _prune_weights(gm, cfg, kept)
     modified = any(stats.values())
-    for site in find_sites(gm):
-        if site.node not in before:
-            continue
-        shape, params, flops, nbytes = before[site.node]
+    for site, (shape, params, flops, nbytes) in zip(sites, before):
         shape2, params2, flops2, nbytes2 = _layer_numbers(gm, site, nonzero=not cfg.structured)
         summary.layers.append(
             LayerPrune(site.name, shape, shape2, params, params2, flops, flops2, nbytes, nbytes2)
         )
-    summary.seconds = time.perf_counter() - start
     gm.meta["graphopt.pruning"] = summary
     return PassResult(gm, modified, stats)
 
@@ -165,9 +159,9 @@ def _prune_channels(gm: torch.fx.GraphModule, cfg: Config) -> tuple[PruneSummary
         summary.groups_pruned += 1
     if not keep:
         return summary, {"channels_removed": 0, "groups_pruned": 0, "params_removed": 0}
-    params_before = sum(get_attr_value(gm, n).numel() for n in _constants(gm))
+    params_before = count_params(gm)
     _apply(gm, analysis, keep)
-    params_after = sum(get_attr_value(gm, n).numel() for n in _constants(gm))
+    params_after = count_params(gm)
     stats = {
         "channels_removed": removed,
         "groups_pruned": len(keep),
@@ -271,13 +265,7 @@ def _refresh_meta(gm: torch.fx.GraphModule, changed: set[torch.fx.Node]) -> None
         if node not in stale and not any(i in stale for i in node.all_input_nodes):
             continue
         stale.add(node)
-        args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
-        with unset_fake_temporarily(), mode:
-            node.meta["val"] = node.target(*args, **kwargs)
-
-
-def _constants(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.find_nodes(op="get_attr") if n.users]
+        node.meta["val"] = fake_value(node, mode)
 
 
 # ---------------------------------------------------------------------------------- weights
