@@ -123,7 +123,7 @@ def graph_rows() -> list[str]:
         torch.compile(model, backend="graphopt", options=HALF)(x)
     pruned = [r for r in graphopt.reports() if r.pruning and r.pruning.groups_pruned]
     cells[("graphopt", "torch.compile graph")] = "yes" if pruned else "no"
-    cells[("Torch-Pruning", "torch.compile graph")] = "no: prunes nn.Module objects only"
+    cells[("Torch-Pruning", "torch.compile graph")] = "not tried: it takes nn.Module objects"
     rows = []
     for tool in ("graphopt", "Torch-Pruning"):
         where = ("eager module", "torch.export program", "torch.compile graph")
