@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package im
 from benchmarks.models import CALIBRATION_BATCHES, FULL, MODELS, TINY, BenchModel  # noqa: E402
 from benchmarks.runners import (  # noqa: E402
     ANCHORS,
+    CUDA_RUNNERS,
     INT8_ANCHORS,
     INT8_RUNNERS,
     PRUNED_RUNNERS,
@@ -226,11 +227,16 @@ def bench_model(
     warmup: int,
     budget_s: float,
     compile_budget_s: float,
+    device: str = "cpu",
     log: Log = print,
 ) -> ModelResult:
-    """Compile every runner on one model, then time the ones that run, interleaved."""
+    """Compile every runner on one model, then time the ones that run, interleaved.
+    With `device` "cuda" the model and its inputs live on the GPU (timings synchronize)."""
     torch._dynamo.reset()
     model, inputs, calibration = bm.make(), bm.inputs(), bm.calibration()
+    if device != "cpu":
+        model, inputs = model.to(device), tuple(t.to(device) for t in inputs)
+        calibration = [tuple(t.to(device) for t in batch) for batch in calibration]
     with torch.no_grad():
         reference = model(*inputs)
     results, callables, max_rounds, max_warmup = [], {}, {}, {}
@@ -287,6 +293,7 @@ def run_suite(
     warmup: int = 2,
     budget_s: float = 20.0,
     compile_budget_s: float = 300.0,
+    device: str = "cpu",
     log: Log = print,
 ) -> list[ModelResult]:
     """Benchmark each model in turn; every runner that ran gets a row, and so does every failure."""
@@ -300,6 +307,7 @@ def run_suite(
             warmup=warmup,
             budget_s=budget_s,
             compile_budget_s=compile_budget_s,
+            device=device,
             log=log,
         )
         for m in model_names
@@ -411,7 +419,7 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def machine_description(command: str) -> str:
+def machine_description(command: str, device: str = "cpu") -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -427,11 +435,19 @@ def machine_description(command: str) -> str:
     versions["torchao"] = _version("torchao")  # not imported: it prints warnings when loaded
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    gpu = []
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        gpu = [
+            f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA "
+            f"{torch.version.cuda}; model and inputs on {device}"
+        ]
     return "\n".join(
         [
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- command: `{command}`",
             f"- CPU: {cpu}, {cores} cores usable, torch threads {torch.get_num_threads()}",
+            *gpu,
             f"- load average at start: {load}",
             "- " + ", ".join(f"{k} {v}" for k, v in versions.items()),
             "- batch 1, fp32 (int8 runners: post-training quantized from it), inference "
@@ -498,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="default benchmarks/RESULTS.md (not --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny models, 2 rounds, no file")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help=f"cpu, or cuda[:N]: model and inputs on that GPU (runners: {', '.join(CUDA_RUNNERS)})",
+    )
     args = parser.parse_args(argv)
     # Idle TVM worker threads spin by default and steal the cores of the runner timed after
     # them in interleaved rounds (as onnxruntime's do; see runners.onnxruntime_cpu). TVM reads
@@ -515,7 +536,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners = _names(args.runners, list(RUNNERS), "runners")
     if "eager" not in runners:
         runners.insert(0, "eager")
-    machine = machine_description(command)
+    if args.device != "cpu":
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            raise SystemExit(
+                f"--device {args.device!r}: accepted are cpu and cuda[:N] with a GPU torch sees "
+                f"(torch.cuda.is_available() is {torch.cuda.is_available()})"
+            )
+        if args.runners == ",".join(RUNNERS):
+            runners = list(CUDA_RUNNERS)
+        elif cpu_only := [r for r in runners if r not in CUDA_RUNNERS]:
+            raise SystemExit(
+                f"--device {args.device}: runners {cpu_only} run on the CPU only; "
+                f"accepted: {', '.join(CUDA_RUNNERS)}"
+            )
+    machine = machine_description(command, args.device)
     print(machine, flush=True)
     log: Log = lambda line: print(line, flush=True)  # noqa: E731
     results = run_suite(
@@ -525,6 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         budget_s=args.budget_s,
         compile_budget_s=args.compile_budget_s,
+        device=args.device,
         log=log,
     )
     settings = (

@@ -292,12 +292,15 @@ RUNNERS: dict[str, Builder] = {
     "graphopt-onnx-pruned": graphopt("onnx", **PRUNE),
     "graphopt-onnx-pruned-int8": graphopt_int8("onnx", **PRUNE),
     "torch-pruning": torch_pruning,
+    "graphopt-cuda": graphopt("cuda"),
 }
 # The fastest of these is the bar graphopt has to beat: fp32 runners against ANCHORS, int8
 # runners against INT8_ANCHORS (and against graphopt-cpu, the fp32 graphopt they replace).
 ANCHORS = ("inductor", "onnxruntime")
 INT8_ANCHORS = ("pt2e-int8", "onnxruntime-int8", "onnxruntime-int8-dynamic")
 INT8_RUNNERS = ("graphopt-cpu-int8", "graphopt-onnx-int8", *INT8_ANCHORS)
+# What runs with `--device cuda` (model and inputs on the GPU): the rest are CPU engines.
+CUDA_RUNNERS = ("eager", "inductor", "graphopt-cuda")
 PRUNED_RUNNERS = (
     "graphopt-cpu-pruned",
     "graphopt-cpu-pruned-int8",

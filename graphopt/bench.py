@@ -40,6 +40,7 @@ def compare_speed(
     `max_rounds` / `max_warmup` cap a slow runner: it takes part in only the first N rounds.
     """
     max_rounds, max_warmup = max_rounds or {}, max_warmup or {}
+    sync = _synchronize(inputs)
     with torch.no_grad():
         for name, fn in runners.items():
             for _ in range(min(warmup, max_warmup.get(name, warmup))):
@@ -54,10 +55,26 @@ def compare_speed(
             for name, fn in order:
                 if i >= max_rounds.get(name, rounds):
                     continue
+                sync()
                 start = time.perf_counter()
                 fn(*inputs)
+                sync()
                 samples[name].append((time.perf_counter() - start) * 1e3)
     return [Timing.from_samples(name, s) for name, s in samples.items()]
+
+
+def _synchronize(inputs: Sequence[Any]) -> Callable[[], None]:
+    """What waits for queued GPU work: a call returns before its CUDA kernels finish, so a
+    timing on CUDA inputs stops only after torch.cuda.synchronize() (a no-op on the CPU)."""
+    devices = {t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda}
+    if not devices:
+        return lambda: None
+
+    def sync() -> None:
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+    return sync
 
 
 def format_timings(

@@ -216,7 +216,9 @@ def _constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> relax.Constant:
         raise LoweringError(node.name, f"get_attr of a {type(value).__name__}, not a tensor")
     if value.dtype not in TVM_DTYPES:
         raise LoweringError(node.name, f"constant of dtype {value.dtype} has no TVM equivalent")
-    copy = value.detach().clone(memory_format=torch.contiguous_format)
+    # A host copy whatever the tensor's device: TVM folds constants on the host and the VM
+    # uploads them to the target's device when it loads (a CUDA tensor here would not fold).
+    copy = value.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
     return relax.const(tvm.runtime.from_dlpack(_compact_strides(copy)))
 
 
@@ -359,6 +361,12 @@ class CompiledSubgraph:
     input's or an earlier output's memory (clone() lowers to nothing) is copied where torch
     returns a tensor of its own, so writing to it changes nothing else.
 
+    Devices: an input on another device than the module's (a CPU tensor for a CUDA module) is
+    copied to it, and each output is returned on the device torch traced it on (`for_graph`;
+    without a graph, a loaded library: on the first input's device). So a CPU model compiled
+    for target="cuda" takes and returns CPU tensors (two copies per call) and a model on the
+    GPU stays there (none).
+
     Attributes:
         mod: the Relax IRModule it was compiled from; None when loaded from the disk cache.
         executable: the compiled VM executable (built, or loaded from the cache).
@@ -373,6 +381,7 @@ class CompiledSubgraph:
         *,
         tensor_inputs: Sequence[bool],
         fresh_outputs: Sequence[int] | None = None,
+        output_devices: Sequence[torch.device | None] | None = None,
         mod: tvm.IRModule | None = None,
         cache_hit: bool = False,
     ):
@@ -381,6 +390,8 @@ class CompiledSubgraph:
             tensor_inputs: per input, whether it is a tensor (False: a SymInt, not passed on).
             fresh_outputs: the outputs that must not share memory with an input or an earlier
                 output (None: all of them).
+            output_devices: per output, the device to return it on (None for all: the first
+                tensor input's device).
         """
         self.mod = mod
         self.executable = executable
@@ -390,7 +401,10 @@ class CompiledSubgraph:
         self._main = self.vm["main"]
         self._tensor_inputs = tuple(tensor_inputs)
         self._fresh_outputs = None if fresh_outputs is None else tuple(fresh_outputs)
-        self._device_type = "cuda" if device == tvm.cuda(0) else "cpu"  # torch's name for it
+        self._device = (
+            torch.device("cuda", device.index) if device.type == "cuda" else torch.device("cpu")
+        )
+        self._output_devices = None if output_devices is None else tuple(output_devices)
 
     @classmethod
     def for_graph(
@@ -403,6 +417,7 @@ class CompiledSubgraph:
         """The compiled form of `gm`: its placeholders are the inputs; an output torch returns
         as a view of an input may stay one, every other output gets memory of its own."""
         out = gm.graph.find_nodes(op="output")[0].args[0]
+        outs = out if isinstance(out, list | tuple) else [out]
         return cls(
             executable,
             device,
@@ -410,10 +425,9 @@ class CompiledSubgraph:
                 isinstance(node.meta.get("val"), torch.Tensor)
                 for node in gm.graph.find_nodes(op="placeholder")
             ],
-            fresh_outputs=[
-                i
-                for i, n in enumerate(out if isinstance(out, list | tuple) else [out])
-                if not _views_an_input(n)
+            fresh_outputs=[i for i, n in enumerate(outs) if not _views_an_input(n)],
+            output_devices=[
+                v.device if isinstance(v := n.meta.get("val"), torch.Tensor) else None for n in outs
             ],
             **kwargs,
         )
@@ -421,24 +435,29 @@ class CompiledSubgraph:
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
         if len(args) != len(self._tensor_inputs):
             raise TypeError(f"expected {len(self._tensor_inputs)} inputs, got {len(args)}")
-        inputs = [self._prepare(a) for a, is_tensor in zip(args, self._tensor_inputs) if is_tensor]
+        tensors = [a for a, is_tensor in zip(args, self._tensor_inputs) if is_tensor]
+        inputs = [self._prepare(t) for t in tensors]
         results = self._main(*[tvm.runtime.from_dlpack(t) for t in inputs])
         outputs = [torch.from_dlpack(r) for r in results]
         fresh = range(len(outputs)) if self._fresh_outputs is None else self._fresh_outputs
         for i in fresh:  # torch gives these memory of their own
             if any(_within(outputs[i], t) for t in [*inputs, *outputs[:i]]):
                 outputs[i] = outputs[i].clone()
+        devices = self._output_devices
+        if devices is None and tensors:
+            devices = [tensors[0].device] * len(outputs)
+        for i, device in enumerate(devices or ()):
+            if device is not None and outputs[i].device != device:
+                outputs[i] = outputs[i].to(device)
         return tuple(outputs)
 
     def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor itself when TVM can read it in place (contiguous, aligned), else a copy."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor input, got {type(tensor).__name__}")
-        if tensor.device.type != self._device_type:
-            raise ValueError(
-                f"input on {tensor.device}, but this TVM module runs on {self._device_type}"
-            )
         tensor = tensor.detach()
+        if tensor.device != self._device:
+            tensor = tensor.to(self._device)
         if not tensor.is_contiguous() or tensor.data_ptr() % ALIGNMENT:
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         return _compact_strides(tensor)

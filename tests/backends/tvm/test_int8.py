@@ -363,8 +363,9 @@ def _mlp() -> nn.Module:
 MODELS = {"convnet": (ConvNet, (4, 3, 8, 8), 4), "mlp": (_mlp, (16, 64), 3)}
 
 
+@pytest.mark.parametrize("target", ["llvm", pytest.param("cuda", marks=pytest.mark.needs_gpu)])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_quantized_model_runs_whole_in_tvm_with_its_int8_numerics(name):
+def test_quantized_model_runs_whole_in_tvm_with_its_int8_numerics(name, target):
     factory, shape, layers = MODELS[name]
     torch.manual_seed(0)
     model = factory().eval()
@@ -374,15 +375,15 @@ def test_quantized_model_runs_whole_in_tvm_with_its_int8_numerics(name):
     calibration = [(torch.randn(*shape, generator=_gen(50 + i)),) for i in range(3)]
     x = torch.randn(*shape, generator=_gen(60)) * 1.5  # beyond the calibrated ranges too
     optimized = graphopt.optimize(
-        model, calibration[0], target="llvm", quantize="int8", calibration=calibration
+        model, calibration[0], target=target, quantize="int8", calibration=calibration
     )
     report = optimized.report
     assert report.fallbacks == []
-    assert [p.target for p in report.partitions] == ["tvm-llvm"]  # one TVM piece, no torch
+    assert [p.target for p in report.partitions] == [f"tvm-{target}"]  # one piece, no torch
     assert all(layer.quantized for layer in report.quantization.layers)
 
     # The same int8 graph, run by PyTorch: the pipeline with the same options and data.
-    cfg = Config(target="llvm", quantize="int8")
+    cfg = Config(target=target, quantize="int8")
     captured = capture_export(model, calibration[0])
     batches = [list(batch) for batch in calibration]
     gm = run_pipeline(captured.gm, cfg, new_report(cfg), calibration=batches)

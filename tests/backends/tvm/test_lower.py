@@ -222,15 +222,18 @@ def test_cuda_without_gpu_raises_a_clear_error():
 @pytest.mark.needs_gpu
 @pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA GPU visible to TVM")
 def test_cuda_runs_and_matches_eager():
-    model = _cnn()
-    x = torch.randn(2, 3, 12, 12)
-    captured = capture_export(model, (x,))
-    compiled = compile_subgraph(captured.gm, captured.example_inputs, Config(target="cuda"))
-    with torch.no_grad():
-        expected = model(x)
-    got = compiled(x.cuda())
-    assert got[0].device.type == "cuda"
-    assert_same_outputs((expected,), tuple(t.cpu() for t in got))
+    """A graph traced on the GPU returns GPU tensors; one traced on the CPU takes and returns
+    CPU tensors (the inputs are copied to the GPU and the outputs back)."""
+    for device in ("cuda", "cpu"):
+        model = _cnn().to(device)
+        x = torch.randn(2, 3, 12, 12, device=device)
+        captured = capture_export(model, (x,))
+        compiled = compile_subgraph(captured.gm, captured.example_inputs, Config(target="cuda"))
+        with torch.no_grad():
+            expected = model(x)
+        got = compiled(x)
+        assert got[0].device == x.device
+        assert_same_outputs((expected,), got)
 
 
 def test_aarch64_cross_compiles_and_refuses_to_run_on_x86():
