@@ -12,6 +12,12 @@ programming over the cut positions minimizes the slowest stage (compute + incomi
 with each stage's weights within its device's memory. Any cut of a topological order is a
 valid pipeline: every value a stage reads was made by an earlier stage or is a model input.
 
+Capability: a device may say which ops its backend lowers (`DeviceSpec.supports`, from the
+backend's op registry: TVM's for a CUDA device). A stage goes to a device only if its backend
+lowers every op in it. When no split satisfies that (an op only PyTorch has sits where every
+order of devices must take it), the planner drops the rule, and the ops the device's backend
+lacks run in PyTorch on that device (`Stage.fallback`, in the report).
+
     plan = plan_stages(gm, [DeviceSpec.cpu(), DeviceSpec.cpu()])
     stages = split_stages(gm, plan)          # graphopt.distributed runs them
 """
@@ -19,7 +25,9 @@ valid pipeline: every value a stage reads was made by an earlier stage or is a m
 from __future__ import annotations
 
 import math
+import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +35,7 @@ import networkx as nx
 import torch
 import torch.fx
 
+from graphopt.backends.registry import op_name
 from graphopt.capture import concrete
 from graphopt.passes.base import get_attr_value
 from graphopt.report import node_flops
@@ -41,6 +50,9 @@ class DeviceSpec:
     memory_bytes_per_s: float = 10e9
     memory_bytes: int | None = None  # weights a stage may hold; None: no limit
     link_bytes_per_s: float = 1e9  # to this device from the previous stage's
+    # Whether this device's backend lowers a node (None: every op, as inductor does).
+    supports: Callable[[torch.fx.Node], bool] | None = field(default=None, compare=False)
+    backend: str = ""  # what lowers a stage here ("inductor", "tvm-cuda"), for the report
 
     @classmethod
     def cpu(cls, name: str = "cpu", **overrides: Any) -> DeviceSpec:
@@ -51,17 +63,46 @@ class DeviceSpec:
 _MEASURED: dict[str, float] = {}
 
 
-def measure_flops(device: str = "cpu", size: int = 256, seconds: float = 0.05) -> float:
-    """FLOP/s of a float32 matmul on `device` (a short calibration run, cached per device)."""
+def measure_flops(device: str = "cpu", size: int | None = None, seconds: float = 0.05) -> float:
+    """FLOP/s of a float32 matmul on `device` (a short calibration run, cached per device;
+    256x256 on a CPU, 2048x2048 on a GPU, which a small product leaves idle)."""
     if device not in _MEASURED:
+        size = size or (256 if torch.device(device).type == "cpu" else 2048)
         a = torch.randn(size, size, device=device)
-        torch.mm(a, a)  # warm up
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            torch.mm(a, a)
-            runs += 1
-        _MEASURED[device] = 2 * size**3 * runs / (time.perf_counter() - start)
+        _MEASURED[device] = 2 * size**3 / _seconds_per_call(lambda: torch.mm(a, a), device, seconds)
     return _MEASURED[device]
+
+
+def measure_bandwidth(device: str = "cpu", nbytes: int = 1 << 26, seconds: float = 0.05) -> float:
+    """Bytes/s of a tensor copy on `device`, read and write counted (cached per device)."""
+    key = f"{device} memory"
+    if key not in _MEASURED:
+        a, b = torch.empty(nbytes // 4, device=device), torch.empty(nbytes // 4, device=device)
+        _MEASURED[key] = 2 * nbytes / _seconds_per_call(lambda: b.copy_(a), device, seconds)
+    return _MEASURED[key]
+
+
+def measure_link(source: str, dest: str, nbytes: int = 1 << 24, seconds: float = 0.05) -> float:
+    """Bytes/s of copying a tensor from device `source` to `dest` (cached per pair)."""
+    key = f"{source}->{dest}"
+    if key not in _MEASURED:
+        a = torch.empty(nbytes // 4, device=source)
+        cuda = torch.device(dest) if torch.device(dest).type == "cuda" else torch.device(source)
+        _MEASURED[key] = nbytes / _seconds_per_call(lambda: a.to(dest), cuda, seconds)
+    return _MEASURED[key]
+
+
+def _seconds_per_call(fn: Callable[[], Any], device: Any, seconds: float) -> float:
+    """Mean wall time of `fn` over `seconds` after one warm-up call, waiting for the GPU."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *_: None)
+    fn()
+    sync(device)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        runs += 1
+    sync(device)
+    return (time.perf_counter() - start) / runs
 
 
 @dataclass
@@ -80,6 +121,7 @@ class Stage:
     bytes_in: int  # bytes crossing the cut into this stage
     compute_s: float
     transfer_s: float
+    fallback: list[str] = field(default_factory=list)  # ops its device's backend lacks
 
     @property
     def seconds(self) -> float:
@@ -105,11 +147,18 @@ class StagePlan:
     def describe(self) -> str:
         lines = [f"{len(self.stages)} stages, imbalance {self.imbalance:.3f} (slowest / mean)"]
         for i, s in enumerate(self.stages):
+            by = f" ({s.device.backend})" if s.device.backend else ""
             lines.append(
-                f"  stage {i} on {s.device.name}: {len(s.nodes)} nodes, {s.flops / 1e6:.1f} "
-                f"MFLOP, weights {s.params / 1e6:.2f} MB, {s.bytes_in / 1e3:.1f} kB in, "
+                f"  stage {i} on {s.device.name}{by}: {len(s.nodes)} nodes, "
+                f"{s.flops / 1e6:.1f} MFLOP, weights {s.params / 1e6:.2f} MB, "
+                f"{s.bytes_in / 1e3:.1f} kB in, "
                 f"{s.compute_s * 1e3:.3f} ms + {s.transfer_s * 1e3:.3f} ms transfer"
             )
+            if s.fallback:
+                lines.append(
+                    f"    {len(s.fallback)} op(s) its backend lacks run in PyTorch on "
+                    f"{s.device.name}: {', '.join(sorted(set(s.fallback)))}"
+                )
         return "\n".join(lines)
 
 
@@ -150,7 +199,8 @@ def plan_stages(gm: torch.fx.GraphModule, devices: list[DeviceSpec]) -> StagePla
         ValueError: fewer call nodes than devices, or no split fits the devices' memory.
     """
     dag = cost_graph(gm)
-    order = [n.name for n in gm.graph.nodes if n.op == "call_function"]
+    nodes = {n.name: n for n in gm.graph.nodes if n.op == "call_function"}
+    order = list(nodes)
     k, n = len(devices), len(order)
     if k < 1:
         raise ValueError("partition needs at least one device")
@@ -179,6 +229,25 @@ def plan_stages(gm: torch.fx.GraphModule, devices: list[DeviceSpec]) -> StagePla
     def params(i: int, j: int) -> int:
         return prefix_params[j] - prefix_params[i]
 
+    # A cut may not separate a multi-output op from the getitems that read its outputs: a
+    # stage hands on tensors, not tuples (inductor refuses a graph that returns one).
+    cut_ok = [True] * (n + 1)
+    for g, name in enumerate(order):
+        node = nodes[name]
+        producer = node.args[0] if node.target is operator.getitem else None
+        if isinstance(producer, torch.fx.Node) and producer.name in position:
+            for j in range(position[producer.name] + 1, g + 1):
+                cut_ok[j] = False
+
+    # lacking[d][j]: nodes before position j that device d's backend cannot lower
+    lacking = []
+    for d in devices:
+        counts = [0]
+        for name in order:
+            node = nodes[name]
+            counts.append(counts[-1] + (d.supports is not None and not d.supports(node)))
+        lacking.append(counts)
+
     def stage_time(i: int, j: int, d: DeviceSpec) -> tuple[float, float]:
         compute = (prefix_flops[j] - prefix_flops[i]) / d.flops_per_s + (
             prefix_bytes[j] - prefix_bytes[i]
@@ -186,25 +255,33 @@ def plan_stages(gm: torch.fx.GraphModule, devices: list[DeviceSpec]) -> StagePla
         transfer = cut_bytes[i] / d.link_bytes_per_s if i > 0 else 0.0
         return compute, transfer
 
-    inf = math.inf
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    back = [[-1] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for s in range(1, k + 1):
-        d = devices[s - 1]
-        for j in range(s, n - (k - s) + 1):
-            for i in range(s - 1, j):
-                if best[s - 1][i] == inf:
-                    continue
-                if d.memory_bytes is not None and params(i, j) > d.memory_bytes:
-                    continue
-                t = max(best[s - 1][i], sum(stage_time(i, j, d)))
-                if t < best[s][j]:
-                    best[s][j], back[s][j] = t, i
-    if best[k][n] == inf:
+    def search(capable_only: bool) -> list[list[int]] | None:
+        """back[s][j]: where stage s starts when stages 1..s cover [0, j) at least cost."""
+        inf = math.inf
+        best = [[inf] * (n + 1) for _ in range(k + 1)]
+        back = [[-1] * (n + 1) for _ in range(k + 1)]
+        best[0][0] = 0.0
+        for s in range(1, k + 1):
+            d, lack = devices[s - 1], lacking[s - 1]
+            for j in range(s, n - (k - s) + 1):
+                for i in range(s - 1, j):
+                    if best[s - 1][i] == inf or not cut_ok[i]:
+                        continue
+                    if d.memory_bytes is not None and params(i, j) > d.memory_bytes:
+                        continue
+                    if capable_only and lack[j] - lack[i]:
+                        continue
+                    t = max(best[s - 1][i], sum(stage_time(i, j, d)))
+                    if t < best[s][j]:
+                        best[s][j], back[s][j] = t, i
+        return back if best[k][n] < inf else None
+
+    back = search(capable_only=True) or search(capable_only=False)
+    if back is None:
         raise ValueError(
             f"no split of the graph into {k} stages fits the devices' memory "
-            f"({[d.memory_bytes for d in devices]} bytes of weights)"
+            f"({[d.memory_bytes for d in devices]} bytes of weights) with every multi-output "
+            "op in one stage with its getitems"
         )
     bounds, j = [], n
     for s in range(k, 0, -1):
@@ -218,7 +295,10 @@ def plan_stages(gm: torch.fx.GraphModule, devices: list[DeviceSpec]) -> StagePla
         names = order[i:j]
         assignment.update(dict.fromkeys(names, s))
         flops, bytes_in = prefix_flops[j] - prefix_flops[i], cut_bytes[i] if i else 0
-        stages.append(Stage(d, names, flops, params(i, j), bytes_in, compute, transfer))
+        fallback = [
+            op_name(nodes[m].target) for m in names if d.supports and not d.supports(nodes[m])
+        ]
+        stages.append(Stage(d, names, flops, params(i, j), bytes_in, compute, transfer, fallback))
     return StagePlan(stages, assignment)
 
 

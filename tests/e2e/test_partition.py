@@ -1,6 +1,7 @@
 """Pipeline stages by the cost model (passes/partition_stages.py) and their runtimes
 (graphopt/distributed.py): in one process and over 2 gloo processes."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -11,10 +12,12 @@ import torch
 
 import graphopt
 from benchmarks.models import ResNet18
-from graphopt.distributed import StagedModule, plan_for
+from graphopt.compiler import optimized_graph
+from graphopt.config import Config
+from graphopt.distributed import StagedModule, plan_for, retrace_on
 from graphopt.passes.partition_stages import DeviceSpec, cost_graph, plan_stages, split_stages
 from graphopt.testing import assert_same_outputs
-from tests.models import MLP, ResidualCNN
+from tests.models import MLP, ResidualCNN, SpectralHead
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,10 +74,68 @@ def test_memory_limits_move_the_cuts_or_are_refused():
         plan_stages(gm, [DeviceSpec("cpu", 50e9, memory_bytes=1000)] * 2)
 
 
+def _tiny_graph(model, x):
+    return plan_for(model.eval(), (x,), 1)[1]
+
+
+def test_a_stage_goes_only_to_a_device_whose_backend_lowers_its_ops():
+    """rfft comes after the first linear: a fast device that cannot run it gets the stage
+    after it, not the balanced cut before it."""
+    gm = _tiny_graph(SpectralHead(), torch.randn(4, 16))
+    rfft = next(n.name for n in gm.graph.nodes if "fft" in str(n.target))
+    slow, fast = DeviceSpec("cpu", 1e9, backend="inductor"), DeviceSpec("gpu", 1e12)
+    no_fft = dataclasses.replace(fast, supports=lambda n: "fft" not in str(n.target))
+    unaware = plan_stages(gm, [fast, slow])
+    assert unaware.assignment[rfft] == 0  # the fast device takes nearly everything
+    aware = plan_stages(gm, [no_fft, slow])
+    assert aware.assignment[rfft] == 1 and not any(s.fallback for s in aware.stages)
+    # no device can take rfft: the rule is dropped, rfft runs in PyTorch, the report says so
+    forced = plan_stages(gm, [no_fft, no_fft])
+    assert [s.fallback for s in forced.stages].count(["aten._fft_r2c.default"]) == 1
+    assert "run in PyTorch on gpu: aten._fft_r2c.default" in forced.describe()
+
+
+def test_no_cut_separates_a_multi_output_op_from_its_getitems():
+    """As many stages as the graph allows: every op alone except max_pool2d_with_indices,
+    which stays with the getitem reading it (a tuple crossing a cut broke inductor)."""
+    model, x = ResidualCNN().eval(), torch.randn(2, 3, 32, 32)
+    captured, gm, _ = plan_for(model, (x,), 1)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    plan = plan_stages(gm, [DeviceSpec("cpu", 1e9)] * (len(calls) - 1))
+    pool = next(n for n in calls if n.target is torch.ops.aten.max_pool2d_with_indices.default)
+    (getitem,) = pool.users
+    assert plan.assignment[pool.name] == plan.assignment[getitem.name]
+    staged = StagedModule(split_stages(gm, plan), ["cpu"] * len(plan.stages))
+    with torch.no_grad():
+        assert_same_outputs(model(x), staged(*captured.flat_inputs((x,)))[0])
+    with pytest.raises(ValueError, match="multi-output op in one stage"):
+        plan_stages(gm, [DeviceSpec("cpu", 1e9)] * len(calls))
+
+
+def test_retrace_on_moves_every_value_and_keeps_symbolic_sizes():
+    batch = torch.export.Dim("batch", min=2, max=64)
+    _, gm = optimized_graph(
+        MLP().eval(), (torch.randn(4, 32),), Config(), dynamic_shapes=({0: batch},)
+    )
+    shapes = {n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes if "val" in n.meta}
+    retrace_on(gm, torch.device("cuda"))  # fake CUDA tensors need no GPU
+    for node in gm.graph.nodes:
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            assert node.meta["val"].device.type == "cuda", node
+            assert tuple(node.meta["val"].shape) == shapes[node.name]
+    x = gm.graph.find_nodes(op="placeholder")[0].meta["val"]
+    assert isinstance(x.shape[0], torch.SymInt)
+
+
 def test_bad_device_lists_are_refused():
     model, x = MLP().eval(), torch.randn(2, 32)
-    with pytest.raises(NotImplementedError, match="only CPU stages"):
-        graphopt.optimize(model, (x,), devices=["cpu", "cuda:0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda:0': torch sees no CUDA GPU here"):
+            graphopt.optimize(model, (x,), devices=["cpu", "cuda:0"])
+    with pytest.raises(ValueError, match="accepted device kinds are 'cpu' and 'cuda'"):
+        graphopt.optimize(model, (x,), devices=["cpu", "meta"])
+    with pytest.raises(ValueError, match="'gpu0' is not a device name"):
+        graphopt.optimize(model, (x,), devices=["cpu", "gpu0"])
     with pytest.raises(ValueError, match="fewer than the 64 devices"):
         graphopt.optimize(model, (x,), devices=["cpu"] * 64)
     with pytest.raises(ValueError, match="devices"):
