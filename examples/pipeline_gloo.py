@@ -3,10 +3,14 @@
 python examples/pipeline_gloo.py                       # spawns 2 processes itself
 torchrun --nproc-per-node 2 examples/pipeline_gloo.py  # or let torchrun launch them
 python examples/pipeline_gloo.py --stages 3 --model resnet18 --batch 16 --microbatches 4
+python examples/pipeline_gloo.py --train 5 --svg split.svg   # 5 training steps (1F1B)
 
 Each process runs one stage (GPipe schedule, CPU, gloo); rank 0 feeds the batch, the last rank
 checks the output against the whole model run in one process and prints the throughput of the
-one-process run (all threads) against the pipeline (one thread per process).
+one-process run (all threads) against the pipeline (one thread per process). With --train N,
+the pipeline then takes N SGD steps with the 1F1B schedule on a fixed random batch and labels
+(cross-entropy), and the last rank prints the loss of each step. --svg writes the split graph
+as a picture.
 """
 
 from __future__ import annotations
@@ -73,15 +77,40 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str | None) ->
               f"model {error:.2e}", flush=True)  # fmt: skip
         if error > 1e-4:
             raise SystemExit(f"pipeline output differs from the model by {error}")
+    if args.train:
+        train(rank, world, args, model, x, micro)
     dist.destroy_process_group()
+
+
+def train(rank: int, world: int, args: argparse.Namespace, model, x, micro: int) -> None:
+    """SGD steps with the 1F1B schedule: every rank updates its own stage's parameters."""
+    import graphopt.distributed as gd
+
+    labels = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(2))
+    run = gd.pipeline(
+        model, (x[:micro],), args.microbatches, loss_fn=torch.nn.functional.cross_entropy
+    )
+    optimizer = torch.optim.SGD(run.module.parameters(), lr=0.05, momentum=0.9)
+    for step in range(args.train):
+        start = time.perf_counter()
+        loss = run(x, target=labels) if rank == world - 1 else run(x)
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss is not None:
+            print(f"1F1B step {step}: loss {loss.item():.4f} "
+                  f"({(time.perf_counter() - start) * 1e3:.0f} ms)", flush=True)  # fmt: skip
 
 
 def one_process(args: argparse.Namespace) -> None:
     import graphopt.distributed as gd
-    from graphopt.passes.partition_stages import split_stages
+    from graphopt.passes.partition_stages import plan_svg, split_stages
 
     model, x = build(args.model), input_for(args.model, args.batch)
     captured, gm, plan = gd.plan_for(model, (x,), args.stages)
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(plan_svg(gm, plan))
+        print(f"wrote {args.svg}", flush=True)
     staged = gd.StagedModule(split_stages(gm, plan), ["cpu"] * args.stages)
     with torch.no_grad():
         staged(*captured.flat_inputs((x,)))
@@ -101,6 +130,8 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads-per-stage", type=int, default=1)
+    parser.add_argument("--train", type=int, default=0, help="then N training steps (1F1B)")
+    parser.add_argument("--svg", help="write the split graph (one process's plan) to this file")
     args = parser.parse_args()
     if args.batch % args.microbatches:
         parser.error("--batch must be a multiple of --microbatches")

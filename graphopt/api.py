@@ -13,6 +13,7 @@ from graphopt.capture import CapturedGraph, capture_export
 from graphopt.compiler import compile_graph, new_report, optimized_graph
 from graphopt.config import Config
 from graphopt.errors import VerificationError
+from graphopt.passes.base import make_trainable
 from graphopt.report import Report
 from graphopt.testing import compare_outputs
 
@@ -132,7 +133,7 @@ def prune(
     captured, gm = optimized_graph(
         model, example_inputs, cfg, dynamic_shapes=dynamic_shapes, report=report
     )
-    _make_trainable(gm)
+    make_trainable(gm)
     pruned = CapturedGraph(gm, captured.example_inputs, captured.in_spec, captured.out_spec)
     return OptimizedModule(gm, pruned, report, cfg)
 
@@ -143,32 +144,3 @@ def _batch_dim_auto(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(
         {0: auto} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
     )
-
-
-def _make_trainable(gm: torch.fx.GraphModule) -> None:
-    """Turn the graph's floating-point constants into parameters, one per reading node: CSE
-    may have merged equal constants of different layers, which must train apart."""
-    from graphopt.passes.base import get_attr_value
-
-    params: dict[str, torch.Tensor] = {}
-    for node in list(gm.graph.find_nodes(op="get_attr")):
-        value = get_attr_value(gm, node)
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not value.dim():
-            continue
-        for user in list(node.users):
-            target = node.target
-            if target in params:  # a second reader: give it its own copy
-                target = f"{node.target}_{user.name}"
-                with gm.graph.inserting_before(user):
-                    copy = gm.graph.get_attr(target)
-                copy.meta.update(node.meta)
-                user.replace_input_with(node, copy)
-            params[target] = value.detach().clone()
-        if not node.users:
-            gm.graph.erase_node(node)
-    for target, value in params.items():
-        if hasattr(gm, target):
-            delattr(gm, target)
-        gm.register_parameter(target, torch.nn.Parameter(value))
-    gm.graph.lint()
-    gm.recompile()

@@ -16,7 +16,13 @@ Across processes, each rank runs one stage; launch with torchrun (one process pe
     out = run(x)             # rank 0 feeds x (32 = 4 x 8 rows); the last rank gets the output
     # torchrun --nproc-per-node 2 pipeline.py
 
-GPipe schedule (all microbatches forward, in order), for inference.
+GPipe schedule (all microbatches forward, in order) for inference; with a `loss_fn`, one
+training step per call with the 1F1B schedule (one forward, one backward, interleaved):
+
+    run = gd.pipeline(model, (x[:8],), n_microbatches=4, loss_fn=torch.nn.functional.cross_entropy)
+    opt = torch.optim.SGD(run.module.parameters(), lr=0.01)   # this rank's stage
+    loss = run(x, target=y)  # rank 0 gives x, the last rank y and gets the loss
+    opt.step(); opt.zero_grad()
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from graphopt.passes.partition_stages import (
     measure_flops,
     measure_link,
     plan_stages,
+    plan_svg,
     split_stages,
 )
 from graphopt.report import PartitionRecord, Report
@@ -182,6 +189,7 @@ def lower_stages(
             )
         )
     report.stages = plan.describe()
+    report.stages_svg = plan_svg(gm, plan)
     outputs = gm.graph.find_nodes(op="output")[0].args[0]
     output_devices = [
         v.meta["val"].device if isinstance(v.meta.get("val"), torch.Tensor) else None
@@ -236,43 +244,74 @@ def pipeline(
     microbatch_inputs: Sequence[torch.Tensor],
     n_microbatches: int,
     *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     group: Any = None,
     **options: Any,
 ) -> Callable[..., Any]:
     """This rank's stage of a pipeline over the process group (one stage per rank).
 
     Every rank calls it with the same model and a one-microbatch example input. Rank 0 plans
-    the stages (cost model) and sends the plan to the others, so all agree on the cuts. The
-    returned function takes the whole batch on rank 0 (dim 0 = n_microbatches x the example's
-    batch) and returns the model's output on the last rank, None elsewhere.
+    the stages (cost model) and sends the plan to the others, so all agree on the cuts.
+
+    Inference (no `loss_fn`, GPipe schedule): the returned function takes the whole batch on
+    rank 0 (dim 0 = n_microbatches x the example's batch) and returns the model's output on the
+    last rank, None elsewhere.
+
+    Training (`loss_fn(output, target)`, 1F1B schedule): the stage's floating-point constants
+    become parameters (`run.module.parameters()`: build this rank's optimizer on them), and
+    `run(batch, target=labels)` runs one forward and backward over the microbatches; gradients
+    are accumulated in those parameters, as the mean over microbatches (torch.distributed.
+    pipelining scales them). Rank 0 gives the batch, the last rank the target and gets the
+    mean microbatch loss; other ranks get None. What trains is the graph after graphopt's
+    passes: BatchNorm folded into the convolutions with its running statistics, dropout off
+    (fine-tuning an inference graph, as `graphopt.recover` does).
     """
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from graphopt.passes.base import make_trainable
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     captured, gm, plan = plan_for(model, microbatch_inputs, world, **options)
     shared: list[Any] = [plan.assignment if rank == 0 else None]
     dist.broadcast_object_list(shared, src=0, group=group)
     plan = _replan(plan, shared[0])
-    modules = split_stages(gm, plan)
-    stage = PipelineStage(modules[rank], rank, world, torch.device("cpu"), group=group)
-    schedule = ScheduleGPipe(stage, n_microbatches=n_microbatches)
-
-    def run(*inputs: torch.Tensor) -> Any:
-        with torch.no_grad():
-            if rank == 0:
-                flat = captured.flat_inputs(inputs)
-                out = schedule.eval(*flat)
-            else:
-                out = schedule.eval()
-        if rank != world - 1:
-            return None
-        return torch.utils._pytree.tree_unflatten(
-            list(out) if isinstance(out, tuple | list) else [out], captured.out_spec
+    module = split_stages(gm, plan)[rank]
+    if loss_fn is not None:
+        make_trainable(module)
+    stage = PipelineStage(module, rank, world, torch.device("cpu"), group=group)
+    if loss_fn is None:
+        schedule = ScheduleGPipe(stage, n_microbatches=n_microbatches)
+    else:
+        schedule = Schedule1F1B(
+            stage,
+            n_microbatches=n_microbatches,
+            loss_fn=lambda out, target: loss_fn(_as_model_output(out, captured), target),
         )
+    first, last = rank == 0, rank == world - 1
+
+    def run(*inputs: torch.Tensor, target: Any = None) -> Any:
+        flat = captured.flat_inputs(inputs) if first else ()
+        if loss_fn is not None:
+            if last and target is None:
+                raise ValueError("pipeline training: the last rank must pass target=...")
+            losses: list[torch.Tensor] = []
+            kwargs = {"target": target, "losses": losses} if last else {}
+            schedule.step(*flat, **kwargs)
+            return torch.stack(losses).mean().detach() if last else None
+        with torch.no_grad():
+            out = schedule.eval(*flat)
+        return _as_model_output(out, captured) if last else None
 
     run.plan = plan  # type: ignore[attr-defined]
+    run.module = module  # type: ignore[attr-defined]
     return run
+
+
+def _as_model_output(out: Any, captured: Any) -> Any:
+    """The last stage's flat outputs in the structure the model returns."""
+    leaves = list(out) if isinstance(out, tuple | list) else [out]
+    return torch.utils._pytree.tree_unflatten(leaves, captured.out_spec)
 
 
 def _replan(plan: StagePlan, assignment: dict[str, int]) -> StagePlan:

@@ -68,6 +68,7 @@ class Report:
     pruning: Any = None  # a graphopt.passes.prune.PruneSummary when sparsity > 0
     calibration_pending: int | None = None  # int8 calibration calls still to come
     stages: str | None = None  # with devices=[...]: the pipeline stages and their imbalance
+    stages_svg: str | None = None  # with devices=[...]: the split graph as an SVG picture
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +97,8 @@ class Report:
         lines.extend(self._quantization_lines())
         if self.stages:
             lines.extend(f"  {line}" for line in self.stages.splitlines())
+        if self.stages_svg:
+            lines.append("  the split as a picture: report.stages_svg (an SVG document)")
         lines.extend(f"  warning: {w}" for w in self.warnings)
         if self.fallbacks:
             lines.append(f"  ops run in PyTorch ({len(self.fallbacks)}):")

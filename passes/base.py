@@ -245,3 +245,31 @@ def layer_name(node: torch.fx.Node) -> str:
         if path:
             return f"{path} ({node.name})"
     return node.name
+
+
+def make_trainable(gm: torch.fx.GraphModule) -> None:
+    """Turn the graph's floating-point constants into parameters, one per reading node: CSE
+    may have merged equal constants of different layers, which must train apart."""
+    params: dict[str, torch.Tensor] = {}
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        value = get_attr_value(gm, node)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not value.dim():
+            continue
+        for user in list(node.users):
+            target = node.target
+            if target in params:  # a second reader: give it its own copy
+                target = f"{node.target}_{user.name}"
+                gm.register_buffer(target, value)  # (made a parameter below)
+                with gm.graph.inserting_before(user):
+                    copy = gm.graph.get_attr(target)
+                copy.meta.update(node.meta)
+                user.replace_input_with(node, copy)
+            params[target] = value.detach().clone()
+        if not node.users:
+            gm.graph.erase_node(node)
+    for target, value in params.items():
+        if hasattr(gm, target):
+            delattr(gm, target)
+        gm.register_parameter(target, torch.nn.Parameter(value))
+    gm.graph.lint()
+    gm.recompile()

@@ -359,3 +359,84 @@ def split_stages(gm: torch.fx.GraphModule, plan: StagePlan) -> list[torch.fx.Gra
         module = torch.fx.GraphModule(root, graph, class_name=f"Stage{s}")
         modules.append(module)
     return modules
+
+
+# Stage colours (fill) for the SVG: distinct, light enough for black text.
+_STAGE_COLOURS = ("#cfe2f3", "#d9ead3", "#fff2cc", "#f4cccc", "#d9d2e9", "#fce5cd", "#d0e0e3")
+
+
+def plan_svg(gm: torch.fx.GraphModule, plan: StagePlan) -> str:
+    """An SVG picture of `gm` split by `plan`: one box per op, coloured by stage, in columns by
+    depth from the inputs; edges that cross a cut are red and say how many bytes they carry
+    (hover a box or an edge for details); a legend gives each stage's device and cost."""
+    from xml.sax.saxutils import escape
+
+    dag = cost_graph(gm)
+    calls = [name for name in dag.nodes if name in plan.assignment]
+    ops = {n.name: n for n in gm.graph.nodes}
+    column: dict[str, int] = {}
+    for name in nx.topological_sort(dag):  # depth over ops only (inputs are not drawn)
+        preds = [column[p] + 1 for p in dag.predecessors(name) if p in column]
+        if name in plan.assignment:
+            column[name] = max(preds, default=0)
+    rows: dict[int, int] = {}
+    place: dict[str, tuple[float, float]] = {}
+    box_w, box_h, dx, dy, top = 96, 26, 124, 48, 48
+    for name in calls:
+        row = rows.get(column[name], 0)
+        rows[column[name]] = row + 1
+        place[name] = (20 + column[name] * dx, top + row * dy)
+    legend_top = top + max(rows.values(), default=1) * dy + 20
+    width = 40 + max(column.values(), default=0) * dx + box_w
+    height = legend_top + 22 * len(plan.stages) + 30
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="11">',
+        f'<text x="20" y="18" font-size="13">{len(plan.stages)} stages, imbalance '
+        f"{plan.imbalance:.3f} (slowest / mean, cost model)</text>",
+    ]
+    for src, dst, data in dag.edges(data=True):
+        if src not in place or dst not in place:
+            continue
+        (x1, y1), (x2, y2) = place[src], place[dst]
+        a, b = plan.assignment[src], plan.assignment[dst]
+        cut = a != b
+        style = 'stroke="#cc0000" stroke-width="2"' if cut else 'stroke="#888888"'
+        title = f"{src} -> {dst}: {data['bytes']} bytes" + (f" cross cut {a}|{b}" if cut else "")
+        x1, y1, y2 = x1 + box_w, y1 + box_h / 2, y2 + box_h / 2
+        lift = 0 if x2 - x1 <= dx else box_h  # an edge that skips columns arcs over the boxes
+        out.append(
+            f'<path class="{"cut" if cut else "edge"}" fill="none" {style} d="M {x1} {y1} '
+            f'C {x1 + 40} {y1 - lift}, {x2 - 40} {y2 - lift}, {x2} {y2}">'
+            f"<title>{escape(title)}</title></path>"
+        )
+    for name in calls:
+        x, y = place[name]
+        s = plan.assignment[name]
+        cost, op = dag.nodes[name]["cost"], op_name(ops[name].target)
+        label = op.split(".")[1] if op.startswith("aten.") else op  # aten.relu.default: relu
+        title = (
+            f"{name}: {op}, stage {s} on {plan.stages[s].device.name}, "
+            f"{cost.flops / 1e6:.2f} MFLOP, out {cost.bytes} bytes, weights {cost.params} bytes"
+        )
+        out.append(
+            f'<g class="node" data-stage="{s}"><title>{escape(title)}</title>'
+            f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="4" '
+            f'fill="{_STAGE_COLOURS[s % len(_STAGE_COLOURS)]}" stroke="#444444"/>'
+            f'<text x="{x + 5}" y="{y + 17}">{escape(label[:15])}</text></g>'
+        )
+    for s, stage in enumerate(plan.stages):
+        y = legend_top + 22 * s
+        by = f" ({stage.device.backend})" if stage.device.backend else ""
+        text = (
+            f"stage {s} on {stage.device.name}{by}: {len(stage.nodes)} ops, "
+            f"{stage.flops / 1e6:.1f} MFLOP, weights {stage.params / 1e6:.2f} MB, "
+            f"{stage.bytes_in / 1e3:.1f} kB in, cost model {stage.seconds * 1e3:.3f} ms"
+        )
+        out.append(
+            f'<rect x="20" y="{y}" width="14" height="14" '
+            f'fill="{_STAGE_COLOURS[s % len(_STAGE_COLOURS)]}" stroke="#444444"/>'
+            f'<text class="legend" x="40" y="{y + 11}">{escape(text)}</text>'
+        )
+    out.append("</svg>")
+    return "\n".join(out)

@@ -43,10 +43,19 @@ def test_fpga_digits_exports_simulates_and_is_bit_exact(tmp_path):
     assert "DSP" in out and "reuse" in out
 
 
-def test_pipeline_gloo_runs_two_processes_and_checks_the_output():
-    out = _run("examples/pipeline_gloo.py", "--rounds", "1", "--batch", "8")
+def test_pipeline_gloo_runs_two_processes_checks_the_output_and_trains(tmp_path):
+    svg = tmp_path / "split.svg"
+    out = _run(
+        "examples/pipeline_gloo.py", "--rounds", "1", "--batch", "8", "--train", "4",
+        "--svg", str(svg),
+    )  # fmt: skip
     assert "2 stages, imbalance" in out and "pipeline of 2 processes" in out
     assert "one process" in out and "samples/s" in out
+    losses = [
+        float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if "1F1B" in line
+    ]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses  # the stages learn the batch
+    assert svg.read_text().startswith("<svg")
 
 
 def test_prune_digits_prunes_recovers_and_compiles():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ import graphopt
 from benchmarks.models import ResNet18
 from graphopt.compiler import optimized_graph
 from graphopt.config import Config
-from graphopt.distributed import StagedModule, plan_for, retrace_on
+from graphopt.distributed import StagedModule, _replan, plan_for, retrace_on
+from graphopt.passes.base import make_trainable
 from graphopt.passes.partition_stages import DeviceSpec, cost_graph, plan_stages, split_stages
 from graphopt.testing import assert_same_outputs
 from tests.models import MLP, ResidualCNN, SpectralHead
@@ -60,6 +62,33 @@ def test_resnet18_in_three_stages_is_balanced_and_runs_as_the_model():
     dag = cost_graph(gm)
     assert sum(dag.nodes[n]["cost"].flops for n in dag.nodes) == pytest.approx(3.64e9, rel=0.01)
     assert sum(s.params for s in plan.stages) == sum(dag.nodes[n]["cost"].params for n in dag.nodes)
+
+
+def test_the_svg_shows_every_op_in_its_stage_and_every_cut_edge():
+    model, x = ResidualCNN().eval(), torch.randn(4, 3, 32, 32)
+    optimized = graphopt.optimize(model, (x,), devices=["cpu"] * 3)
+    svg = ElementTree.fromstring(optimized.report.stages_svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    captured, gm, _ = plan_for(model, (x,), 1)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    boxes = svg.findall(f"{ns}g[@class='node']")
+    assert len(boxes) == len(calls)
+    stage_of = {b.find(f"{ns}title").text.split(":")[0]: int(b.get("data-stage")) for b in boxes}
+    assert sorted(set(stage_of.values())) == [0, 1, 2]
+    order = [stage_of[n.name] for n in calls]
+    assert order == sorted(order)  # stages are contiguous runs of the order
+    crossing = sum(
+        1
+        for n in calls
+        for u in n.users
+        if u.name in stage_of and stage_of[u.name] != stage_of[n.name]
+    )
+    cuts = svg.findall(f"{ns}path[@class='cut']")
+    assert len(cuts) == crossing > 0
+    assert all("bytes cross cut" in c.find(f"{ns}title").text for c in cuts)
+    legend = [t.text for t in svg.findall(f"{ns}text[@class='legend']")]
+    assert [t.split(":")[0] for t in legend] == [f"stage {i} on cpu (inductor)" for i in range(3)]
+    assert "report.stages_svg" in str(optimized.report)
 
 
 def test_memory_limits_move_the_cuts_or_are_refused():
@@ -182,6 +211,69 @@ def test_two_process_gloo_pipeline_matches_eager(tmp_path):
     got, want, imbalance = torch.load(tmp_path / "out.pt")
     assert_same_outputs(want, got)
     assert imbalance < 1.5
+
+
+def test_two_process_1f1b_training_step_matches_one_process(tmp_path):
+    """One training step (1F1B, 4 microbatches, cross-entropy) over 2 gloo processes: the loss
+    and every stage parameter's gradient equal those of the same stages chained in one process
+    (the mean of the microbatch losses, backward)."""
+    code = textwrap.dedent(
+        f"""
+        import sys, torch, torch.distributed as dist
+        sys.path.insert(0, {str(ROOT)!r})
+        import graphopt.distributed as gd
+        from tests.models import ResidualCNN
+
+        def worker(rank, world, init, out):
+            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+            torch.set_num_threads(1)
+            torch.manual_seed(0)
+            model = ResidualCNN().eval()
+            x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+            y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+            run = gd.pipeline(model, (x[:2],), n_microbatches=4,
+                              loss_fn=torch.nn.functional.cross_entropy)
+            loss = run(x, target=y) if rank == world - 1 else run(x)
+            grads = {{n: p.grad.clone() for n, p in run.module.named_parameters()}}
+            torch.save((run.plan.assignment, grads, loss), f"{{out}}.{{rank}}")
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            init = "file://{tmp_path}/store"
+            torch.multiprocessing.spawn(worker, args=(2, init, {str(tmp_path / "out.pt")!r}),
+                                        nprocs=2)
+        """
+    )
+    script = tmp_path / "train.py"
+    script.write_text(code)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assignment, grads0, none = torch.load(tmp_path / "out.pt.0")
+    _, grads1, loss = torch.load(tmp_path / "out.pt.1")
+    assert none is None and grads0 and grads1
+
+    torch.manual_seed(0)
+    model = ResidualCNN().eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+    captured, gm, plan = plan_for(model, (x[:2],), 2)
+    stages = split_stages(gm, _replan(plan, assignment))
+    for stage in stages:
+        make_trainable(stage)
+    losses = []
+    for xs, ys in zip(x.split(2), y.split(2)):
+        out = StagedModule(stages, ["cpu", "cpu"])(*captured.flat_inputs((xs,)))[0]
+        losses.append(torch.nn.functional.cross_entropy(out, ys))
+    want = torch.stack(losses).mean()
+    want.backward()
+    assert_same_outputs(want.detach(), loss)
+    for stage, got in zip(stages, (grads0, grads1)):
+        expected = {n: p.grad for n, p in stage.named_parameters()}
+        assert expected.keys() == got.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
 def test_training_graphs_run_whole_with_a_warning():
