@@ -171,44 +171,56 @@ def test_bad_device_lists_are_refused():
         graphopt.optimize(model, (x,), devices="cpu")
 
 
-def test_two_process_gloo_pipeline_matches_eager(tmp_path):
-    """Each process runs one stage (torch.distributed.pipelining, GPipe, 4 microbatches);
-    the last rank's output equals the model's."""
-    code = textwrap.dedent(
-        f"""
-        import sys, torch, torch.distributed as dist
-        sys.path.insert(0, {str(ROOT)!r})
-        import graphopt.distributed as gd
-        from tests.models import ResidualCNN
+def _two_gloo_processes(tmp_path: Path, body: str) -> Path:
+    """Run `body` in each of 2 processes of a gloo group, after it set up `rank`, `world`,
+    `model` (ResidualCNN, eval), a batch `x` of 8, labels `y` and `out` (tmp_path/out.pt)."""
+    worker = textwrap.indent(textwrap.dedent(body), " " * 4)
+    script = tmp_path / "two.py"
+    script.write_text(
+        f"""import sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(ROOT)!r})
+import graphopt.distributed as gd
+from tests.models import ResidualCNN
 
-        def worker(rank, world, init, out):
-            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-            torch.set_num_threads(1)
-            torch.manual_seed(0)
-            model = ResidualCNN().eval()
-            x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-            run = gd.pipeline(model, (x[:2],), n_microbatches=4)
-            got = run(x)
-            if rank == world - 1:
-                with torch.no_grad():
-                    torch.save((got, model(x), run.plan.imbalance), out)
-            else:
-                assert got is None
-            dist.destroy_process_group()
+def worker(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = ResidualCNN().eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+{worker}
+    dist.destroy_process_group()
 
-        if __name__ == "__main__":
-            init = "file://{tmp_path}/store"
-            torch.multiprocessing.spawn(worker, args=(2, init, {str(tmp_path / "out.pt")!r}),
-                                        nprocs=2)
-        """
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(
+        worker, args=(2, "file://{tmp_path}/store", {str(tmp_path / "out.pt")!r}), nprocs=2
     )
-    script = tmp_path / "pipe.py"
-    script.write_text(code)
+"""
+    )
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    got, want, imbalance = torch.load(tmp_path / "out.pt")
+    return tmp_path / "out.pt"
+
+
+def test_two_process_gloo_pipeline_matches_eager(tmp_path):
+    """Each process runs one stage (torch.distributed.pipelining, GPipe, 4 microbatches);
+    the last rank's output equals the model's."""
+    out = _two_gloo_processes(
+        tmp_path,
+        """
+        run = gd.pipeline(model, (x[:2],), n_microbatches=4)
+        got = run(x)
+        if rank == world - 1:
+            with torch.no_grad():
+                torch.save((got, model(x), run.plan.imbalance), out)
+        else:
+            assert got is None
+        """,
+    )
+    got, want, imbalance = torch.load(out)
     assert_same_outputs(want, got)
     assert imbalance < 1.5
 
@@ -217,41 +229,19 @@ def test_two_process_1f1b_training_step_matches_one_process(tmp_path):
     """One training step (1F1B, 4 microbatches, cross-entropy) over 2 gloo processes: the loss
     and every stage parameter's gradient equal those of the same stages chained in one process
     (the mean of the microbatch losses, backward)."""
-    code = textwrap.dedent(
-        f"""
-        import sys, torch, torch.distributed as dist
-        sys.path.insert(0, {str(ROOT)!r})
-        import graphopt.distributed as gd
-        from tests.models import ResidualCNN
-
-        def worker(rank, world, init, out):
-            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-            torch.set_num_threads(1)
-            torch.manual_seed(0)
-            model = ResidualCNN().eval()
-            x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-            y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
-            run = gd.pipeline(model, (x[:2],), n_microbatches=4,
-                              loss_fn=torch.nn.functional.cross_entropy)
-            loss = run(x, target=y) if rank == world - 1 else run(x)
-            grads = {{n: p.grad.clone() for n, p in run.module.named_parameters()}}
-            torch.save((run.plan.assignment, grads, loss), f"{{out}}.{{rank}}")
-            dist.destroy_process_group()
-
-        if __name__ == "__main__":
-            init = "file://{tmp_path}/store"
-            torch.multiprocessing.spawn(worker, args=(2, init, {str(tmp_path / "out.pt")!r}),
-                                        nprocs=2)
+    out = _two_gloo_processes(
+        tmp_path,
         """
+        run = gd.pipeline(
+            model, (x[:2],), n_microbatches=4, loss_fn=torch.nn.functional.cross_entropy
+        )
+        loss = run(x, target=y) if rank == world - 1 else run(x)
+        grads = {n: p.grad.clone() for n, p in run.module.named_parameters()}
+        torch.save((run.plan.assignment, grads, loss), f"{out}.{rank}")
+        """,
     )
-    script = tmp_path / "train.py"
-    script.write_text(code)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assignment, grads0, none = torch.load(tmp_path / "out.pt.0")
-    _, grads1, loss = torch.load(tmp_path / "out.pt.1")
+    assignment, grads0, none = torch.load(f"{out}.0")
+    _, grads1, loss = torch.load(f"{out}.1")
     assert none is None and grads0 and grads1
 
     torch.manual_seed(0)
