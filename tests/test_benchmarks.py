@@ -157,3 +157,14 @@ def test_calibration_batches_are_drawn_like_the_input():
             assert torch.equal(c, again) and not torch.equal(c, x)
         assert len({b[0].sum().item() for b in batches}) == len(batches)
     assert MODELS["bert-base"].calibration()[0][0].max() > 1000  # token ids over the vocab
+
+
+def test_stages_benchmark_prints_each_split_and_its_timing(capsys):
+    from benchmarks import stages
+
+    assert stages.main(["--devices", "cpu,cpu", "--batch", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "['cpu', 'cpu']: compile" in out and "2 stages, imbalance" in out
+    assert "| eager-cpu |" in out and "| cpu+cpu |" in out
+    error = float(out.split("max abs error ")[1].split()[0])
+    assert error < 1e-4
