@@ -192,9 +192,10 @@ def lower_stages(
     report.stages_svg = plan_svg(gm, plan)
     outputs = gm.graph.find_nodes(op="output")[0].args[0]
     output_devices = [
-        v.meta["val"].device if isinstance(v.meta.get("val"), torch.Tensor) else None
+        value.device
+        if isinstance(v, torch.fx.Node) and isinstance(value := v.meta.get("val"), torch.Tensor)
+        else None
         for v in torch.utils._pytree.tree_leaves(outputs)
-        if isinstance(v, torch.fx.Node)
     ]
     return StagedModule(stages, [s.device.name for s in plan.stages], output_devices)
 
@@ -219,16 +220,19 @@ def retrace_on(module: torch.fx.GraphModule, device: torch.device) -> None:
     mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
     mode = mode or FakeTensorMode()
     for node in module.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            value = node.meta.get("val") if node.op == "placeholder" else None
-            value = get_attr_value(module, node) if node.op == "get_attr" else value
-            if isinstance(value, torch.Tensor):  # made, not copied: torch built without
-                with unset_fake_temporarily(), mode:  # CUDA makes fake CUDA tensors only
-                    node.meta["val"] = torch.empty_strided(
-                        value.shape, value.stride(), dtype=value.dtype, device=device
-                    )
-        elif node.op == "call_function":
+        if node.op == "call_function":
             node.meta["val"] = fake_value(node, mode)
+            continue
+        value = None
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+        elif node.op == "get_attr":
+            value = get_attr_value(module, node)
+        if isinstance(value, torch.Tensor):  # a fake made on `device`, not copied there:
+            with unset_fake_temporarily(), mode:  # torch without CUDA makes fake CUDA tensors
+                node.meta["val"] = torch.empty_strided(  # but cannot copy to CUDA
+                    value.shape, value.stride(), dtype=value.dtype, device=device
+                )
 
 
 def plan_for(model: torch.nn.Module, example_inputs: Sequence[Any], stages: int, **options: Any):
