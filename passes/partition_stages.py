@@ -239,13 +239,16 @@ def plan_stages(gm: torch.fx.GraphModule, devices: list[DeviceSpec]) -> StagePla
             for j in range(position[producer.name] + 1, g + 1):
                 cut_ok[j] = False
 
-    # lacking[d][j]: nodes before position j that device d's backend cannot lower
+    # missing[d]: the nodes device d's backend cannot lower (asked once per node and device);
+    # lacking[d][j]: how many of them come before position j
+    missing = [
+        {m for m in order if d.supports is not None and not d.supports(nodes[m])} for d in devices
+    ]
     lacking = []
-    for d in devices:
+    for lacks in missing:
         counts = [0]
         for name in order:
-            node = nodes[name]
-            counts.append(counts[-1] + (d.supports is not None and not d.supports(node)))
+            counts.append(counts[-1] + (name in lacks))
         lacking.append(counts)
 
     def stage_time(i: int, j: int, d: DeviceSpec) -> tuple[float, float]:
@@ -295,9 +298,7 @@ def plan_stages(gm: torch.fx.GraphModule, devices: list[DeviceSpec]) -> StagePla
         names = order[i:j]
         assignment.update(dict.fromkeys(names, s))
         flops, bytes_in = prefix_flops[j] - prefix_flops[i], cut_bytes[i] if i else 0
-        fallback = [
-            op_name(nodes[m].target) for m in names if d.supports and not d.supports(nodes[m])
-        ]
+        fallback = [op_name(nodes[m].target) for m in names if m in missing[s]]
         stages.append(Stage(d, names, flops, params(i, j), bytes_in, compute, transfer, fallback))
     return StagePlan(stages, assignment)
 
