@@ -88,6 +88,26 @@ def graphopt(target: str, **options: Any) -> Builder:
     return build
 
 
+def graphopt_llvm(tuned: bool) -> Builder:
+    """graphopt.optimize(target="llvm"): TVM on this x86 host, with the kernels' schedules from
+    this machine's tuning database (`tuned`, written by `python -m benchmarks.tune`) or with
+    none (`tune.disabled()` while it compiles: TVM's untuned loop nests)."""
+
+    def build(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
+        import graphopt
+        from graphopt.backends.tvm import target_for, tune
+        from graphopt.config import Config
+
+        if not tuned:
+            with tune.disabled():
+                return graphopt.optimize(model, inputs, target="llvm")
+        if tune.database_for(target_for(Config(target="llvm"))) is None:
+            raise RuntimeError("no tuning database on this machine: python -m benchmarks.tune")
+        return graphopt.optimize(model, inputs, target="llvm")
+
+    return build
+
+
 def _first_call_then(first: Runner, rest: Runner) -> Runner:
     """Call `first` once (the compiling call), then `rest` without the wrapper's overhead."""
     state = {"fn": first}
@@ -281,7 +301,8 @@ RUNNERS: dict[str, Builder] = {
     "onnxruntime": onnxruntime_cpu,
     "relax_dynamo": relax_dynamo,
     "graphopt-cpu": graphopt("cpu"),
-    "graphopt-llvm": graphopt("llvm"),
+    "graphopt-llvm": graphopt_llvm(tuned=False),
+    "graphopt-llvm-tuned": graphopt_llvm(tuned=True),
     "graphopt-cpu-int8": graphopt_int8("cpu"),
     "graphopt-onnx-int8": graphopt_int8("onnx"),
     "pt2e-int8": pt2e_int8,

@@ -5,11 +5,12 @@ optimized = graphopt.optimize(model, example_inputs, target="llvm")
 print(optimized.report)
 pruned = graphopt.prune(model, example_inputs, sparsity=0.5, structured=True)
 graphopt.recover(pruned, teacher=model, data=batches, steps=300)
+graphopt.tune(model, example_inputs, budget_s=600)  # TVM schedules for target="llvm"
 graphopt.export(model, example_inputs, "out/", format="onnx"); run = graphopt.load("out/")
 """
 
 from graphopt import testing
-from graphopt.api import OptimizedModule, optimize, prune
+from graphopt.api import OptimizedModule, optimize, prune, tune
 from graphopt.artifact import Artifact, Exported, export, load
 from graphopt.backend import graphopt_backend
 from graphopt.compiler import REPORTS
@@ -47,6 +48,7 @@ __all__ = [
     "recover",
     "Recovery",
     "testing",
+    "tune",
     "reports",
     "__version__",
 ]

@@ -1,4 +1,5 @@
-"""`graphopt.optimize`: the export-path front door (torch.export -> passes -> lowering)."""
+"""`graphopt.optimize`: the export-path front door (torch.export -> passes -> lowering);
+`graphopt.prune`; `graphopt.tune` (TVM schedules measured on this machine)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,59 @@ def optimize(
         if problem is not None:
             raise VerificationError("whole model (export capture)", problem)
     return optimized
+
+
+def tune(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    budget_s: float = 1200.0,
+    max_trials: int | None = None,
+    progress: bool = True,
+    dynamic_shapes: Any = None,
+    **options: Any,
+) -> Any:
+    """Tune TVM's x86 kernels for `model` on this machine and keep them for later compiles.
+
+    graphopt optimizes the model for `target="llvm"` as `optimize` does, collects the fused
+    kernels TVM builds, and searches schedules for them with MetaSchedule for `budget_s`
+    seconds, timing candidates here. The results go to this target's tuning database
+    (`$GRAPHOPT_TUNE_DIR`, default ~/.cache/graphopt/tune), which every later llvm compile
+    (optimize, torch.compile, export with format="tvm") applies. Tuning again continues
+    from what was measured.
+
+    Args:
+        budget_s: wall-clock seconds of tuning (the round running at the deadline finishes).
+        max_trials: stop after this many candidates in all (None: the budget decides).
+        progress: a progress bar on stderr.
+        **options: `graphopt.Config` fields, as for `optimize`; target must be "llvm".
+
+    Returns:
+        A `TuneResult` (printable): trials, per kernel its call count, trials and best time.
+    """
+    options.setdefault("target", "llvm")
+    cfg = Config.from_options(options)
+    if cfg.target != "llvm":
+        raise ValueError(
+            f"graphopt.tune tunes target='llvm' (this x86 host), not target={cfg.target!r}"
+        )
+    from graphopt.backends.tvm import lower
+    from graphopt.backends.tvm import tune as tvm_tune
+
+    with lower.collect_kernels() as mods:
+        optimize(model, example_inputs, dynamic_shapes=dynamic_shapes, **options)
+    if not mods:
+        raise ValueError(
+            "nothing to tune: no part of the model was lowered to TVM (see the report of "
+            "graphopt.optimize(..., target='llvm') for the ops that ran in PyTorch)"
+        )
+    return tvm_tune.tune_kernels(
+        mods,
+        lower.target_for(cfg),
+        budget_s=budget_s,
+        max_trials=max_trials,
+        progress=progress,
+    )
 
 
 def prune(

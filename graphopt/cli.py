@@ -1,5 +1,5 @@
-"""The `graphopt` command: `graphopt bench ...`, `graphopt export ...`, `graphopt run ...`,
-`graphopt ops ...`."""
+"""The `graphopt` command: `graphopt bench ...`, `graphopt tune ...`, `graphopt export ...`,
+`graphopt run ...`, `graphopt ops ...`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     timings = compare_speed({"eager": model, "graphopt": compiled}, inputs, rounds=args.rounds)
     print(format_timings(timings))
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    import graphopt
+    from graphopt.bench import compare_speed, format_timings
+
+    options = dict(_parse_option(o) for o in args.option)
+    model = _load_factory(args.model)().eval()
+    inputs = tuple(torch.randn(*shape) for shape in args.input)
+    print(f"tuning {args.model} for target='llvm' on this machine, budget {args.budget:g}s")
+    with torch.no_grad():
+        result = graphopt.tune(
+            model, inputs, budget_s=args.budget, max_trials=args.max_trials, **options
+        )
+        print(result)
+        if args.rounds:
+            tuned = graphopt.optimize(model, inputs, target="llvm", **options)
+            graphopt.testing.assert_same_outputs(model(*inputs), tuned(*inputs))
+            print("tuned outputs match eager")
+            runners = {"eager": model, "graphopt-llvm-tuned": tuned}
+            print(format_timings(compare_speed(runners, inputs, rounds=args.rounds)))
+    return 0
+
+
+def _budget(text: str) -> float:
+    """'1200', '1200s', '20m' or '1h' -> seconds."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower())
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"budget must be like 600, 600s, 20m or 1h, got {text!r}")
+    return seconds
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -247,6 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dim", action="append", default=[], help="a dynamic dim's size, name=N")
     run.add_argument("--rounds", type=int, default=20)
     run.set_defaults(func=cmd_run)
+    tune = sub.add_parser(
+        "tune",
+        help="tune TVM's x86 kernels for a model on this machine (kept for later llvm compiles)",
+    )
+    _model_arguments(tune)
+    tune.add_argument(
+        "--budget", type=_budget, default=1200.0, help="tuning time: 600, 600s, 20m (default)"
+    )
+    tune.add_argument("--max-trials", type=int, help="stop after this many candidates")
+    tune.add_argument(
+        "--rounds", type=int, default=5, help="timing rounds vs eager after tuning (0: none)"
+    )
+    tune.set_defaults(func=cmd_tune)
     ops = sub.add_parser("ops", help="list the ops a target lowers (its capability list)")
     ops.add_argument("--target", default="llvm")
     ops.set_defaults(func=cmd_ops)

@@ -9,7 +9,6 @@ measure top-1 accuracy before and after, when `eval_data` has them.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+
+from graphopt.progress import ProgressBar
 
 LOSSES = ("kl", "mse")
 
@@ -106,7 +107,7 @@ def recover(
         result.top1_before, result.agreement_before = _evaluate(student, eval_data, teacher)
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    bar = _Bar(steps, enabled=progress)
+    bar = ProgressBar("graphopt recover", steps, enabled=progress)
     start = time.perf_counter()
     student.train()
     try:
@@ -188,31 +189,3 @@ def _evaluate(
 
 def _logits(out: Any) -> torch.Tensor:
     return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-
-
-class _Bar:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, total: int, enabled: bool, width: int = 30) -> None:
-        self.total, self.enabled, self.width = total, enabled, width
-        self.tty = enabled and sys.stderr.isatty()
-        self.start, self.shown = time.perf_counter(), -1
-
-    def update(self, done: int, text: str) -> None:
-        if not self.enabled:
-            return
-        tenth = done * 10 // self.total
-        if not self.tty and tenth == self.shown:
-            return
-        self.shown = tenth
-        filled = self.width * done // self.total
-        line = (
-            f"graphopt recover [{'#' * filled}{'.' * (self.width - filled)}] "
-            f"{done}/{self.total} {text} ({time.perf_counter() - self.start:.1f}s)"
-        )
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)

@@ -34,9 +34,12 @@ def _fresh_compile_state(monkeypatch):
     """dynamo reuses compiled graphs across instances of one class: reset between tests.
 
     The TVM disk cache is off (tests compile for real and leave ~/.cache alone);
-    tests/backends/tvm/test_cache.py turns it on in a tmp folder.
+    tests/backends/tvm/test_cache.py turns it on in a tmp folder. So is the TVM tuning
+    database (a user's tuned schedules must not change what tests compile);
+    tests/backends/tvm/test_tune.py tunes into a tmp folder.
     """
     monkeypatch.setenv("GRAPHOPT_CACHE", "0")
+    monkeypatch.setenv("GRAPHOPT_TUNE", "0")
     torch._dynamo.reset()
     graphopt.clear_reports()
     torch.manual_seed(0)

@@ -62,3 +62,11 @@ def test_prune_digits_prunes_recovers_and_compiles():
     out = _run("examples/prune_digits.py", "--model", "mlp", "--steps", "100", "--rounds", "2")
     assert "prune: 50% of the channels" in out and "graphopt recover: 100 steps" in out
     assert "top-1: teacher" in out and "pruned int8:" in out and "speed vs dense" in out
+
+
+def test_tune_llvm_tunes_then_times_untuned_and_tuned(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_TUNE_DIR", str(tmp_path))
+    monkeypatch.setenv("GRAPHOPT_TUNE", "1")
+    out = _run("examples/tune_llvm.py", "--budget", "300", "--max-trials", "16", "--rounds", "2")
+    assert "graphopt tune: 16 trials over" in out and "tuned outputs match eager" in out
+    assert "| graphopt-llvm (untuned) |" in out and "| graphopt-llvm (tuned) |" in out

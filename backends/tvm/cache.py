@@ -10,7 +10,8 @@ order with its op, its target's qualified name, its args/kwargs (an fx Node by i
 `x - y` and `y - x` differ; SymInts by their sympy expression) and its traced value's spec
 (dtype, shape, strides, device); the bytes, dtype and shape of every constant tensor; the
 Config fields; the TVM target JSON (with mcpu); and the versions of graphopt, torch, TVM and
-the lowering sources (lower.py, rules.py, registry.py), so a rule fix invalidates old entries.
+the lowering sources (lower.py, rules.py, tune.py, registry.py), so a rule fix invalidates old
+entries; and the sha256 of the tuning database applied (`tune.py`), so re-tuning rebuilds.
 
 An entry is a folder `<root>/<key>/` holding `<sha256[:16]>.so` (the library, named by its
 hash so dlopen never returns a stale library loaded from the same path) and `meta.json` (key,
@@ -46,8 +47,9 @@ from graphopt.passes.base import get_attr_value
 
 log = logging.getLogger(__name__)
 
-KEY_FORMAT = 1  # bump when what graph_key hashes changes
-_SOURCES = ("lower.py", "rules.py", "../registry.py")  # the code that decides what is built
+KEY_FORMAT = 2  # bump when what graph_key hashes changes
+# the code that decides what is built
+_SOURCES = ("lower.py", "rules.py", "tune.py", "../registry.py")
 _NOT_HASHED = ("calibration", "verify")  # their effect is in the graph, or they build nothing
 _STALE_TEMP_SECONDS = 24 * 3600  # temp folders left by a crashed writer are removed after this
 
@@ -82,7 +84,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def graph_key(gm: torch.fx.GraphModule, cfg: Config, target: tvm.target.Target) -> str:
+def graph_key(
+    gm: torch.fx.GraphModule,
+    cfg: Config,
+    target: tvm.target.Target,
+    tuning: str | None = None,
+) -> str:
     """The sha256 (hex) of everything the library compiled from `gm` for `target` depends on.
 
     Args:
@@ -90,13 +97,17 @@ def graph_key(gm: torch.fx.GraphModule, cfg: Config, target: tvm.target.Target) 
             the input specs; get_attr constants are real tensors).
         cfg: the graphopt Config (all fields but calibration and verify are hashed).
         target: the resolved TVM target (its JSON, mcpu included, is hashed).
+        tuning: the sha256 of the tuning database the library is compiled with (None: none).
     Raises:
         UncacheableGraph: an argument, value or constant that cannot be hashed faithfully
             (a closure as an op, a fake constant, an unknown argument type).
     """
     options = {k: v for k, v in cfg.describe().items() if k not in _NOT_HASHED}
     digest = hashlib.sha256()
-    _feed(digest, {"versions": versions(), "config": options, "target": str(target)})
+    _feed(
+        digest,
+        {"versions": versions(), "config": options, "target": str(target), "tuning": tuning},
+    )
     index = {node: i for i, node in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         record: list[Any] = [node.op, _spec(node.meta.get("val"))]

@@ -12,13 +12,14 @@ becomes a `tvm.tirx.Var(name, "int64")` per symbol, bound by the input tensor th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import operator
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ import tvm
 from tvm import relax, tirx
 
 from graphopt.backends.registry import op_name
-from graphopt.backends.tvm import cache
+from graphopt.backends.tvm import cache, tune
 from graphopt.backends.tvm.rules import TVM, TVM_DTYPES
 from graphopt.config import Config
 from graphopt.passes.base import get_attr_value
@@ -296,36 +297,65 @@ def target_for(cfg: Config) -> tvm.target.Target:
     )
 
 
-def compile_relax(
-    mod: tvm.IRModule, cfg: Config, target: tvm.target.Target | None = None
-) -> relax.VMExecutable:
-    """Optimize and compile `mod` for `target` (default: `target_for(cfg)`); nothing runs.
-
-    Pipeline: inference simplifications, Relax's "zero" pipeline (legalize to TIR, fold
-    constants, fuse), dlight's default GPU schedules for CUDA, then `tvm.compile`.
-    """
-    target = target or target_for(cfg)
+def optimize_relax(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """`mod` legalized to TIR and fused (inference simplifications, then Relax's "zero"
+    pipeline: LegalizeOps, FoldConstant, FuseOps, FuseTIR); no kernel is scheduled yet.
+    Its kernels are what `graphopt.tune` tunes and what the tuning database is keyed by."""
     passes = [
         relax.transform.DecomposeOpsForInference(),  # batch_norm -> arithmetic, etc.
         relax.transform.CanonicalizeBindings(),
-        relax.get_pipeline("zero"),  # LegalizeOps, FoldConstant, FuseOps, FuseTIR
+        relax.get_pipeline("zero"),
     ]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def compile_relax(
+    mod: tvm.IRModule,
+    cfg: Config,
+    target: tvm.target.Target | None = None,
+    tuning: tune.TuningDatabase | None | str = "auto",
+) -> relax.VMExecutable:
+    """Optimize and compile `mod` for `target` (default: `target_for(cfg)`); nothing runs.
+
+    Pipeline: `optimize_relax`, then schedules: the tuning database's for the kernels it
+    holds (`tuning`: "auto" looks up `tune.database_for(target)`; None compiles untuned),
+    dlight's default GPU schedules for CUDA; then `tvm.compile`.
+    """
+    target = target or target_for(cfg)
+    if tuning == "auto":
+        tuning = tune.database_for(target)
+    mod = optimize_relax(mod, target)
+    if tuning is not None:
+        mod = tune.apply_database(mod, target, tuning)
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight
 
-        passes.append(  # GPU kernels need thread bindings; dlight gives every kernel one
-            dlight.ApplyDefaultSchedule(
+        with target:  # GPU kernels need thread bindings; dlight gives every kernel one
+            mod = dlight.ApplyDefaultSchedule(
                 dlight.gpu.Matmul(),
                 dlight.gpu.GEMV(),
                 dlight.gpu.Reduction(),
                 dlight.gpu.GeneralReduction(),
                 dlight.gpu.Fallback(),
-            )
-        )
-    with target:
-        mod = tvm.transform.Sequential(passes)(mod)
+            )(mod)
     # "default_build" lowers the (already legalized) module to VM code without re-fusing.
     return tvm.compile(mod, target=target, relax_pipeline="default_build")
+
+
+_collectors: list[list[tvm.IRModule]] = []
+
+
+@contextlib.contextmanager
+def collect_kernels() -> Iterator[list[tvm.IRModule]]:
+    """Within the block, each graph `compile_subgraph` compiles (or loads from the cache) also
+    appends its `optimize_relax` module to the yielded list: what `graphopt.tune` tunes."""
+    mods: list[tvm.IRModule] = []
+    _collectors.append(mods)
+    try:
+        yield mods
+    finally:
+        _collectors.remove(mods)
 
 
 # Ops whose output torch returns as a view of their input (an output reached from a graph
@@ -513,10 +543,11 @@ def compile_subgraph(
     start = time.perf_counter()
     device = runtime_device(cfg)  # fail before the (slow) build
     target = target_for(cfg)
+    tuning = tune.database_for(target)
     root, key = cache.cache_root(), None
     if root is not None:
         try:
-            key = cache.graph_key(gm, cfg, target)
+            key = cache.graph_key(gm, cfg, target, tuning.digest if tuning else None)
         except cache.UncacheableGraph as err:
             log.info("graphopt: not caching this TVM graph: %s", err)
     compiled = None
@@ -528,10 +559,14 @@ def compile_subgraph(
             cache.evict(root, key, f"its VM does not start: {err}")
     if compiled is None:
         mod = build_relax(gm, example_inputs, cfg)
-        executable = compile_relax(mod, cfg, target)
+        executable = compile_relax(mod, cfg, target, tuning)
         if key:
             cache.store(root, key, executable)
         compiled = CompiledSubgraph.for_graph(gm, executable, device, mod=mod)
+    if _collectors:
+        optimized = optimize_relax(compiled.mod or build_relax(gm, example_inputs, cfg), target)
+        for mods in _collectors:
+            mods.append(optimized)
     compiled.compile_seconds = time.perf_counter() - start
     return compiled
 
