@@ -102,7 +102,10 @@ def graphopt_llvm(tuned: bool) -> Builder:
             with tune.disabled():
                 return graphopt.optimize(model, inputs, target="llvm")
         if tune.database_for(target_for(Config(target="llvm"))) is None:
-            raise RuntimeError("no tuning database on this machine: python -m benchmarks.tune")
+            raise RuntimeError(
+                f"no tuning database in {tune.tune_root()} (or GRAPHOPT_TUNE=0): "
+                "python -m benchmarks.tune"
+            )
         return graphopt.optimize(model, inputs, target="llvm")
 
     return build

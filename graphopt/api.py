@@ -109,7 +109,8 @@ def tune(
 
     Args:
         budget_s: wall-clock seconds of tuning (the round running at the deadline finishes).
-        max_trials: stop after this many candidates in all (None: the budget decides).
+        max_trials: stop once this many candidates were timed (the batch under way finishes;
+            None: the budget decides).
         progress: a progress bar on stderr.
         **options: `graphopt.Config` fields, as for `optimize`; target must be "llvm".
 

@@ -154,7 +154,9 @@ def _lower_partitioned(
             _fall_back_or_raise(cfg, report, node.target, sub, backend, err)
             continue
         setattr(split, node.target, LoweredModule(fn, backend.name, single))
-        note = "loaded from the compile cache" if getattr(fn, "cache_hit", False) else ""
+        notes = [getattr(fn, "schedules", None)]
+        notes.append("loaded from the compile cache" if getattr(fn, "cache_hit", False) else None)
+        note = "; ".join(n for n in notes if n)
         report.partitions.append(
             PartitionRecord(
                 node.target, backend.name, op_histogram(sub), count_call_nodes(sub), note=note

@@ -315,12 +315,14 @@ def compile_relax(
     cfg: Config,
     target: tvm.target.Target | None = None,
     tuning: tune.TuningDatabase | None | str = "auto",
+    stats: dict[str, int] | None = None,
 ) -> relax.VMExecutable:
     """Optimize and compile `mod` for `target` (default: `target_for(cfg)`); nothing runs.
 
     Pipeline: `optimize_relax`, then schedules: the tuning database's for the kernels it
     holds (`tuning`: "auto" looks up `tune.database_for(target)`; None compiles untuned),
-    dlight's default GPU schedules for CUDA; then `tvm.compile`.
+    dlight's default GPU schedules for CUDA; then `tvm.compile`. `stats`, if given, gets
+    "kernels" (TIR functions) and "tuned" (those the database scheduled).
     """
     target = target or target_for(cfg)
     if tuning == "auto":
@@ -328,6 +330,8 @@ def compile_relax(
     mod = optimize_relax(mod, target)
     if tuning is not None:
         mod = tune.apply_database(mod, target, tuning)
+    if stats is not None:
+        stats["kernels"], stats["tuned"] = tune.count_scheduled(mod)
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight
 
@@ -401,6 +405,8 @@ class CompiledSubgraph:
         mod: the Relax IRModule it was compiled from; None when loaded from the disk cache.
         executable: the compiled VM executable (built, or loaded from the cache).
         cache_hit: whether the executable came from the disk cache (nothing was compiled).
+        schedules: how many kernels have tuned schedules ("3/19 kernels tuned"; None: no
+            tuning database for the target).
         compile_seconds: wall time of `compile_subgraph` (build + compile + store, or load).
     """
 
@@ -426,6 +432,7 @@ class CompiledSubgraph:
         self.mod = mod
         self.executable = executable
         self.cache_hit = cache_hit
+        self.schedules: str | None = None
         self.compile_seconds = 0.0
         self.vm = relax.VirtualMachine(executable, device)
         self._main = self.vm["main"]
@@ -558,11 +565,15 @@ def compile_subgraph(
         except (RuntimeError, ValueError) as err:  # the library loaded but its VM does not start
             cache.evict(root, key, f"its VM does not start: {err}")
     if compiled is None:
-        mod = build_relax(gm, example_inputs, cfg)
-        executable = compile_relax(mod, cfg, target, tuning)
+        mod, stats = build_relax(gm, example_inputs, cfg), {}
+        executable = compile_relax(mod, cfg, target, tuning, stats)
         if key:
             cache.store(root, key, executable)
         compiled = CompiledSubgraph.for_graph(gm, executable, device, mod=mod)
+        if tuning is not None:
+            compiled.schedules = f"{stats['tuned']}/{stats['kernels']} kernels tuned"
+    elif tuning is not None:
+        compiled.schedules = "built with the tuning database"
     if _collectors:
         optimized = optimize_relax(compiled.mod or build_relax(gm, example_inputs, cfg), target)
         for mods in _collectors:

@@ -152,6 +152,12 @@ def apply_database(
         return relax.transform.MetaScheduleApplyDatabase()(mod)
 
 
+def count_scheduled(mod: tvm.IRModule) -> tuple[int, int]:
+    """(TIR functions in `mod`, those a schedule was applied to)."""
+    funcs = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    return len(funcs), sum(1 for f in funcs if f.attrs and "tirx.is_scheduled" in f.attrs)
+
+
 # ------------------------------------------------------------------------------------- tuning
 
 
@@ -213,7 +219,8 @@ def tune_kernels(
 
     Args:
         budget_s: wall-clock seconds to tune; the round running at the deadline finishes.
-        max_trials: stop after this many candidates in all (None: only the budget stops it).
+        max_trials: stop once this many candidates were timed (the batch under way finishes;
+            None: only the budget stops it).
         progress: a progress bar on stderr.
         root: the database root (default `tune_root()`).
         build_timeout_s: a candidate whose build takes longer is killed and skipped.

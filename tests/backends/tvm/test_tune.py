@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import tvm
-from tvm import tirx
 
 import graphopt
 from graphopt.backends.tvm import cache, lower, target_for, tune
@@ -64,14 +63,6 @@ def _kernels() -> list[tvm.IRModule]:
     return mods
 
 
-def _scheduled(mod: tvm.IRModule) -> int:
-    return sum(
-        1
-        for func in mod.functions.values()
-        if isinstance(func, tirx.PrimFunc) and func.attrs and "tirx.is_scheduled" in func.attrs
-    )
-
-
 def test_tuning_measures_every_kernel_and_writes_the_database(tuned):
     result, root = tuned
     assert result.trials == TRIALS and result.stopped == "trials"
@@ -93,12 +84,15 @@ def test_compile_applies_the_tuned_schedules_and_matches_eager(tune_env):
     database = tune.database_for(target)
     assert database is not None and database.path.parent == tune_env
     (mod,) = _kernels()
-    assert _scheduled(mod) == 0
-    assert _scheduled(tune.apply_database(mod, target, database)) == 2
+    kernels, tuned = tune.count_scheduled(mod)
+    assert kernels >= 2 and tuned == 0
+    assert tune.count_scheduled(tune.apply_database(mod, target, database)) == (kernels, 2)
     model = _mlp()
     with torch.no_grad():
         optimized = graphopt.optimize(model, (X,), target="llvm")
         graphopt.testing.assert_same_outputs(model(X), optimized(X))
+    (partition,) = [p for p in optimized.report.partitions if p.target == "tvm-llvm"]
+    assert partition.note == f"2/{kernels} kernels tuned"
 
 
 def test_tune_off_or_other_targets_compile_untuned(tune_env, monkeypatch):
@@ -206,3 +200,22 @@ def test_cli_budget_parses_units():
         _budget("soon")
     with pytest.raises(Exception, match="budget must be like"):
         _budget("-5m")
+
+
+def test_benchmark_runners_compile_tuned_and_untuned(tune_env, tmp_path, monkeypatch):
+    from benchmarks.runners import RUNNERS
+
+    model = _mlp()
+    with torch.no_grad():
+        tuned = RUNNERS["graphopt-llvm-tuned"](model, (X,), str(tmp_path))
+        untuned = RUNNERS["graphopt-llvm"](model, (X,), str(tmp_path))
+        for runner in (tuned, untuned):
+            graphopt.testing.assert_same_outputs(model(X), runner(X))
+    notes = {
+        name: [p.note for p in runner.report.partitions if p.target == "tvm-llvm"]
+        for name, runner in (("tuned", tuned), ("untuned", untuned))
+    }
+    assert notes["tuned"][0].startswith("2/") and notes["untuned"] == [""]
+    monkeypatch.setenv("GRAPHOPT_TUNE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(RuntimeError, match="no tuning database"):
+        RUNNERS["graphopt-llvm-tuned"](model, (X,), str(tmp_path))
