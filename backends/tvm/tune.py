@@ -16,6 +16,7 @@ MetaSchedule's JSON files (`database_workload.json`, `database_tuning_record.jso
 `target.json`, and `logs/` of the last run. Tuning works on a copy and swaps it in at the end
 (also on Ctrl-C, keeping what was measured), so a compile never reads a half-written file;
 the sha256 of the files is part of the compile cache key, so re-tuning rebuilds libraries.
+Two runs at once for one target each swap in their own copy: the later one's wins.
 
 Measuring: candidates are built in persistent worker processes (a build that hangs is killed
 after `build_timeout_s`) and timed in one worker process, one at a time.
