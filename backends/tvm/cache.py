@@ -58,9 +58,14 @@ class UncacheableGraph(ValueError):
     """The graph holds something graph_key cannot hash faithfully (it is compiled, not cached)."""
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable says 0/false/off/no (unset: on)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 def cache_root() -> Path | None:
     """The cache folder, or None when `GRAPHOPT_CACHE` is 0/false/off."""
-    if os.environ.get("GRAPHOPT_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
+    if switched_off("GRAPHOPT_CACHE"):
         return None
     configured = os.environ.get("GRAPHOPT_CACHE_DIR")
     return Path(configured) if configured else Path.home() / ".cache" / "graphopt" / "tvm"

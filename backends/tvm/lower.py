@@ -315,23 +315,28 @@ def compile_relax(
     cfg: Config,
     target: tvm.target.Target | None = None,
     tuning: tune.TuningDatabase | None | str = "auto",
-    stats: dict[str, int] | None = None,
 ) -> relax.VMExecutable:
     """Optimize and compile `mod` for `target` (default: `target_for(cfg)`); nothing runs.
 
-    Pipeline: `optimize_relax`, then schedules: the tuning database's for the kernels it
-    holds (`tuning`: "auto" looks up `tune.database_for(target)`; None compiles untuned),
-    dlight's default GPU schedules for CUDA; then `tvm.compile`. `stats`, if given, gets
-    "kernels" (TIR functions) and "tuned" (those the database scheduled).
+    Pipeline: `optimize_relax`, then `_schedule_and_build`: the tuning database's schedules
+    for the kernels it holds (`tuning`: "auto" looks up `tune.database_for(target)`; None
+    compiles untuned), dlight's default GPU schedules for CUDA, then `tvm.compile`.
     """
     target = target or target_for(cfg)
     if tuning == "auto":
         tuning = tune.database_for(target)
-    mod = optimize_relax(mod, target)
+    executable, _ = _schedule_and_build(optimize_relax(mod, target), target, tuning)
+    return executable
+
+
+def _schedule_and_build(
+    mod: tvm.IRModule, target: tvm.target.Target, tuning: tune.TuningDatabase | None
+) -> tuple[relax.VMExecutable, tuple[int, int]]:
+    """Schedule and compile an `optimize_relax` module; (the executable, (TIR functions,
+    those the tuning database scheduled))."""
     if tuning is not None:
         mod = tune.apply_database(mod, target, tuning)
-    if stats is not None:
-        stats["kernels"], stats["tuned"] = tune.count_scheduled(mod)
+    counts = tune.count_scheduled(mod)
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight
 
@@ -344,7 +349,7 @@ def compile_relax(
                 dlight.gpu.Fallback(),
             )(mod)
     # "default_build" lowers the (already legalized) module to VM code without re-fusing.
-    return tvm.compile(mod, target=target, relax_pipeline="default_build")
+    return tvm.compile(mod, target=target, relax_pipeline="default_build"), counts
 
 
 _collectors: list[list[tvm.IRModule]] = []
@@ -564,18 +569,20 @@ def compile_subgraph(
             compiled = CompiledSubgraph.for_graph(gm, executable, device, cache_hit=True)
         except (RuntimeError, ValueError) as err:  # the library loaded but its VM does not start
             cache.evict(root, key, f"its VM does not start: {err}")
+    optimized = None  # the unscheduled kernels: what collect_kernels hands to tuning
     if compiled is None:
-        mod, stats = build_relax(gm, example_inputs, cfg), {}
-        executable = compile_relax(mod, cfg, target, tuning, stats)
+        mod = build_relax(gm, example_inputs, cfg)
+        optimized = optimize_relax(mod, target)
+        executable, (kernels, tuned) = _schedule_and_build(optimized, target, tuning)
         if key:
             cache.store(root, key, executable)
         compiled = CompiledSubgraph.for_graph(gm, executable, device, mod=mod)
         if tuning is not None:
-            compiled.schedules = f"{stats['tuned']}/{stats['kernels']} kernels tuned"
+            compiled.schedules = f"{tuned}/{kernels} kernels tuned"
     elif tuning is not None:
         compiled.schedules = "built with the tuning database"
     if _collectors:
-        optimized = optimize_relax(compiled.mod or build_relax(gm, example_inputs, cfg), target)
+        optimized = optimized or optimize_relax(build_relax(gm, example_inputs, cfg), target)
         for mods in _collectors:
             mods.append(optimized)
     compiled.compile_seconds = time.perf_counter() - start

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tvm
 import tvm_ffi
@@ -47,6 +48,7 @@ from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
 
+from graphopt.backends.tvm import cache
 from graphopt.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def database_for(target: tvm.target.Target) -> TuningDatabase | None:
     """The tuning database for `target`, or None: no database, `GRAPHOPT_TUNE=0`, or a target
     tuning does not cover (only x86 "llvm" targets of this host are tuned). An unreadable
     database is logged as a warning and ignored (compiles stay untuned)."""
-    if os.environ.get("GRAPHOPT_TUNE", "1").strip().lower() in ("0", "false", "off", "no"):
+    if cache.switched_off("GRAPHOPT_TUNE"):
         return None
     if target.kind.name != "llvm" or "mtriple" in target.attrs:
         return None
@@ -387,9 +389,7 @@ def _task_result(
     """A task's best time in the database (earlier runs included): what compile applies."""
     mod = task.dispatched[0]
     top = database.get_top_k(database.commit_workload(mod), 1)
-    best = None
-    if top and top[0].run_secs:
-        best = sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs) * 1e6
+    best = _mean(top[0].run_secs) * 1e6 if top and top[0].run_secs else None
     return TaskResult(
         name=task.task_name,
         flop=float(estimate_tir_flops(mod)),
@@ -397,6 +397,11 @@ def _task_result(
         trials=trials,
         best_us=best,
     )
+
+
+def _mean(run_secs: Sequence[Any]) -> float:
+    """A measurement's seconds (MetaSchedule records one FloatImm per repeat)."""
+    return sum(float(s) for s in run_secs) / len(run_secs)
 
 
 def _commit(work: Path, final: Path, target: tvm.target.Target) -> None:
@@ -451,7 +456,7 @@ class _Watch(PyMeasureCallback):
         self.task_trials[task_id] += measured
         for result in runner_results:
             if result.run_secs:
-                seconds = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                seconds = _mean(result.run_secs)
                 self.best_s[task_id] = min(seconds, self.best_s.get(task_id, seconds))
         estimate = sum(self.weights[i] * s for i, s in self.best_s.items()) * 1e3
         self.bar.update(
