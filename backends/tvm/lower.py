@@ -26,9 +26,10 @@ import torch
 import torch.fx
 import tvm
 from tvm import relax, te, tirx, topi
+from tvm.s_tir import dlight
 
 from graphopt.backends.registry import op_name
-from graphopt.backends.tvm import cache, tune
+from graphopt.backends.tvm import cache, schedules, tune
 from graphopt.backends.tvm.rules import TVM, TVM_DTYPES
 from graphopt.config import Config
 from graphopt.passes.base import get_attr_value
@@ -364,7 +365,8 @@ def compile_relax(
 
     Pipeline: `optimize_relax`, then `_schedule_and_build`: the tuning database's schedules
     for the kernels it holds (`tuning`: "auto" looks up `tune.database_for(target)`; None
-    compiles untuned), dlight's default GPU schedules for CUDA, then `tvm.compile`.
+    compiles untuned), default schedules for the other kernels (`schedules.cpu_rules`
+    for llvm, dlight's GPU rules for CUDA), then `tvm.compile`.
     """
     target = target or target_for(cfg)
     if tuning == "auto":
@@ -377,21 +379,24 @@ def _schedule_and_build(
     mod: tvm.IRModule, target: tvm.target.Target, tuning: tune.TuningDatabase | None
 ) -> tuple[relax.VMExecutable, tuple[int, int]]:
     """Schedule and compile an `optimize_relax` module; (the executable, (TIR functions,
-    those the tuning database scheduled))."""
+    those the tuning database scheduled)). `mod` is left as it was (dlight's pass replaces
+    functions in the module it is given, and `collect_kernels` hands `mod` to tuning)."""
+    mod = mod.clone()
     if tuning is not None:
         mod = tune.apply_database(mod, target, tuning)
     counts = tune.count_scheduled(mod)
-    if target.kind.name == "cuda":
-        from tvm.s_tir import dlight
-
-        with target:  # GPU kernels need thread bindings; dlight gives every kernel one
-            mod = dlight.ApplyDefaultSchedule(
-                dlight.gpu.Matmul(),
-                dlight.gpu.GEMV(),
-                dlight.gpu.Reduction(),
-                dlight.gpu.GeneralReduction(),
-                dlight.gpu.Fallback(),
-            )(mod)
+    if target.kind.name == "cuda":  # GPU kernels need thread bindings; dlight gives each one
+        rules = (
+            dlight.gpu.Matmul(),
+            dlight.gpu.GEMV(),
+            dlight.gpu.Reduction(),
+            dlight.gpu.GeneralReduction(),
+            dlight.gpu.Fallback(),
+        )
+    else:
+        rules = schedules.cpu_rules(target)
+    with target:  # the kernels the tuning database has no schedule for
+        mod = dlight.ApplyDefaultSchedule(*rules)(mod)
     # "default_build" lowers the (already legalized) module to VM code without re-fusing.
     return tvm.compile(mod, target=target, relax_pipeline="default_build"), counts
 
