@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # vector by up to 12 rows ran ResNet-18's convs in 49 ms in all, against 87 ms for two
 # vectors by 4 (this VM, AVX2; kernel by kernel).
 ACCUMULATOR_REGISTERS = 12
+TILE_VECTORS = 1  # vectors along the output's last axis per tile (maybe one partial vector)
 # A kernel with no axis to unroll (depthwise conv) is tiled only when each output sums at
 # least this many products: MobileNetV2's 3x3 depthwise convs ran 2-5x slower tiled than
 # LLVM's own vectorization of the plain loops, and 1.2-2x slower with those loops run in
@@ -134,7 +135,7 @@ class TiledReduction(_Rule):
         if vec is None or extents[vec] < 2:
             return None
         lanes = _vector_lanes(target, stmt.writes[0].source.dtype.bits)
-        vec_inner = _divisor_at_most(extents[vec], lanes)  # one (maybe partial) vector
+        vec_inner = _divisor_at_most(extents[vec], TILE_VECTORS * lanes)
 
         # The unrolled axis: a spatial iterator the vector operands (reads whose last index
         # uses the vectorized iterator) do not index, so one vector load serves each of its
@@ -163,7 +164,21 @@ class TiledReduction(_Rule):
             else 1
         )
 
-        producers = sch.get_producers(main)
+        # An extent with no divisor near a vector (GPT-2's 50257-word head: 1174 ms with scalar
+        # tiles, 262 ms padded, 2470 ms with a predicated vector): computed padded to whole
+        # vectors; the padded copies of its operands and the trimmed copy of the output run
+        # as their own parallel loops, and the elementwise tail stays with the trim.
+        padded = 2 * vec_inner < lanes < extents[vec]
+        if padded:
+            sch.pad_einsum(main, [lanes if i == vec else 1 for i in range(len(extents))])
+            info = get_sblock_info(sch, main)
+            extents[vec] = _static(info.iters[vec].dom)
+            vec_inner = lanes
+            root = get_root_block(sch)
+            others = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+            others.remove(sch.get(main).name_hint)
+
+        producers = [] if padded else sch.get_producers(main)
         loops = [it.loop_rv for it in info.iters]
         vec_outer, vec_loop = sch.split(loops[vec], [None, vec_inner])
         outer = [loops[i] for i in spatial if i not in (vec, unroll)] + [vec_outer]
@@ -179,7 +194,8 @@ class TiledReduction(_Rule):
         tile = sch.fuse(*outer)
         local = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(local, tile, preserve_unit_loops=True)
-        auto_inline_consumer_chain(sch, local)
+        if not padded:
+            auto_inline_consumer_chain(sch, local)
         sch.parallel(tile)
         if unroll is not None and unroll_inner > 1:
             sch.unroll(inner[0])
@@ -189,6 +205,8 @@ class TiledReduction(_Rule):
         _vectorize_innermost(sch, local, lanes)
         for producer in producers:  # padding: its own parallel loop nest
             _parallel_vectorized(sch, producer, lanes)
+        for name in others if padded else ():
+            _parallel_vectorized(sch, sch.get_sblock(name), lanes)
         return sch
 
 
@@ -276,3 +294,15 @@ def cpu_rules(target: Target) -> tuple[dlight.ScheduleRule, ...]:
     scalable vectors itself, and these rules' fixed 128-bit vectors would replace that
     (a scalable-vector schedule is not written yet)."""
     return () if target_has_features("sve", target) else DEFAULT_CPU_RULES
+
+
+def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+    """The schedule (with its trace) the first of `cpu_rules(target)` that takes `func`
+    gives it, or None; what `graphopt.tune` times first and records for each kernel."""
+    for rule in cpu_rules(target):
+        sch = rule.apply(func, target, False)
+        if isinstance(sch, list):
+            sch = sch[0] if sch else None
+        if sch is not None:
+            return sch
+    return None

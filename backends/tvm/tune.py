@@ -3,11 +3,13 @@
     tune_kernels(mods, target, budget_s=...) -> TuneResult  (what graphopt.tune runs)
     database_for(target)                     -> TuningDatabase | None  (what compile_relax applies)
 
-Untuned, TVM's llvm kernels are plain loop nests (no tiling, no threads, no vectors). Tuning
-searches MetaSchedule's design space (multi-level tiling, parallel loops, vectorization,
-unrolling) for each fused kernel of the graphs graphopt built, times candidates on this
-machine, and keeps every measurement in a database. `compile_relax` applies the database: each
-kernel found there gets its fastest schedule, any other kernel stays untuned.
+Untuned, an llvm kernel gets graphopt's default schedule (`schedules.py`: fixed register
+tiles, parallel, vectorized). Tuning first times each kernel's default schedule and records
+it, then searches MetaSchedule's design space (multi-level tiling, parallel loops,
+vectorization, unrolling) for each fused kernel of the graphs graphopt built, times candidates
+on this machine, and keeps every measurement in a database. `compile_relax` applies the
+database: each kernel found there gets its fastest record (never slower than its default, which
+is a record), any other kernel its default schedule.
 
 The database: one folder per target under `$GRAPHOPT_TUNE_DIR` (default
 `~/.cache/graphopt/tune`; `GRAPHOPT_TUNE=0` compiles untuned without removing it), named by
@@ -44,11 +46,12 @@ from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
-from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, RunnerInput
 
-from graphopt.backends.tvm import cache
+from graphopt.backends.tvm import cache, schedules
 from graphopt.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -167,13 +170,14 @@ def count_scheduled(mod: tvm.IRModule) -> tuple[int, int]:
 @dataclass
 class TaskResult:
     """One kernel: its FLOPs, how often the graphs call it, trials run, best time (None when
-    no candidate was measured)."""
+    no candidate was measured), and its default schedule's time (None: no rule takes it)."""
 
     name: str
     flop: float
     weight: int
     trials: int
     best_us: float | None
+    default_us: float | None = None
 
 
 @dataclass
@@ -184,6 +188,7 @@ class TuneResult:
     database: Path
     tasks: list[TaskResult] = field(default_factory=list)
     trials: int = 0
+    defaults: int = 0  # default schedules timed by this run (earlier runs' are reused)
     seconds: float = 0.0
     stopped: str = "trials"
 
@@ -192,17 +197,30 @@ class TuneResult:
         """Sum over tuned kernels of weight x best time (kernels with no result excluded)."""
         return sum(t.weight * t.best_us for t in self.tasks if t.best_us is not None) / 1e3
 
+    @property
+    def default_ms(self) -> float:
+        """The same sum with the default schedules' times, over the kernels that have both."""
+        both = [t for t in self.tasks if t.best_us is not None and t.default_us is not None]
+        return sum(t.weight * t.default_us for t in both) / 1e3
+
     def __str__(self) -> str:
         lines = [
             f"graphopt tune: {self.trials} trials over {len(self.tasks)} kernels in "
             f"{self.seconds:.0f}s (stopped: {self.stopped}); database {self.database}",
-            f"{'kernel':<40} {'calls':>5} {'trials':>6} {'best us':>10} {'GFLOP/s':>8}",
+            f"{'kernel':<40} {'calls':>5} {'trials':>6} {'default us':>10} {'best us':>10} "
+            f"{'GFLOP/s':>8}",
         ]
         for t in sorted(self.tasks, key=lambda t: -(t.best_us or 0) * t.weight):
             best = "-" if t.best_us is None else f"{t.best_us:.1f}"
+            default = "-" if t.default_us is None else f"{t.default_us:.1f}"
             rate = "-" if not t.best_us else f"{t.flop / t.best_us / 1e3:.1f}"
-            lines.append(f"{t.name[:40]:<40} {t.weight:>5} {t.trials:>6} {best:>10} {rate:>8}")
-        lines.append(f"sum of calls x best time: {self.estimated_ms:.2f} ms")
+            lines.append(
+                f"{t.name[:40]:<40} {t.weight:>5} {t.trials:>6} {default:>10} {best:>10} {rate:>8}"
+            )
+        lines.append(
+            f"sum of calls x best time: {self.estimated_ms:.2f} ms (default schedules: "
+            f"{self.default_ms:.2f} ms)"
+        )
         return "\n".join(lines)
 
 
@@ -274,9 +292,11 @@ def tune_kernels(
                 raise
         result.trials = watch.trials
         result.tasks = [
-            _task_result(database, task, trials) for task, trials in zip(tasks, watch.task_trials)
+            _task_result(database, task, trials, watch.default_s.get(i))
+            for i, (task, trials) in enumerate(zip(tasks, watch.task_trials, strict=True))
         ]
-        if watch.trials:  # else nothing new (a budget spent before the first build)
+        result.defaults = watch.seeded
+        if watch.trials or watch.seeded:  # else nothing new (the budget spent before a build)
             _commit(work, final, ttarget)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -335,6 +355,10 @@ def _run_search(
         ),
     )
     try:
+        bar.update(0, f"timing the default schedules of {len(tasks)} kernels")
+        watch.default_s, watch.seeded = _record_default_schedules(
+            tasks, target, database, builder, runner
+        )
         ms.tune_tasks(
             tasks=contexts,
             task_weights=weights,
@@ -365,6 +389,51 @@ def _run_search(
     return watch, stopped
 
 
+def _record_default_schedules(
+    tasks: list[ms.ExtractedTask],
+    target: tvm.target.Target,
+    database: ms.database.JSONDatabase,
+    builder: PyBuilder,
+    runner: LocalRunner,
+) -> tuple[dict[int, float], int]:
+    """Time each kernel's default schedule (`schedules.default_schedule`, what an untuned
+    compile gives it) and record it in `database` unless an earlier run did. Compiles apply
+    the database's fastest record, so a tuned kernel is never slower than an untuned one, and
+    the search starts from the default (the evolutionary search seeds its population with the
+    database's best). ({task index: the default's seconds}, how many were timed now)."""
+    seconds: dict[int, float] = {}
+    todo = []
+    for index, task in enumerate(tasks):
+        mod = task.dispatched[0]
+        sch = schedules.default_schedule(mod["main"], target)
+        if sch is None:
+            continue
+        workload = database.commit_workload(mod)
+        trace = str(sch.trace)
+        earlier = [r for r in database.get_top_k(workload, 10**6) if str(r.trace) == trace]
+        if earlier:
+            seconds[index] = _mean(earlier[0].run_secs)
+        else:
+            todo.append((index, sch, workload, ArgInfo.from_prim_func(mod["main"])))
+    built = builder.build([BuilderInput(entry[1].mod, target) for entry in todo])
+    runs = [
+        (entry, RunnerInput(b.artifact_path, "cpu", entry[3]))
+        for entry, b in zip(todo, built, strict=True)
+        if b.error_msg is None
+    ]
+    futures = runner.run([run for _, run in runs])
+    timed = 0
+    for ((index, sch, workload, args), run), future in zip(runs, futures, strict=True):
+        result = future.result()
+        shutil.rmtree(os.path.dirname(run.artifact_path), ignore_errors=True)
+        if result.error_msg is None and result.run_secs:
+            record = ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args)
+            database.commit_tuning_record(record)
+            seconds[index] = _mean(result.run_secs)
+            timed += 1
+    return seconds, timed
+
+
 def _extract_tasks(
     mods: Sequence[tvm.IRModule], target: tvm.target.Target
 ) -> list[ms.ExtractedTask]:
@@ -384,7 +453,10 @@ def _extract_tasks(
 
 
 def _task_result(
-    database: ms.database.JSONDatabase, task: ms.ExtractedTask, trials: int
+    database: ms.database.JSONDatabase,
+    task: ms.ExtractedTask,
+    trials: int,
+    default_s: float | None,
 ) -> TaskResult:
     """A task's best time in the database (earlier runs included): what compile applies."""
     mod = task.dispatched[0]
@@ -396,6 +468,7 @@ def _task_result(
         weight=int(task.weight),
         trials=trials,
         best_us=best,
+        default_us=None if default_s is None else default_s * 1e6,
     )
 
 
@@ -447,6 +520,8 @@ class _Watch(PyMeasureCallback):
         super().__init__()
         self.start, self.deadline, self.bar, self.weights = start, deadline, bar, list(weights)
         self.trials, self.out_of_time = 0, False
+        self.default_s: dict[int, float] = {}  # task index -> its default schedule's seconds
+        self.seeded = 0  # default schedules timed (and recorded) by this run
         self.task_trials = [0] * len(self.weights)
         self.best_s: dict[int, float] = {}
 

@@ -21,8 +21,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from graphopt.backends.registry import op_name
 from graphopt.backends.tvm import TVM, compile_subgraph
-from graphopt.config import Config
 from graphopt.capture import capture_export
+from graphopt.config import Config
 from tests.models import Fn
 
 aten = torch.ops.aten

@@ -15,7 +15,7 @@ import torch
 import tvm
 
 import graphopt
-from graphopt.backends.tvm import cache, lower, target_for, tune
+from graphopt.backends.tvm import cache, lower, schedules, target_for, tune
 from graphopt.cli import main
 from graphopt.config import Config
 
@@ -76,7 +76,24 @@ def test_tuning_measures_every_kernel_and_writes_the_database(tuned):
     assert "num-cores" in (folder / "target.json").read_text()
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no work folder left
     text = str(result)
-    assert "32 trials over 2 kernels" in text and "GFLOP/s" in text
+    assert "32 trials over 2 kernels" in text and "GFLOP/s" in text and "default us" in text
+
+
+def test_default_schedules_are_timed_and_recorded_so_tuned_is_never_slower(tuned):
+    """Each kernel's untuned (default) schedule is a database record: compiles apply the
+    fastest record, so tuning cannot make a kernel slower than not tuning."""
+    result, _ = tuned
+    assert result.defaults == 2
+    for task in result.tasks:
+        assert task.default_us is not None and 0 < task.best_us <= task.default_us
+    records = tune._open(result.database, allow_missing=False).get_all_tuning_records()
+    assert len(records) == TRIALS + 2
+    traces = {str(r.trace) for r in records}
+    target = tune.tuning_target(target_for(LLVM))
+    (mod,) = _kernels()
+    kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    defaults = [schedules.default_schedule(f, target) for f in kernels]
+    assert len(defaults) == 2 and all(str(sch.trace) in traces for sch in defaults)
 
 
 def test_compile_applies_the_tuned_schedules_and_matches_eager(tune_env):
@@ -120,7 +137,8 @@ def test_tuning_again_keeps_earlier_records(tuned, tune_env):
         _kernels(), target_for(LLVM), budget_s=300, max_trials=16, progress=False
     )
     after = tune.database_for(target_for(LLVM)).database.get_all_tuning_records()
-    assert result.trials == 16 and len(after) == before + 16
+    assert result.trials == 16 and len(after) == before + 16  # defaults: timed once
+    assert result.defaults == 0 and all(t.default_us for t in result.tasks)
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
 
 
