@@ -91,7 +91,7 @@ def graphopt(target: str, **options: Any) -> Builder:
 def graphopt_llvm(tuned: bool) -> Builder:
     """graphopt.optimize(target="llvm"): TVM on this x86 host, with the kernels' schedules from
     this machine's tuning database (`tuned`, written by `python -m benchmarks.tune`) or with
-    none (`tune.disabled()` while it compiles: TVM's untuned loop nests)."""
+    none (`tune.disabled()` while it compiles: graphopt's default CPU schedules)."""
 
     def build(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
         import graphopt

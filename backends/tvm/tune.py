@@ -8,8 +8,8 @@ tiles, parallel, vectorized). Tuning first times each kernel's default schedule 
 it, then searches MetaSchedule's design space (multi-level tiling, parallel loops,
 vectorization, unrolling) for each fused kernel of the graphs graphopt built, times candidates
 on this machine, and keeps every measurement in a database. `compile_relax` applies the
-database: each kernel found there gets its fastest record (never slower than its default, which
-is a record), any other kernel its default schedule.
+database: each kernel found there gets its fastest record (the default is one of them, so
+tuning never applies a schedule that measured slower), any other kernel its default schedule.
 
 The database: one folder per target under `$GRAPHOPT_TUNE_DIR` (default
 `~/.cache/graphopt/tune`; `GRAPHOPT_TUNE=0` compiles untuned without removing it), named by
@@ -398,9 +398,10 @@ def _record_default_schedules(
 ) -> tuple[dict[int, float], int]:
     """Time each kernel's default schedule (`schedules.default_schedule`, what an untuned
     compile gives it) and record it in `database` unless an earlier run did. Compiles apply
-    the database's fastest record, so a tuned kernel is never slower than an untuned one, and
-    the search starts from the default (the evolutionary search seeds its population with the
-    database's best). ({task index: the default's seconds}, how many were timed now)."""
+    the database's fastest record, so no schedule that measured slower than the default is
+    ever applied, and the search starts from the default (the evolutionary search seeds its
+    population with the database's best). ({task index: the default's seconds}, how many
+    were timed now)."""
     seconds: dict[int, float] = {}
     todo = []
     for index, task in enumerate(tasks):

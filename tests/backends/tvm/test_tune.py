@@ -81,7 +81,7 @@ def test_tuning_measures_every_kernel_and_writes_the_database(tuned):
 
 def test_default_schedules_are_timed_and_recorded_so_tuned_is_never_slower(tuned):
     """Each kernel's untuned (default) schedule is a database record: compiles apply the
-    fastest record, so tuning cannot make a kernel slower than not tuning."""
+    fastest record, so tuning never applies a schedule that measured slower than not tuning."""
     result, _ = tuned
     assert result.defaults == 2
     for task in result.tasks:
