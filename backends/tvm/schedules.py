@@ -26,6 +26,7 @@ measured: `graphopt.tune` searches for better ones.
 from __future__ import annotations
 
 import logging
+import math
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
@@ -237,39 +238,32 @@ def _vectorizable(block: s_tir.SBlock) -> bool:
     return "if_then_else" not in str(block.body)
 
 
-def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int):
-    loop = sch.get_loops(block)[-1]
-    extent = _static(sch.get(loop).extent)
-    if extent is not None and extent > 1 and _vectorizable(sch.get(block)):
-        if extent > 2 * lanes:
-            loop = sch.split(loop, [None, _divisor_at_most(extent, 2 * lanes, lanes)])[1]
-        sch.vectorize(loop)
+def _vectorize_innermost(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int
+) -> list[s_tir.schedule.LoopRV]:
+    """The block's innermost loop vectorized, split first to a divisor <= 2 vectors when it
+    is longer (only when its extent is static and the block is `_vectorizable`); the loops
+    outside the vectorized one."""
+    loops = sch.get_loops(block)
+    extent = _static(sch.get(loops[-1]).extent) if loops else None
+    if extent is None or extent < 2 or not _vectorizable(sch.get(block)):
+        return loops
+    if extent > 2 * lanes:
+        outer, vec = sch.split(loops[-1], [None, _divisor_at_most(extent, 2 * lanes, lanes)])
+        sch.vectorize(vec)
+        return [*loops[:-1], outer]
+    sch.vectorize(loops[-1])
+    return loops[:-1]
 
 
 def _parallel_vectorized(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int):
-    """The innermost loop split to a divisor <= 2 vectors and vectorized (when its extent is
-    static and the block is `_vectorizable`); the leading loops fused and parallel until
-    there are `PARALLEL_CHUNKS` iterations, the rest nested (a fully fused loop divides its
-    index back per element). Kernels of fewer than `PARALLEL_MIN_WORK` elements stay serial:
-    starting the threads costs more."""
-    loops = sch.get_loops(block)
-    if not loops:
-        return
-    extent = _static(sch.get(loops[-1]).extent)
-    if extent is not None and extent > 1 and _vectorizable(sch.get(block)):
-        factor = _divisor_at_most(extent, 2 * lanes, lanes)
-        outer, vec = sch.split(loops[-1], [None, factor])
-        loops = [*loops[:-1], outer]
-        sch.vectorize(vec)
-    _parallel_outer(sch, loops)
-
-
-def _parallel_outer(sch: s_tir.Schedule, loops: list[s_tir.schedule.LoopRV]) -> None:
+    """`_vectorize_innermost`, then the loops outside it fused and parallel from the
+    outermost until there are `PARALLEL_CHUNKS` iterations, the rest nested (a fully fused
+    loop divides its index back per element). Kernels of fewer than `PARALLEL_MIN_WORK`
+    elements stay serial: starting the threads costs more."""
+    loops = _vectorize_innermost(sch, block, lanes)
     extents = [_static(sch.get(loop).extent) for loop in loops]
-    work = 1
-    for e in extents:
-        work = work * e if e is not None and work is not None else None
-    if work is not None and work < PARALLEL_MIN_WORK:
+    if not loops or (None not in extents and math.prod(extents) < PARALLEL_MIN_WORK):
         return
     count, chunks = 0, 1
     for e in extents:
