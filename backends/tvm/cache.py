@@ -10,8 +10,9 @@ order with its op, its target's qualified name, its args/kwargs (an fx Node by i
 `x - y` and `y - x` differ; SymInts by their sympy expression) and its traced value's spec
 (dtype, shape, strides, device); the bytes, dtype and shape of every constant tensor; the
 Config fields; the TVM target JSON (with mcpu); and the versions of graphopt, torch, TVM and
-the lowering sources (lower.py, rules.py, tune.py, registry.py), so a rule fix invalidates old
-entries; and the sha256 of the tuning database applied (`tune.py`), so re-tuning rebuilds.
+the lowering sources (lower.py, rules.py, schedules.py, tune.py, registry.py), so a rule or
+schedule fix invalidates old entries; and the sha256 of the tuning database applied
+(`tune.py`), so re-tuning rebuilds.
 
 An entry is a folder `<root>/<key>/` holding `<sha256[:16]>.so` (the library, named by its
 hash so dlopen never returns a stale library loaded from the same path) and `meta.json` (key,
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 KEY_FORMAT = 2  # bump when what graph_key hashes changes
 # the code that decides what is built
-_SOURCES = ("lower.py", "rules.py", "tune.py", "../registry.py")
+_SOURCES = ("lower.py", "rules.py", "schedules.py", "tune.py", "../registry.py")
 _NOT_HASHED = ("calibration", "verify")  # their effect is in the graph, or they build nothing
 _STALE_TEMP_SECONDS = 24 * 3600  # temp folders left by a crashed writer are removed after this
 

@@ -350,6 +350,9 @@ def optimize_relax(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule
         relax.transform.CanonicalizeBindings(),
         relax.transform.LegalizeOps({op: _fast_legalize(op) for op in _FAST_FLOAT32}),
         relax.get_pipeline("zero"),  # its LegalizeOps finds nothing left to legalize
+        # each kernel's constant operands (weights) marked layout-free: a schedule (default
+        # or tuned) may read them packed, repacked once at compile time (schedule_relax)
+        relax.transform.AttachAttrLayoutFreeBuffers(),
     ]
     with target:
         return tvm.transform.Sequential(passes)(mod)
@@ -379,8 +382,21 @@ def _schedule_and_build(
     mod: tvm.IRModule, target: tvm.target.Target, tuning: tune.TuningDatabase | None
 ) -> tuple[relax.VMExecutable, tuple[int, int]]:
     """Schedule and compile an `optimize_relax` module; (the executable, (TIR functions,
-    those the tuning database scheduled)). `mod` is left as it was (dlight's pass replaces
-    functions in the module it is given, and `collect_kernels` hands `mod` to tuning)."""
+    those the tuning database scheduled))."""
+    mod, counts = schedule_relax(mod, target, tuning)
+    # "default_build" lowers the (already legalized) module to VM code without re-fusing.
+    return tvm.compile(mod, target=target, relax_pipeline="default_build"), counts
+
+
+def schedule_relax(
+    mod: tvm.IRModule, target: tvm.target.Target, tuning: tune.TuningDatabase | None
+) -> tuple[tvm.IRModule, tuple[int, int]]:
+    """An `optimize_relax` module with every kernel scheduled: the tuning database's schedule
+    where it has one, a default schedule otherwise (`schedules.cpu_rules` for llvm, dlight's
+    GPU rules for CUDA); weights a schedule reads packed are repacked here, once. (The
+    module, (TIR functions, those the tuning database scheduled)). `mod` is left as it was
+    (dlight's pass replaces functions in the module it is given, and `collect_kernels` hands
+    `mod` to tuning)."""
     mod = mod.clone()
     if tuning is not None:
         mod = tune.apply_database(mod, target, tuning)
@@ -397,8 +413,12 @@ def _schedule_and_build(
         rules = schedules.cpu_rules(target)
     with target:  # the kernels the tuning database has no schedule for
         mod = dlight.ApplyDefaultSchedule(*rules)(mod)
-    # "default_build" lowers the (already legalized) module to VM code without re-fusing.
-    return tvm.compile(mod, target=target, relax_pipeline="default_build"), counts
+        # weights a schedule reads packed: the repacking split out of the kernel into its own
+        # function, run on the constant weights now, and dropped (no call repacks them)
+        mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+        mod = relax.transform.FoldConstant()(mod)
+        mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, counts
 
 
 _collectors: list[list[tvm.IRModule]] = []

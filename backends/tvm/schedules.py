@@ -2,7 +2,7 @@
 
 TVM 0.27 schedules nothing on CPU by default (`dlight.cpu` has GEMV and softmax/norm-style
 reductions only), so a conv or a matmul compiles to one thread running a scalar loop nest.
-`cpu_rules(target)` is what `lower._schedule_and_build` applies; the first rule that takes a
+`cpu_rules(target)` is what `lower.schedule_relax` applies; the first rule that takes a
 kernel schedules it:
 
 - `TiledReduction`: a kernel whose one reduction block sums products (conv2d, dense, matmul,
@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
+from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import (
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 # vector by up to 12 rows ran ResNet-18's convs in 49 ms in all, against 87 ms for two
 # vectors by 4 (this VM, AVX2; kernel by kernel).
 ACCUMULATOR_REGISTERS = 12
+PACKED_TILE_VECTORS = 2
 TILE_VECTORS = 1  # vectors along the output's last axis per tile (maybe one partial vector)
 # A kernel with no axis to unroll (depthwise conv) is tiled only when each output sums at
 # least this many products: MobileNetV2's 3x3 depthwise convs ran 2-5x slower tiled than
@@ -131,35 +134,43 @@ class TiledReduction(_Rule):
             return None  # symbolic sizes: left to the next rules, or as written
         spatial = [i for i, it in enumerate(info.iters) if it.kind == "S"]
         reduce = [i for i, it in enumerate(info.iters) if it.kind == "R"]
-
-        # The vectorized axis: the spatial iterator that indexes the output's last dimension.
-        out_last = stmt.writes[0].region[-1].min
-        vec = next((i for i in spatial if info.iters[i].var.same_as(out_last)), None)
-        if vec is None or extents[vec] < 2:
-            return None
         lanes = _vector_lanes(target, stmt.writes[0].source.dtype.bits)
-        vec_inner = _divisor_at_most(extents[vec], TILE_VECTORS * lanes)
+        reduction_size = math.prod(extents[i] for i in reduce)
+        packed = _packed_weight_axes(sch, stmt, info, spatial, extents, lanes)
+        if packed is not None:
+            # The weight is a constant (layout-free): its axis the activation does not index
+            # is the vector, the weight packed so each vector is one contiguous load.
+            vec, unroll = packed
+            vec_inner = lanes * _packed_tile_vectors(
+                extents[vec] // lanes, 1 if unroll is None else extents[unroll]
+            )
+        else:
+            # The vectorized axis: the spatial iterator that indexes the output's last dim.
+            out_last = stmt.writes[0].region[-1].min
+            vec = next((i for i in spatial if info.iters[i].var.same_as(out_last)), None)
+            if vec is None or extents[vec] < 2:
+                return None
+            vec_inner = _divisor_at_most(extents[vec], TILE_VECTORS * lanes)
 
-        # The unrolled axis: a spatial iterator the vector operands (reads whose last index
-        # uses the vectorized iterator) do not index, so one vector load serves each of its
-        # iterations; the largest such one.
-        vec_var = info.iters[vec].var
-        vector_reads = [r for r in stmt.reads if _uses(r.region[-1].min, vec_var)]
-        if not vector_reads:
-            return None  # every operand strided along the output's last axis: GEMV's case
-        used = [v for read in vector_reads for rng in read.region for v in _vars_in(rng.min)]
-        candidates = [
-            i
-            for i in spatial
-            if i != vec and extents[i] > 1 and not any(v.same_as(info.iters[i].var) for v in used)
-        ]
-        unroll = max(candidates, key=lambda i: extents[i], default=None)
-        reduction_size = 1
-        for i in reduce:
-            reduction_size *= extents[i]
-        if unroll is None and reduction_size < MIN_REDUCTION:
-            # depthwise conv: kept as written (claimed, so the next rules leave it alone)
-            return sch
+            # The unrolled axis: a spatial iterator the vector operands (reads whose last
+            # index uses the vectorized iterator) do not index, so one vector load serves each
+            # of its iterations; the largest such one.
+            vec_var = info.iters[vec].var
+            vector_reads = [r for r in stmt.reads if _uses(r.region[-1].min, vec_var)]
+            if not vector_reads:
+                return None  # every operand strided along the output's last axis: GEMV's case
+            used = [v for read in vector_reads for rng in read.region for v in _vars_in(rng.min)]
+            candidates = [
+                i
+                for i in spatial
+                if i != vec
+                and extents[i] > 1
+                and not any(v.same_as(info.iters[i].var) for v in used)
+            ]
+            unroll = max(candidates, key=lambda i: extents[i], default=None)
+            if unroll is None and reduction_size < MIN_REDUCTION:
+                # depthwise conv: kept as written (claimed, so the next rules leave it alone)
+                return sch
         vectors = -(-vec_inner // lanes)
         unroll_inner = (
             _divisor_at_most(extents[unroll], max(ACCUMULATOR_REGISTERS // vectors, 1))
@@ -196,6 +207,8 @@ class TiledReduction(_Rule):
         # Accumulate a tile locally; write it out (with the elementwise tail) per tile.
         tile = sch.fuse(*outer)
         local = sch.cache_write(main, 0, "local")
+        if packed is not None:  # the accumulator tile with the vector axis innermost
+            _move_dim_last(sch, main, _dim_of(stmt.writes[0], info.iters[vec].var))
         sch.reverse_compute_at(local, tile, preserve_unit_loops=True)
         if not padded:
             auto_inline_consumer_chain(sch, local)
@@ -210,7 +223,88 @@ class TiledReduction(_Rule):
             _parallel_vectorized(sch, producer, lanes)
         for name in others if padded else ():
             _parallel_vectorized(sch, sch.get_sblock(name), lanes)
+        if packed is not None and not _pack_weights(sch, target):
+            return None
         return sch
+
+
+def _packed_weight_axes(
+    sch: s_tir.Schedule,
+    stmt: s_tir.SBlock,
+    info: Any,
+    spatial: list[int],
+    extents: list[int],
+    lanes: int,
+) -> tuple[int, int | None] | None:
+    """(vector iterator, unrolled iterator or None) when the reduction multiplies one activation
+    by one constant weight (a param in the function's `layout_free_buffers`, which
+    `lower.optimize_relax` marks): the vector is a weight axis the activation does not index
+    (a conv's or a dense layer's output channels; whole vectors only), unrolled is an
+    activation axis the weight does not index (the output's last axis if it is one: a conv's
+    output column, a dense layer's row). None when the kernel is not of that form."""
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers") if func.attrs else None
+    if not free:
+        return None
+    buffers = [func.params[int(i)] for i in free]
+    weights = [r for r in stmt.reads if any(r.source.same_as(b) for b in buffers)]
+    others = [r for r in stmt.reads if not any(r.source.same_as(b) for b in buffers)]
+    if len(weights) != 1 or len(others) != 1:
+        return None
+
+    def indexes(read: tirx.BufferRegion, i: int) -> bool:
+        return any(_uses(rng.min, info.iters[i].var) for rng in read.region)
+
+    vectors = [
+        i
+        for i in spatial
+        if indexes(weights[0], i) and not indexes(others[0], i) and extents[i] % lanes == 0
+    ]
+    if not vectors:
+        return None
+    unrolls = [
+        i
+        for i in spatial
+        if indexes(others[0], i) and not indexes(weights[0], i) and extents[i] > 1
+    ]
+    out_last = stmt.writes[0].region[-1].min
+    last = [i for i in unrolls if info.iters[i].var.same_as(out_last)]
+    unroll = last[0] if last else max(unrolls, key=lambda i: extents[i], default=None)
+    return max(vectors, key=lambda i: extents[i]), unroll
+
+
+def _packed_tile_vectors(vectors: int, rows: int) -> int:
+    """Vectors per tile of a packed-weight kernel with `vectors` vectors along the output
+    channels and `rows` iterations of the unrolled axis: the most accumulators (vectors x
+    unrolled rows within `ACCUMULATOR_REGISTERS`), then the most vectors (fewer broadcasts
+    per multiply-add)."""
+    options = [v for v in range(1, PACKED_TILE_VECTORS + 1) if vectors % v == 0]
+    return max(options, key=lambda v: (v * _divisor_at_most(rows, ACCUMULATOR_REGISTERS // v), v))
+
+
+def _dim_of(region: tirx.BufferRegion, var: tirx.Var) -> int:
+    """The dimension of `region` that `var` indexes."""
+    return next(d for d, rng in enumerate(region.region) if _uses(rng.min, var))
+
+
+def _move_dim_last(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, dim: int) -> None:
+    """The buffer `block` writes, laid out with dimension `dim` innermost."""
+    ndim = len(sch.get(block).writes[0].region)
+    order = [d for d in range(ndim) if d != dim] + [dim]
+    index_map = tirx.IndexMap.from_func(lambda *idx: [idx[d] for d in order], ndim=ndim)
+    sch.transform_layout(block, ("write", 0), index_map)
+
+
+def _pack_weights(sch: s_tir.Schedule, target: Target) -> bool:
+    """Each layout-free (constant) weight laid out in the order the schedule reads it
+    (MetaSchedule's RewriteLayout: a preprocessing block that `lower.schedule_relax`
+    splits out and folds at compile time, so no call repacks it). False if it failed."""
+    postproc = ms.postproc.RewriteLayout()
+    postproc._initialize_with_tune_context(ms.TuneContext(mod=sch.mod, target=target))
+    # marked as a postprocessing step in the trace, as MetaSchedule's own: the tuner's search
+    # replays the trace without it and packs its candidates itself
+    sch.enter_postproc()
+    return bool(postproc.apply(sch))
 
 
 class Injective(_Rule):

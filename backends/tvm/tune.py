@@ -415,7 +415,9 @@ def _record_default_schedules(
         if earlier:
             seconds[index] = _mean(earlier[0].run_secs)
         else:
-            todo.append((index, sch, workload, ArgInfo.from_prim_func(mod["main"])))
+            # a packed weight's kernel is timed taking the weight packed (as compiled)
+            args = ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+            todo.append((index, sch, workload, args))
     built = builder.build([BuilderInput(entry[1].mod, target) for entry in todo])
     runs = [
         (entry, RunnerInput(b.artifact_path, "cpu", entry[3]))

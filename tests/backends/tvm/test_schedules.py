@@ -17,13 +17,21 @@ LLVM = Config(target="llvm")
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
 
 
-def _kernels(model: nn.Module, inputs: tuple) -> dict[str, tvm.tirx.PrimFunc]:
-    """The model's fused kernels after the default CPU rules, by name."""
+def _scheduled(model: nn.Module, inputs: tuple) -> tvm.IRModule:
+    """The model's Relax module as compiled untuned: every kernel default-scheduled."""
     captured = capture_export(model.eval(), inputs)
     mod = lower.optimize_relax(lower.build_relax(captured.gm, inputs, LLVM), AVX2)
-    with AVX2:
-        mod = tvm.s_tir.dlight.ApplyDefaultSchedule(*schedules.cpu_rules(AVX2))(mod)
+    return lower.schedule_relax(mod, AVX2, None)[0]
+
+
+def _kernels(model: nn.Module, inputs: tuple) -> dict[str, tvm.tirx.PrimFunc]:
+    """The model's fused kernels after the default CPU rules, by name."""
+    mod = _scheduled(model, inputs)
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _shape(param: tvm.ir.Var) -> list[int]:
+    return [int(d) for d in param.ty.shape]
 
 
 def test_convs_and_matmuls_get_register_tiles_run_in_parallel():
@@ -34,7 +42,7 @@ def test_convs_and_matmuls_get_register_tiles_run_in_parallel():
     matmuls = {  # the 16-token ones (the pooler's 1-row matmul is too small to tile)
         n: f.script()
         for n, f in bert.items()
-        if "matmul" in n and 16 in [int(d) for d in f.params[0].ty.shape]
+        if "matmul" in n and 16 in _shape(f.params[0])
     }
     assert len(convs) >= 4 and len(matmuls) >= 3, (sorted(cnn), sorted(bert))
     for name, script in {**convs, **matmuls}.items():
@@ -106,3 +114,33 @@ def test_a_prime_output_width_is_computed_padded_to_whole_vectors(tvm_matches):
     assert "_pad = T.sblock_alloc_buffer" in script and "T.vectorized(T.int64(8))" in script
     captured = capture_export(model, (x,))
     tvm_matches(captured.gm, captured.example_inputs, model(x))
+
+
+def test_constant_weights_are_read_packed_and_packed_once_at_compile_time(tvm_matches):
+    """A conv's or dense layer's constant weight is laid out as the tile reads it (output
+    channels innermost, one contiguous vector per load); the repacking runs at compile time:
+    no kernel, and nothing `main` calls, repacks a weight."""
+    torch.manual_seed(0)
+    cnn, x = ResidualCNN().eval(), torch.randn(1, 3, 32, 32)
+    bert, ids = tiny_bert().eval(), torch.randint(0, 100, (1, 16))
+    for model, inputs, op in ((cnn, (x,), "conv2d"), (bert, (ids,), "matmul")):
+        mod = _scheduled(model, inputs)
+        names = [gv.name_hint for gv in mod.functions]
+        assert not any(n.endswith("_weight_prepack") for n in names), names
+        assert "layout_rewrite_preproc" not in mod.script()
+        packed = {n: f for n, f in mod.functions_items() if n.name_hint.endswith("_prepacked")}
+        assert any(op in n.name_hint for n in packed), names
+        for f in packed.values():
+            assert any(_shape(p)[-1] in (8, 16) and len(_shape(p)) >= 3 for p in f.params)
+        captured = capture_export(model, inputs)
+        tvm_matches(captured.gm, captured.example_inputs, model(*inputs))
+
+
+def test_packed_tiles_take_the_most_accumulators_then_the_most_vectors():
+    # 2 vectors x 4 rows = 8 accumulators, over 1 x 8 (BERT's 128 tokens)
+    assert schedules._packed_tile_vectors(96, 128) == 2
+    # a 7-wide conv output row: 1 vector x 7 columns, over 2 vectors x 1
+    assert schedules._packed_tile_vectors(64, 7) == 1
+    # 28 columns: 2 x 4 = 8 over 1 x 7; an odd vector count allows 1 only
+    assert schedules._packed_tile_vectors(16, 28) == 2
+    assert schedules._packed_tile_vectors(3, 28) == 1
