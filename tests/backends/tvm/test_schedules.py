@@ -40,9 +40,7 @@ def test_convs_and_matmuls_get_register_tiles_run_in_parallel():
     bert = _kernels(tiny_bert(), (torch.randint(0, 100, (1, 16)),))
     convs = {n: f.script() for n, f in cnn.items() if "conv2d" in n}
     matmuls = {  # the 16-token ones (the pooler's 1-row matmul is too small to tile)
-        n: f.script()
-        for n, f in bert.items()
-        if "matmul" in n and 16 in _shape(f.params[0])
+        n: f.script() for n, f in bert.items() if "matmul" in n and 16 in _shape(f.params[0])
     }
     assert len(convs) >= 4 and len(matmuls) >= 3, (sorted(cnn), sorted(bert))
     for name, script in {**convs, **matmuls}.items():
