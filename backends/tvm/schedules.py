@@ -7,11 +7,20 @@ kernel schedules it:
 
 - `TiledReduction`: a kernel whose one reduction block sums products (conv2d, dense, matmul,
   batch_matmul), with spatial producers/consumers (padding, bias, activation). The output is
-  cut into register tiles: the output's last axis is one vector, a second axis the vector
-  operand does not index (a conv's output channel, a matmul's rows) is unrolled so each
-  loaded vector feeds up to 12 accumulators; the whole reduction runs per tile in a local
-  accumulator, the elementwise tail is applied as the tile is written out, and the tiles run
-  in parallel. Depthwise convs are claimed and left as written (see `MIN_REDUCTION`).
+  cut into register tiles of up to 12 accumulator vectors: the whole reduction runs per tile
+  in a local accumulator, the elementwise tail is applied as the tile is written out, and the
+  tiles run in parallel. Which axis is the vector:
+  - the reduction multiplies an activation by a constant weight (convs and dense layers;
+    `lower.optimize_relax` marks constants layout-free): the output channels, one or two
+    vectors, with an activation axis (a conv's output column, a dense layer's row) unrolled,
+    each activation element broadcast; the weight is packed at compile time so that each
+    vector is one contiguous load (MetaSchedule's RewriteLayout; `lower.schedule_relax`
+    runs the repacking on the constants). Strided convs and narrow outputs (7x7) tile as
+    well as any.
+  - otherwise (attention's batch_matmul, a weight whose output channels are not whole
+    vectors): the output's last axis is one vector, and a second axis the vector operand
+    does not index is unrolled, so each loaded vector feeds up to 12 accumulators.
+  Depthwise convs are claimed and left as written (see `MIN_REDUCTION`).
 - dlight's `cpu.GEMV` (matrix-vector products whose matrix is strided along the output).
 - `Injective`: kernels that are purely elementwise or layout changes: parallel, and
   vectorized along the innermost axis.
@@ -48,10 +57,14 @@ log = logging.getLogger(__name__)
 # Accumulator registers a tile may use (x86-64 AVX2 and aarch64 NEON have 16 and 32 vector
 # registers; the loaded vector and the broadcast operand need a few of the rest). Tiles of one
 # vector by up to 12 rows ran ResNet-18's convs in 49 ms in all, against 87 ms for two
-# vectors by 4 (this VM, AVX2; kernel by kernel).
+# vectors by 4 (this VM, AVX2; kernel by kernel, unpacked weights).
 ACCUMULATOR_REGISTERS = 12
-PACKED_TILE_VECTORS = 2
 TILE_VECTORS = 1  # vectors along the output's last axis per tile (maybe one partial vector)
+# Most vectors of output channels per packed-weight tile (`_packed_tile_vectors`). Up to 2 ran
+# BERT-base's three dense kernels in 18 ms, against 28 ms for 1 and 147 ms for 3 (24 lanes:
+# LLVM splits them badly); six of ResNet-18's convs in 17.6 ms against 18.1 ms for 1
+# and 27.4 ms unpacked (this VM, AVX2; kernel by kernel).
+PACKED_TILE_VECTORS = 2
 # A kernel with no axis to unroll (depthwise conv) is tiled only when each output sums at
 # least this many products: MobileNetV2's 3x3 depthwise convs ran 2-5x slower tiled than
 # LLVM's own vectorization of the plain loops, and 1.2-2x slower with those loops run in
@@ -223,7 +236,7 @@ class TiledReduction(_Rule):
             _parallel_vectorized(sch, producer, lanes)
         for name in others if padded else ():
             _parallel_vectorized(sch, sch.get_sblock(name), lanes)
-        if packed is not None and not _pack_weights(sch, target):
+        if packed is not None and not _pack_weights(sch):
             return None
         return sch
 
@@ -295,16 +308,15 @@ def _move_dim_last(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, dim: int
     sch.transform_layout(block, ("write", 0), index_map)
 
 
-def _pack_weights(sch: s_tir.Schedule, target: Target) -> bool:
+def _pack_weights(sch: s_tir.Schedule) -> bool:
     """Each layout-free (constant) weight laid out in the order the schedule reads it
     (MetaSchedule's RewriteLayout: a preprocessing block that `lower.schedule_relax`
     splits out and folds at compile time, so no call repacks it). False if it failed."""
-    postproc = ms.postproc.RewriteLayout()
-    postproc._initialize_with_tune_context(ms.TuneContext(mod=sch.mod, target=target))
     # marked as a postprocessing step in the trace, as MetaSchedule's own: the tuner's search
-    # replays the trace without it and packs its candidates itself
+    # replays the trace without it and packs its candidates itself. (No TuneContext: its
+    # constructor imports tvm.s_tir.tensor_intrin, 30-50 s here, and RewriteLayout needs none.)
     sch.enter_postproc()
-    return bool(postproc.apply(sch))
+    return bool(ms.postproc.RewriteLayout().apply(sch))
 
 
 class Injective(_Rule):
