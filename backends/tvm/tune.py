@@ -359,6 +359,7 @@ def _run_search(
         watch.default_s, watch.seeded = _record_default_schedules(
             tasks, target, database, builder, runner
         )
+        watch.best_s.update(watch.default_s)  # the bar's sum starts from the defaults
         ms.tune_tasks(
             tasks=contexts,
             task_weights=weights,
@@ -526,7 +527,7 @@ class _Watch(PyMeasureCallback):
         self.default_s: dict[int, float] = {}  # task index -> its default schedule's seconds
         self.seeded = 0  # default schedules timed (and recorded) by this run
         self.task_trials = [0] * len(self.weights)
-        self.best_s: dict[int, float] = {}
+        self.best_s: dict[int, float] = {}  # task index -> its best seconds, defaults included
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
         measured = sum(1 for b in builder_results if b.error_msg != _SKIPPED)
