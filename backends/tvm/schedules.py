@@ -131,6 +131,17 @@ class TiledReduction(_Rule):
     """Register-tiled, parallel, vectorized schedule of a kernel with one reduction block."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
+        """The packed-weight tile where the kernel has one, else (or if packing fails) the
+        tile along the output's last axis."""
+        try:
+            tiled = self._tile(sch.copy(), target, pack=True)
+            if tiled is not None:
+                return tiled
+        except (s_tir.ScheduleError, AssertionError) as err:
+            log.debug("packing a kernel's weight failed, tiling it unpacked: %s", err)
+        return self._tile(sch, target, pack=False)
+
+    def _tile(self, sch: s_tir.Schedule, target: Target, pack: bool) -> s_tir.Schedule | None:
         blocks = sch.get_child_blocks(get_root_block(sch))
         reductions = get_reduction_blocks(sch, blocks)
         if reductions is None:
@@ -149,7 +160,7 @@ class TiledReduction(_Rule):
         reduce = [i for i, it in enumerate(info.iters) if it.kind == "R"]
         lanes = _vector_lanes(target, stmt.writes[0].source.dtype.bits)
         reduction_size = math.prod(extents[i] for i in reduce)
-        packed = _packed_weight_axes(sch, stmt, info, spatial, extents, lanes)
+        packed = _packed_weight_axes(sch, stmt, info, spatial, extents, lanes) if pack else None
         if packed is not None:
             # The weight is a constant (layout-free): its axis the activation does not index
             # is the vector, the weight packed so each vector is one contiguous load.

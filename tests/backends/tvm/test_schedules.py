@@ -142,3 +142,16 @@ def test_packed_tiles_take_the_most_accumulators_then_the_most_vectors():
     # 28 columns: 2 x 4 = 8 over 1 x 7; an odd vector count allows 1 only
     assert schedules._packed_tile_vectors(16, 28) == 2
     assert schedules._packed_tile_vectors(3, 28) == 1
+
+
+def test_a_weight_that_fails_to_pack_is_tiled_unpacked(monkeypatch, tvm_matches):
+    torch.manual_seed(0)
+    model, x = ResidualCNN().eval(), torch.randn(1, 3, 32, 32)
+    monkeypatch.setattr(schedules, "_pack_weights", lambda sch: False)
+    kernels = _kernels(model, (x,))
+    convs = [f.script() for n, f in kernels.items() if "conv2d" in n]
+    assert convs and not any(n.endswith("_prepacked") for n in kernels)
+    for script in convs:
+        assert 'scope="local"' in script and "T.parallel(" in script
+    captured = capture_export(model, (x,))
+    tvm_matches(captured.gm, captured.example_inputs, model(x))
