@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import operator
+import os
 import platform
 import time
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,20 @@ ALIGNMENT = 64
 # The CUDA architecture used when no GPU is visible to ask (build-only): PTX for sm_80 also
 # runs on newer GPUs (Hopper, Blackwell) through the driver's JIT.
 DEFAULT_CUDA_ARCH = "sm_80"
+
+
+def size_thread_pool() -> None:
+    """Size TVM's CPU thread pool like torch's: `torch.get_num_threads()` threads, unless
+    TVM_NUM_THREADS or OMP_NUM_THREADS is set (then TVM reads that). Left alone, TVM gives x86
+    kernels half the CPUs, as if every core were hyper-threaded: one thread on this 2-core VM,
+    where BERT-base ran in 320 ms against 225 ms with two (`benchmarks.run`). Set in the
+    environment, which TVM reads when it starts its pool, at this module's import: before any
+    graphopt kernel runs, and inherited by the tuner's measuring processes."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
+
+
+size_thread_pool()
 
 
 class LoweringError(RuntimeError):

@@ -60,11 +60,12 @@ log = logging.getLogger(__name__)
 # vectors by 4 (this VM, AVX2; kernel by kernel, unpacked weights).
 ACCUMULATOR_REGISTERS = 12
 TILE_VECTORS = 1  # vectors along the output's last axis per tile (maybe one partial vector)
-# Most vectors of output channels per packed-weight tile (`_packed_tile_vectors`). Up to 2 ran
-# BERT-base's three dense kernels in 18 ms, against 28 ms for 1 and 147 ms for 3 (24 lanes:
-# LLVM splits them badly); six of ResNet-18's convs in 17.6 ms against 18.1 ms for 1
-# and 27.4 ms unpacked (this VM, AVX2; kernel by kernel).
-PACKED_TILE_VECTORS = 2
+# Most vectors of output channels per packed-weight tile (`_packed_tile_vectors`); each vector
+# is its own unrolled op (one 24-lane op ran 8x slower: LLVM splits it badly). Summed over the
+# model with call counts, kernel by kernel (this VM, AVX2, 2 threads), up to 3 ran BERT-base's
+# dense kernels in 158 ms against 172 ms for up to 2, and MobileNetV2's convs in 13.6 ms
+# against 14.4 ms; ResNet-18's convs take 2 either way (30 ms; 4 vectors by 2 columns: 37 ms).
+PACKED_TILE_VECTORS = 3
 # A kernel with no axis to unroll (depthwise conv) is tiled only when each output sums at
 # least this many products: MobileNetV2's 3x3 depthwise convs ran 2-5x slower tiled than
 # LLVM's own vectorization of the plain loops, and 1.2-2x slower with those loops run in
@@ -221,6 +222,8 @@ class TiledReduction(_Rule):
         vec_outer, vec_loop = sch.split(loops[vec], [None, vec_inner])
         outer = [loops[i] for i in spatial if i not in (vec, unroll)] + [vec_outer]
         inner = [vec_loop]
+        if packed is not None and vec_inner > lanes:  # whole vectors, each its own op
+            inner = list(sch.split(vec_loop, [None, lanes]))
         if unroll is not None:
             unroll_outer, unroll_loop = sch.split(loops[unroll], [None, unroll_inner])
             outer.append(unroll_outer)
@@ -237,8 +240,8 @@ class TiledReduction(_Rule):
         if not padded:
             auto_inline_consumer_chain(sch, local)
         sch.parallel(tile)
-        if unroll is not None and unroll_inner > 1:
-            sch.unroll(inner[0])
+        for loop in inner[:-1]:
+            sch.unroll(loop)
         sch.vectorize(inner[-1])
         init = sch.decompose_reduction(main, reduce_loops[0])
         _vectorize_innermost(sch, init, lanes)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -246,3 +249,30 @@ def test_aarch64_cross_compiles_and_refuses_to_run_on_x86():
     if platform.machine() == "x86_64":
         with pytest.raises(RuntimeError, match="cannot run on this"):
             compile_subgraph(captured.gm, captured.example_inputs, cfg)
+
+
+_THREADS = (
+    "import torch, tvm, graphopt.backends.tvm; "
+    "print(torch.get_num_threads(), tvm.get_global_func('runtime.NumThreads')())"
+)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [({}, "torch"), ({"TVM_NUM_THREADS": "1"}, 1), ({"OMP_NUM_THREADS": "1"}, 1)],
+    ids=["torch's count", "TVM_NUM_THREADS", "OMP_NUM_THREADS"],
+)
+def test_tvm_runs_as_many_threads_as_torch_unless_told(env, expected):
+    """TVM alone gives x86 kernels half the CPUs (one on a 2-core machine); graphopt sizes its
+    pool like torch's, and leaves a thread count the user set alone."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    torch_threads, tvm_threads = map(int, result.stdout.split()[-2:])
+    assert tvm_threads == (torch_threads if expected == "torch" else expected), result.stdout

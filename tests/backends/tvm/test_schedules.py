@@ -135,13 +135,30 @@ def test_constant_weights_are_read_packed_and_packed_once_at_compile_time(tvm_ma
 
 
 def test_packed_tiles_take_the_most_accumulators_then_the_most_vectors():
-    # 2 vectors x 4 rows = 8 accumulators, over 1 x 8 (BERT's 128 tokens)
-    assert schedules._packed_tile_vectors(96, 128) == 2
+    # 3 vectors x 4 rows = 12 accumulators, over 2 x 4 and 1 x 8 (BERT's 128 tokens)
+    assert schedules._packed_tile_vectors(96, 128) == 3
+    # 56 columns (ResNet-18's first stage; 8 vectors): 2 x 4 = 8 over 1 x 8 (3 does not divide 8)
+    assert schedules._packed_tile_vectors(8, 56) == 2
     # a 7-wide conv output row: 1 vector x 7 columns, over 2 vectors x 1
     assert schedules._packed_tile_vectors(64, 7) == 1
-    # 28 columns: 2 x 4 = 8 over 1 x 7; an odd vector count allows 1 only
+    # 28 columns: 2 x 4 = 8 over 1 x 7; 5 vectors allow 1 only
     assert schedules._packed_tile_vectors(16, 28) == 2
-    assert schedules._packed_tile_vectors(3, 28) == 1
+    assert schedules._packed_tile_vectors(5, 28) == 1
+
+
+def test_a_tile_of_several_vectors_is_one_vector_op_each(tvm_matches):
+    """3 vectors of output channels by 4 rows: each vector is its own unrolled 8-lane op (one
+    24-lane op is split badly by LLVM), read from a weight packed 3 x 8 per row."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(32, 48).eval(), torch.randn(1, 12, 32)
+    (name, kernel), *rest = [(n, f) for n, f in _kernels(model, (x,)).items() if "matmul" in n]
+    assert not rest, (name, rest)
+    script = kernel.script()
+    assert "T.vectorized(T.int64(8))" in script and "T.unroll(T.int64(3))" in script, script
+    assert "T.vectorized(T.int64(24))" not in script, script
+    assert any(_shape(p)[-2:] == [3, 8] for p in kernel.params), [_shape(p) for p in kernel.params]
+    captured = capture_export(model, (x,))
+    tvm_matches(captured.gm, captured.example_inputs, model(x))
 
 
 def test_a_weight_that_fails_to_pack_is_tiled_unpacked(monkeypatch, tvm_matches):
