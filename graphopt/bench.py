@@ -12,6 +12,12 @@ from typing import Any
 
 import torch
 
+# Seconds between timed calls. Thread pools spin for a while after a call before they sleep
+# (OpenMP's in torch, onnxruntime's, TVM's), and on 2 cores a call timed while another engine's
+# threads spin runs on one core: MobileNetV2 through TVM took 9.3 ms back to back and about
+# 21 ms right after a 512x512 torch matmul (one-off script, this VM).
+SETTLE_S = 0.05
+
 
 @dataclass
 class Timing:
@@ -32,9 +38,11 @@ def compare_speed(
     warmup: int = 3,
     max_rounds: Mapping[str, int] | None = None,
     max_warmup: Mapping[str, int] | None = None,
+    settle_s: float = SETTLE_S,
 ) -> list[Timing]:
-    """Time each runner on `inputs`, interleaved in a shuffled order each round, so drift and
-    interference between engines hit all alike.
+    """Time each runner on `inputs`, interleaved in a shuffled order each round, so drift hits
+    all alike; each timed call comes `settle_s` after the previous one, so that no engine's
+    threads still spin from its own call while another is timed.
 
     The first entry is the baseline that `format_timings` reports ratios against.
     `max_rounds` / `max_warmup` cap a slow runner: it takes part in only the first N rounds.
@@ -49,13 +57,12 @@ def compare_speed(
         order = list(runners.items())
         shuffle = random.Random(0).shuffle
         for i in range(rounds):
-            # A fresh order each round: an engine whose threads linger after its call (seen
-            # with onnxruntime next to inductor on 2 cores) slows a different runner each time.
             shuffle(order)
             for name, fn in order:
                 if i >= max_rounds.get(name, rounds):
                     continue
                 sync()
+                time.sleep(settle_s)
                 start = time.perf_counter()
                 fn(*inputs)
                 sync()

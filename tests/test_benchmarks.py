@@ -83,6 +83,22 @@ def test_budgets_cap_slow_runners(extra_runners):
     assert slow_compile.compile_s < 2
 
 
+def test_each_timed_call_waits_for_the_previous_engines_threads_to_settle():
+    from graphopt.bench import compare_speed
+
+    calls: list[tuple[float, float]] = []
+
+    def runner(*args):
+        start = time.perf_counter()
+        time.sleep(0.001)
+        calls.append((start, time.perf_counter()))
+
+    timings = compare_speed({"a": runner, "b": runner}, (), rounds=3, warmup=0, settle_s=0.03)
+    assert [len(t.samples_ms) for t in timings] == [3, 3]
+    gaps = [start - prev_end for (_, prev_end), (start, _) in zip(calls, calls[1:])]
+    assert len(gaps) == 5 and min(gaps) >= 0.03
+
+
 def test_unknown_runner_is_rejected():
     with pytest.raises(SystemExit, match="accepted"):
         run.main(["--smoke", "--runners", "eager,nope"])
