@@ -10,11 +10,14 @@ aliasing, dynamic shapes and the forward/backward split); graphopt's compilers t
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
+import operator
 import time
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,11 +105,10 @@ def _inference_compiler(
     from torch._functorch.aot_autograd import MutationType
     from torch._guards import TracingContext
 
-    report = new_report(cfg)
-    report.capture_seconds = time.perf_counter() - start  # aot_autograd's trace to ATen
+    capture_seconds = time.perf_counter() - start  # aot_autograd's trace to ATen
     context = TracingContext.try_get()
     placeholders = gm.graph.find_nodes(op="placeholder")
-    frozen: dict[int, torch.Tensor] = {}
+    frozen: list[int] = []
     # aot_autograd's inputs are dynamo's, in order (with inlined nn.Modules no separate
     # params are lifted). Anything else, we do not freeze rather than guess.
     if (
@@ -122,29 +124,118 @@ def _inference_compiler(
             if info.mutation_type != MutationType.NOT_MUTATED
         }
         unsafe |= {o.base_idx for o in meta.output_info if o.base_idx is not None}
-        frozen = {i: real_inputs[i] for i in param_indices if i not in unsafe}
-    kept = freeze_placeholders(gm, frozen)
-    compiled = compile_graph(
-        gm,
-        [fake_inputs[i] for i in kept],
-        cfg,
-        report,
-        real_inputs=[real_inputs[i] for i in kept]
-        if len(real_inputs) == len(placeholders)
-        else None,
-        calibration=[
-            [real_inputs[i] if i in param_indices else batch[i] for i in kept]
-            for batch in calibration
-        ]
-        if calibration is not None and len(real_inputs) == len(placeholders)
-        else None,
-    )
+        frozen = [i for i in param_indices if i not in unsafe]
+    have_values = len(real_inputs) == len(placeholders)
+    # dynamo does not guard the identity of parameters (they are graph inputs), so this graph
+    # is reused for any module of the same code: another instance with other weights, or this
+    # one after an in-place update. Each call checks that it passes the weights frozen here;
+    # other weights get a graph of their own, compiled from an untouched copy of this one.
+    pristine = copy.deepcopy(gm) if frozen else None
+
+    def build(values: list[Any], graph: torch.fx.GraphModule) -> Callable[..., Any]:
+        report = new_report(cfg)
+        report.capture_seconds = capture_seconds
+        kept = freeze_placeholders(graph, {i: values[i] for i in frozen})
+        return compile_graph(
+            graph,
+            [fake_inputs[i] for i in kept],
+            cfg,
+            report,
+            real_inputs=[values[i] for i in kept] if have_values else None,
+            calibration=[
+                [values[i] if i in param_indices else batch[i] for i in kept]
+                for batch in calibration
+            ]
+            if calibration is not None and have_values
+            else None,
+        )
+
+    kept = [i for i in range(len(placeholders)) if i not in set(frozen)]
+    variants = _WeightVariants(frozen, real_inputs, build(real_inputs, gm))
 
     def run(args: list[Any]) -> Any:
+        compiled = variants.for_call(args, lambda: build(args, copy.deepcopy(pristine)))
         return compiled(*[args[i] for i in kept])
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
+
+
+class _WeightVariants:
+    """The compiled graphs of one dynamo graph, one per set of frozen weights.
+
+    A call matches a variant when it passes the very tensors that variant froze (by identity,
+    held weakly) at the versions they had (an in-place update bumps a tensor's version). The
+    most recent `LIMIT` variants are kept, as dynamo keeps `recompile_limit` graphs per frame.
+    """
+
+    LIMIT = 8
+
+    def __init__(self, indices: list[int], values: list[Any], compiled: Callable[..., Any]):
+        self.indices = indices
+        self.variants: list[tuple[_Stamp, Callable[..., Any]]] = []
+        self.current = self._add(values, compiled)
+
+    def _tensors(self, args: list[Any]) -> list[Any]:
+        return [args[i] for i in self.indices]
+
+    def _add(self, values: list[Any], compiled: Callable[..., Any]) -> tuple[_Stamp, Any]:
+        tensors = self._tensors(values)
+        variant = (([weakref.ref(t) for t in tensors], _versions(tensors)), compiled)
+        self.variants = [variant, *self.variants[: self.LIMIT - 1]]
+        return variant
+
+    @staticmethod
+    def _matches(stamp: _Stamp, tensors: list[Any]) -> bool:
+        refs, versions = stamp
+        return all(map(operator.is_, map(_deref, refs), tensors)) and _versions(tensors) == versions
+
+    def for_call(self, args: list[Any], compile_new: Callable[[], Callable[..., Any]]) -> Any:
+        """The compiled graph for the weights in `args`; `compile_new()` builds a missing one."""
+        tensors = self._tensors(args)
+        if self._matches(self.current[0], tensors):
+            return self.current[1]
+        for variant in self.variants:
+            if self._matches(variant[0], tensors):
+                self.current = variant
+                return variant[1]
+        refs, versions = self.current[0]
+        changed = sum(
+            ref() is not t or now != then
+            for ref, t, now, then in zip(refs, tensors, _versions(tensors), versions)
+        )
+        log.warning(
+            "graphopt: this call passes other weights than the graph froze (%d of %d "
+            "tensors: another module instance, or weights changed in place): compiling the "
+            "graph for these weights",
+            changed,
+            len(tensors),
+        )
+        # A variant of these very tensors at older versions is stale: it can never match again.
+        self.variants = [
+            v for v in self.variants if not all(map(operator.is_, map(_deref, v[0][0]), tensors))
+        ]
+        self.current = self._add(args, compile_new())
+        return self.current[1]
+
+
+_Stamp = tuple[list[weakref.ref], list[int]]  # (the frozen tensors, their versions)
+
+
+def _deref(ref: weakref.ref) -> Any:
+    return ref()
+
+
+def _versions(tensors: list[Any]) -> list[int]:
+    """In-place version counters (-1 for a tensor without one, e.g. an inference tensor)."""
+    try:
+        return [t._version for t in tensors]
+    except (AttributeError, RuntimeError):
+        return [getattr(t, "_version", -1) if not _is_inference(t) else -1 for t in tensors]
+
+
+def _is_inference(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_inference()
 
 
 def _training_compiler(

@@ -180,14 +180,54 @@ def test_verify_passes_on_a_correct_pipeline():
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_compiled_graph_is_a_snapshot_of_the_weights(target):
-    """Frozen weights are copies: an in-place update after compiling changes no layer."""
+def test_weights_changed_in_place_are_compiled_anew(target):
+    """Frozen weights are copies, and each call checks it passes the weights they were copied
+    from: after an in-place update the model is compiled again, never partly updated."""
     model = ResidualCNN().eval()
     x = torch.randn(1, 3, 16, 16)
     compiled = torch.compile(model, backend="graphopt", options={"target": target})
     with torch.no_grad():
+        assert_same_outputs(model(x), compiled(x))
+        compiled(x)
+        assert len(graphopt.reports()) == 1, "the same weights: no new compile"
         before = model(x)
-        assert_same_outputs(before, compiled(x))
         for p in model.parameters():
             p.mul_(1.5)
-        assert_same_outputs(before, compiled(x))
+        after = model(x)
+        assert not torch.allclose(before, after)
+        assert_same_outputs(after, compiled(x))
+        assert len(graphopt.reports()) == 2
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_two_instances_get_their_own_weights(target):
+    """dynamo reuses one graph for every instance of a class (it does not guard parameters):
+    a second instance with other weights must not be answered with the first one's."""
+    first, second = ResidualCNN().eval(), ResidualCNN().eval()
+    x = torch.randn(1, 3, 16, 16)
+    options = {"target": target}
+    one = torch.compile(first, backend="graphopt", options=options)
+    two = torch.compile(second, backend="graphopt", options=options)
+    with torch.no_grad():
+        assert not torch.allclose(first(x), second(x))
+        for _ in range(2):  # back and forth: each instance finds its own compiled graph
+            assert_same_outputs(first(x), one(x))
+            assert_same_outputs(second(x), two(x))
+    assert len(graphopt.reports()) == 2
+
+
+def test_weight_variants_are_bounded():
+    """At most `_WeightVariants.LIMIT` compiled graphs are kept per dynamo graph; a stale one
+    (its tensors updated in place) is dropped when its replacement is compiled."""
+    from graphopt.backend import _WeightVariants
+
+    weights = [torch.ones(2) for _ in range(_WeightVariants.LIMIT + 2)]
+    variants = _WeightVariants([0], [weights[0]], "w0")
+    for n, w in enumerate(weights[1:], start=1):
+        assert variants.for_call([w], lambda n=n: f"w{n}") == f"w{n}"
+    assert len(variants.variants) == _WeightVariants.LIMIT
+    assert variants.for_call([weights[-1]], lambda: "unexpected") == f"w{len(weights) - 1}"
+    weights[-1].add_(1)
+    assert variants.for_call([weights[-1]], lambda: "updated") == "updated"
+    assert len(variants.variants) == _WeightVariants.LIMIT, "the stale variant was replaced"
+    assert variants.for_call([weights[0]], lambda: "recompiled") == "recompiled", "evicted"
