@@ -15,7 +15,7 @@ void graphopt_top(const float in0[16], float out0[3]) {
     static graphopt::act_t L1_convolution_out[8];
 
     // L0_quantize_per_tensor_default: quantize (quantize_per_tensor_default)
-    graphopt::quantize<16>(in0, L0_quantize_per_tensor_default_out, 254.999985f, 0);
+    graphopt::quantize<16>(in0, L0_quantize_per_tensor_default_out, 263.2258f, 0);
     // L1_convolution: conv2d (convolution)
     graphopt::conv2d<L1_convolution_cfg>(L0_quantize_per_tensor_default_out, L1_convolution_out, L1_convolution_w, L1_convolution_b, graphopt::Requantize{L1_convolution_m0, L1_convolution_shift, 0, 0, 255});
     // L2_addmm: dense (addmm)

@@ -30,7 +30,7 @@ struct L1_convolution_cfg {  // conv2d convolution
     static const int groups = 1;
     static const int reuse = 1;
     static const int in_zero_point = 0;
-    typedef GRAPHOPT_ACC(19, int32_t) acc_t;  // |acc| <= 168536
+    typedef GRAPHOPT_ACC(19, int32_t) acc_t;  // |acc| <= 169458
 };
 
 struct L2_addmm_cfg {  // dense addmm
@@ -38,7 +38,7 @@ struct L2_addmm_cfg {  // dense addmm
     static const int n_out = 3;
     static const int reuse = 1;
     static const int in_zero_point = 0;
-    typedef GRAPHOPT_ACC(19, int32_t) acc_t;  // |acc| <= 232100
+    typedef GRAPHOPT_ACC(19, int32_t) acc_t;  // |acc| <= 232919
 };
 
 #endif  // GRAPHOPT_PARAMETERS_H_

@@ -5,15 +5,15 @@
 #include "../graphopt_kernels.h"
 
 static const graphopt::weight_t L1_convolution_w[18] = {
-    70, -60, -26, 63, -127, 81, -28, 69, 19, -40, 90, 16, 119, -127, -24, -29, 47, -1
+    70, -57, -25, 64, -127, 83, -25, 70, 19, -48, 95, 16, 127, -127, -32, -32, 48, 0
 };
 
 static const int32_t L1_convolution_b[2] = {
-    30071, 25861
+    31758, 29251
 };
 
 static const int32_t L1_convolution_m0[2] = {
-    1547994079, 1281561826
+    1432149023, 1145719260
 };
 
 static const int32_t L1_convolution_shift[2] = {
