@@ -231,3 +231,28 @@ def test_weight_variants_are_bounded():
     assert variants.for_call([weights[-1]], lambda: "updated") == "updated"
     assert len(variants.variants) == _WeightVariants.LIMIT, "the stale variant was replaced"
     assert variants.for_call([weights[0]], lambda: "recompiled") == "recompiled", "evicted"
+
+
+def test_inductors_cpp_wrapper_only_for_static_inference_graphs(monkeypatch):
+    """target="cpu" compiles inference graphs of static shapes with inductor's C++ wrapper;
+    dynamic shapes and training graphs keep the Python one (where the C++ one fails)."""
+    from graphopt.backends import inductor
+
+    seen = []
+    settings = inductor._settings
+    monkeypatch.setattr(
+        inductor, "_settings", lambda *args: seen.append(settings(*args)) or seen[-1]
+    )
+    model = MLP().eval()
+    with torch.no_grad():
+        for dynamic in (False, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="graphopt", dynamic=dynamic)
+            for batch in (4, 5):
+                x = torch.randn(batch, 32)
+                assert_same_outputs(model(x), compiled(x))
+            assert seen[-1] == {"freezing": True, "cpp_wrapper": not dynamic}, dynamic
+    torch._dynamo.reset()
+    model.train()
+    torch.compile(model, backend="graphopt")(torch.randn(4, 32)).sum().backward()
+    assert seen[-1] == {"freezing": False, "cpp_wrapper": False}
