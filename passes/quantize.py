@@ -203,7 +203,9 @@ def quantize(
     `graphopt.int8.quantize_bias` is the integer form). On target="cpu"/"onnx" of an x86 CPU
     without VNNI, activations use [0, 127] (`graphopt.int8.host_activation_qmax`). On
     target="onnx", conv outputs and residual adds are quantized too (onnxruntime's integer
-    kernels need a quantize after the conv); the reported error is the rewritten graph's.
+    kernels need a quantize after the conv); the reported error is the rewritten graph's. On
+    target="cpu", a residual add right after a conv reads its other operand quantized, so
+    inductor fuses the add into the int8 conv (see `_conv_adds`).
 
     Before -> after (a linear layer; w_t is the folded [in, out] weight):
         y = addmm(b, x, w_t)
@@ -250,13 +252,23 @@ def quantize(
             out = _after_activation(node)
             if not _quantized_later(out, acts) and all(u.op != "output" for u in out.users):
                 outputs[node] = out  # (model outputs stay float: no 8-bit logits)
-    extra = []  # (hls) non-layer values to quantize
+    extra = []  # (hls, cpu) non-layer values to quantize
     if cfg.target == "hls":
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in _RESCALING_OPS:
                 out = _after_activation(node)
                 if not _quantized_later(out, acts):
                     extra.append(out)
+    # target="cpu": inductor fuses a residual add into the int8 conv that feeds it (oneDNN's sum
+    # post-op: qconv2d_pointwise.binary) when the add's other operand is dequantized int8, as
+    # torchao's X86InductorQuantizer arranges. Those adds read the dequantized copy of a value
+    # already quantized for a layer; any other operand (ResNet's downsample conv) is quantized.
+    fused_adds: dict[torch.fx.Node, torch.fx.Node] = {}
+    if cfg.target == "cpu":
+        fused_adds = _conv_adds(gm, sites)
+        for other in fused_adds.values():
+            if other not in acts and other not in extra:
+                extra.append(other)
     observers = {n: _Observer(cfg.observer) for n in acts | set(outputs.values()) | set(extra)}
     log.info("graphopt quantize: calibrating %d layers on %d batches", len(sites), len(calibration))
     reference = _run(gm, calibration, sites, observers=observers)
@@ -321,7 +333,8 @@ def quantize(
         active,
         mode,
         extra_qparams,
-        readers={"onnx": "adds", "hls": "all"}.get(cfg.target, "layers"),
+        readers={"onnx": "adds", "hls": "all", "cpu": "adds"}.get(cfg.target, "layers"),
+        adds=set(fused_adds) if cfg.target == "cpu" else None,
     )
     if active:  # the error the rewritten graph really has (the simulation leaves out the adds)
         error = _relative_error(reference, _run(gm, calibration, {}))
@@ -357,6 +370,31 @@ _RESCALING_OPS = (
     aten._adaptive_avg_pool2d.default,
 )
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _conv_adds(
+    gm: torch.fx.GraphModule, sites: dict[torch.fx.Node, Site]
+) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Residual adds that inductor can fuse into the int8 conv before them: add(conv, other)
+    where the add is the conv's only reader. Of two such convs the later one is fused (oneDNN
+    adds into `other` in place, so `other` must be computed first). Maps add -> other."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.add.Tensor:
+            continue
+        if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        a, b = node.args
+        if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+            continue
+        convs = [
+            v for v in (a, b) if v in sites and sites[v].kind == "conv2d" and len(v.users) == 1
+        ]
+        if convs:
+            fused = max(convs, key=order.__getitem__)
+            found[node] = b if fused is a else a
+    return found
 
 
 def _quantized_later(node: torch.fx.Node, acts: set[torch.fx.Node]) -> bool:
@@ -398,11 +436,13 @@ def _rewrite(
     extra: dict[torch.fx.Node, tuple[float, int, int]],
     *,
     readers: str = "layers",
+    adds: set[torch.fx.Node] | None = None,
 ) -> None:
     """Insert the QDQ nodes of every active site. readers: who reads the dequantized copy of
     an activation quantized for a layer: "layers" (those layers only); "adds" (residual adds
-    too, so onnxruntime runs them as QLinearAdd); "all" (every reader, the model's outputs
-    included: target="hls", integer-only hardware has no float copy)."""
+    too: every add, so onnxruntime runs them as QLinearAdd, or only those in `adds`, the ones
+    inductor fuses into an int8 conv); "all" (every reader, the model's outputs included:
+    target="hls", integer-only hardware has no float copy)."""
     graph = gm.graph
     dequantized: dict[tuple[torch.fx.Node, float, int, int], torch.fx.Node] = {}
     for node, plan in active.items():
@@ -444,6 +484,7 @@ def _rewrite(
         for (act, *_), dq in dequantized.items():
             for user in list(act.users):
                 is_add = user.op == "call_function" and user.target is aten.add.Tensor
+                is_add = is_add and (adds is None or user in adds)
                 if (readers == "all" and user is not dq.args[0]) or is_add:
                     user.replace_input_with(act, dq)
     graph.lint()

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 import graphopt
 from examples.int8_digits import BATCH, DigitsMLP, accuracy
+from graphopt import int8
 from graphopt.testing import relative_error
 
 
@@ -127,3 +128,43 @@ def test_first_calls_calibration_with_dynamic_batch_and_verify():
     report = graphopt.reports()[-1]
     assert report.verified and report.quantization.calibration_batches == 2
     assert len(graphopt.reports()) == 1  # no recompile for new batch sizes
+
+
+@pytest.mark.parametrize(
+    "make, shape", [("ResidualCNN", (2, 3, 16, 16)), ("DepthwiseSeparable", (2, 16, 8, 8))]
+)
+def test_int8_cpu_fuses_residual_adds_into_convs_as_pt2e_does(make, shape):
+    """Every residual add after a conv runs inside the int8 conv (oneDNN's sum post-op), as many
+    as torchao's PT2E X86InductorQuantizer gets inductor to fuse on the same model."""
+    import torchao.quantization.pt2e.quantize_pt2e as pt2e
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torch._inductor import config as inductor_config
+
+    import tests.models
+
+    torch.manual_seed(0)
+    model = getattr(tests.models, make)().eval()
+    batches = [(torch.randn(*shape),) for _ in range(4)]
+    x = batches[0][0]
+    counters.clear()
+    compiled = torch.compile(
+        model, backend="graphopt", options={"quantize": "int8", "calibration": batches}
+    )
+    with torch.no_grad():
+        err = relative_error(model(x), compiled(x))
+    ours = counters["inductor"]["qconv2d_binary_lower_count"]
+    torch._dynamo.reset()
+    counters.clear()
+    config = xiq.get_default_x86_inductor_quantization_config(
+        reduce_range=int8.host_activation_qmax() < 255
+    )
+    exported = torch.export.export(model, (x,), strict=True).module()
+    prepared = pt2e.prepare_pt2e(exported, xiq.X86InductorQuantizer().set_global(config))
+    for batch in batches:
+        prepared(*batch)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        torch.compile(pt2e.convert_pt2e(prepared))(x)
+    theirs = counters["inductor"]["qconv2d_binary_lower_count"]
+    adds = {"ResidualCNN": 2, "DepthwiseSeparable": 1}[make]
+    assert ours == theirs == adds, (ours, theirs)
+    assert 1e-4 < err < 0.05, err

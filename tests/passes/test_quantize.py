@@ -178,3 +178,32 @@ def test_dynamic_batch_graph_quantizes_and_runs_other_batches():
         for batch in (2, 7):
             x = torch.randn(batch, 12)
             assert relative_error(model(x), result.gm(x)[0]) < 0.05
+
+
+def test_cpu_residual_adds_read_their_other_operand_quantized():
+    """target="cpu": add(conv, other) reads `other` dequantized, so inductor can fuse the add into
+    the int8 conv; of two convs (ResNet's downsample) the earlier one's output is quantized."""
+    from graphopt.passes.fold_batchnorm import fold_batchnorm
+    from tests.models import ResidualCNN
+
+    def prepared():
+        torch.manual_seed(0)
+        gm, _ = _prepared(ResidualCNN().eval(), torch.randn(2, 3, 16, 16))
+        fold_batchnorm(gm, Config())  # as in the pipeline: each conv feeds its add directly
+        fold_constants(gm, Config())
+        return gm
+
+    gm = prepared()
+    quantize(gm, Config(quantize="int8", target="cpu"), _batches(2, 3, 16, 16))
+    adds = [n for n in gm.graph.nodes if n.target is aten.add.Tensor]
+    assert len(adds) == 2
+    for add in adds:
+        convs = [a for a in add.args if a.target is aten.convolution.default]
+        dequantized = [a for a in add.args if a.target is qd.dequantize_per_tensor.default]
+        assert len(convs) == 1 and len(dequantized) == 1, add.args
+    # the downsample conv (computed first) gets a quantize after it; target="llvm" leaves the
+    # adds in float
+    gm = prepared()
+    quantize(gm, INT8, _batches(2, 3, 16, 16))
+    for add in (n for n in gm.graph.nodes if n.target is aten.add.Tensor):
+        assert all(a.target is not qd.dequantize_per_tensor.default for a in add.args)
