@@ -262,12 +262,13 @@ def quantize(
     # target="cpu": inductor fuses a residual add into the int8 conv that feeds it (oneDNN's sum
     # post-op: qconv2d_pointwise.binary) when the add's other operand is dequantized int8, as
     # torchao's X86InductorQuantizer arranges. Those adds read the dequantized copy of a value
-    # already quantized for a layer; any other operand (ResNet's downsample conv) is quantized.
+    # already quantized for a layer; another operand read by the add alone (ResNet's
+    # downsample conv) is quantized. (Other readers of an operand never see it quantized.)
     fused_adds: dict[torch.fx.Node, torch.fx.Node] = {}
     if cfg.target == "cpu":
         fused_adds = _conv_adds(gm, sites)
         for other in fused_adds.values():
-            if other not in acts and other not in extra:
+            if other not in acts and other not in extra and len(other.users) == 1:
                 extra.append(other)
     observers = {n: _Observer(cfg.observer) for n in acts | set(outputs.values()) | set(extra)}
     log.info("graphopt quantize: calibrating %d layers on %d batches", len(sites), len(calibration))

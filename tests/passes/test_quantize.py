@@ -207,3 +207,25 @@ def test_cpu_residual_adds_read_their_other_operand_quantized():
     quantize(gm, INT8, _batches(2, 3, 16, 16))
     for add in (n for n in gm.graph.nodes if n.target is aten.add.Tensor):
         assert all(a.target is not qd.dequantize_per_tensor.default for a in add.args)
+
+
+def test_cpu_residual_add_operand_with_other_readers_stays_float():
+    """The operand of a fusable add is quantized only when the add is its sole reader: a value
+    that other ops also read is never handed to them quantized."""
+
+    class ConvPlusShared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            shared = x * 2
+            return self.conv(x) + shared, shared.mean()
+
+    torch.manual_seed(0)
+    gm, _ = _prepared(ConvPlusShared().eval(), torch.randn(1, 4, 6, 6))
+    quantize(gm, Config(quantize="int8", target="cpu"), _batches(1, 4, 6, 6))
+    (shared,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]
+    assert all(u.target is not qd.quantize_per_tensor.default for u in shared.users)
+    (add,) = [n for n in gm.graph.nodes if n.target is aten.add.Tensor]
+    assert shared in add.args
