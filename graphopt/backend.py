@@ -135,7 +135,7 @@ def _inference_compiler(
     def build(values: list[Any], graph: torch.fx.GraphModule) -> Callable[..., Any]:
         report = new_report(cfg)
         report.capture_seconds = capture_seconds
-        kept = freeze_placeholders(graph, {i: values[i] for i in frozen})
+        freeze_placeholders(graph, {i: values[i] for i in frozen})  # leaves `kept`
         return compile_graph(
             graph,
             [fake_inputs[i] for i in kept],
@@ -150,12 +150,16 @@ def _inference_compiler(
             else None,
         )
 
-    kept = [i for i in range(len(placeholders)) if i not in set(frozen)]
-    variants = _WeightVariants(frozen, real_inputs, build(real_inputs, gm))
+    kept = [i for i in range(len(placeholders)) if i not in frozen]
+    variants = _WeightVariants(
+        frozen,
+        real_inputs,
+        build(real_inputs, gm),
+        compile_for=lambda values: build(values, copy.deepcopy(pristine)),
+    )
 
     def run(args: list[Any]) -> Any:
-        compiled = variants.for_call(args, lambda: build(args, copy.deepcopy(pristine)))
-        return compiled(*[args[i] for i in kept])
+        return variants.for_call(args)(*[args[i] for i in kept])
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
@@ -166,40 +170,41 @@ class _WeightVariants:
 
     A call matches a variant when it passes the very tensors that variant froze (by identity,
     held weakly) at the versions they had (an in-place update bumps a tensor's version). The
-    most recent `LIMIT` variants are kept, as dynamo keeps `recompile_limit` graphs per frame.
+    `LIMIT` most recently used variants are kept, as dynamo keeps `recompile_limit` graphs per
+    frame; `compile_for(args)` builds the graph for weights no variant has.
     """
 
     LIMIT = 8
 
-    def __init__(self, indices: list[int], values: list[Any], compiled: Callable[..., Any]):
-        self.indices = indices
-        self.variants: list[tuple[_Stamp, Callable[..., Any]]] = []
-        self.current = self._add(values, compiled)
+    def __init__(
+        self,
+        indices: list[int],
+        values: list[Any],
+        compiled: Callable[..., Any],
+        compile_for: Callable[[list[Any]], Callable[..., Any]],
+    ):
+        self.indices, self.compile_for = indices, compile_for
+        self.variants: list[tuple[_Stamp, Callable[..., Any]]] = []  # most recently used first
+        self._add(values, compiled)
 
     def _tensors(self, args: list[Any]) -> list[Any]:
         return [args[i] for i in self.indices]
 
-    def _add(self, values: list[Any], compiled: Callable[..., Any]) -> tuple[_Stamp, Any]:
+    def _add(self, values: list[Any], compiled: Callable[..., Any]) -> None:
         tensors = self._tensors(values)
         variant = (([weakref.ref(t) for t in tensors], _versions(tensors)), compiled)
         self.variants = [variant, *self.variants[: self.LIMIT - 1]]
-        return variant
 
-    @staticmethod
-    def _matches(stamp: _Stamp, tensors: list[Any]) -> bool:
-        refs, versions = stamp
-        return all(map(operator.is_, map(_deref, refs), tensors)) and _versions(tensors) == versions
-
-    def for_call(self, args: list[Any], compile_new: Callable[[], Callable[..., Any]]) -> Any:
-        """The compiled graph for the weights in `args`; `compile_new()` builds a missing one."""
+    def for_call(self, args: list[Any]) -> Callable[..., Any]:
+        """The compiled graph for the weights in `args`, compiled now if no variant has them."""
         tensors = self._tensors(args)
-        if self._matches(self.current[0], tensors):
-            return self.current[1]
-        for variant in self.variants:
-            if self._matches(variant[0], tensors):
-                self.current = variant
+        (refs, versions), compiled = self.variants[0]
+        if _same(refs, tensors) and _versions(tensors) == versions:
+            return compiled
+        for k, variant in enumerate(self.variants[1:], start=1):
+            if _same(variant[0][0], tensors) and _versions(tensors) == variant[0][1]:
+                self.variants.insert(0, self.variants.pop(k))
                 return variant[1]
-        refs, versions = self.current[0]
         changed = sum(
             ref() is not t or now != then
             for ref, t, now, then in zip(refs, tensors, _versions(tensors), versions)
@@ -212,11 +217,9 @@ class _WeightVariants:
             len(tensors),
         )
         # A variant of these very tensors at older versions is stale: it can never match again.
-        self.variants = [
-            v for v in self.variants if not all(map(operator.is_, map(_deref, v[0][0]), tensors))
-        ]
-        self.current = self._add(args, compile_new())
-        return self.current[1]
+        self.variants = [v for v in self.variants if not _same(v[0][0], tensors)]
+        self._add(args, self.compile_for(args))
+        return self.variants[0][1]
 
 
 _Stamp = tuple[list[weakref.ref], list[int]]  # (the frozen tensors, their versions)
@@ -224,6 +227,11 @@ _Stamp = tuple[list[weakref.ref], list[int]]  # (the frozen tensors, their versi
 
 def _deref(ref: weakref.ref) -> Any:
     return ref()
+
+
+def _same(refs: list[weakref.ref], tensors: list[Any]) -> bool:
+    """Each weak reference points to the tensor in the same place of `tensors`."""
+    return all(map(operator.is_, map(_deref, refs), tensors))
 
 
 def _versions(tensors: list[Any]) -> list[int]:

@@ -217,20 +217,28 @@ def test_two_instances_get_their_own_weights(target):
 
 
 def test_weight_variants_are_bounded():
-    """At most `_WeightVariants.LIMIT` compiled graphs are kept per dynamo graph; a stale one
-    (its tensors updated in place) is dropped when its replacement is compiled."""
+    """At most `_WeightVariants.LIMIT` compiled graphs are kept per dynamo graph (the most
+    recently used); a stale one (its tensors updated in place) is dropped when its replacement
+    is compiled."""
     from graphopt.backend import _WeightVariants
 
     weights = [torch.ones(2) for _ in range(_WeightVariants.LIMIT + 2)]
-    variants = _WeightVariants([0], [weights[0]], "w0")
+    compiles = []
+
+    def compile_for(args):
+        compiles.append(args[0])
+        return f"w{len(compiles)}"
+
+    variants = _WeightVariants([0], [weights[0]], "w0", compile_for)
     for n, w in enumerate(weights[1:], start=1):
-        assert variants.for_call([w], lambda n=n: f"w{n}") == f"w{n}"
+        assert variants.for_call([w]) == f"w{n}"
     assert len(variants.variants) == _WeightVariants.LIMIT
-    assert variants.for_call([weights[-1]], lambda: "unexpected") == f"w{len(weights) - 1}"
+    assert variants.for_call([weights[-1]]) == f"w{len(weights) - 1}"
+    assert len(compiles) == len(weights) - 1, "a kept variant is not compiled again"
     weights[-1].add_(1)
-    assert variants.for_call([weights[-1]], lambda: "updated") == "updated"
+    assert variants.for_call([weights[-1]]) == f"w{len(weights)}"
     assert len(variants.variants) == _WeightVariants.LIMIT, "the stale variant was replaced"
-    assert variants.for_call([weights[0]], lambda: "recompiled") == "recompiled", "evicted"
+    assert variants.for_call([weights[0]]) == f"w{len(weights) + 1}", "evicted: compiled again"
 
 
 def test_inductors_cpp_wrapper_only_for_static_inference_graphs(monkeypatch):
