@@ -8,22 +8,29 @@ Inference graphs get inductor's C++ wrapper (`cpp_wrapper`): the code that alloc
 and calls each kernel is compiled C++ instead of Python, which takes the per-kernel Python
 overhead off every call (MobileNetV2 through graphopt.optimize, 52 oneDNN convs: 14.1 -> 10.4
 ms a call on 2 cores) for a longer first compile (a few seconds: g++ builds the wrapper).
+
+Inductor packs every fp32 linear for MKL's GEMM on x86; `_LinearGemm` moves each to oneDNN's
+packed GEMM where that is faster on the host for its shape (timed when compiling).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 from unittest import mock
 
 import torch
 import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
 
 INDUCTOR = OpRegistry("inductor", supports_all=True)
+log = logging.getLogger("graphopt")
 
 
 def compile_inductor(
@@ -47,22 +54,126 @@ def compile_inductor(
             # metadata of the one torch.compile is running.
             stack.enter_context(tracing(TracingContext(fake_mode)))
             stack.enter_context(mock.patch.object(fake_mode, "allow_non_fake_inputs", True))
-        stack.enter_context(inductor_config.patch(_settings(gm, example_inputs, training)))
+        settings = _settings(gm, example_inputs, training)
+        stack.enter_context(inductor_config.patch(settings))
         stack.enter_context(torch.no_grad())
-        return compile_fx(gm, list(example_inputs))
+        fn = compile_fx(gm, list(example_inputs))
+    gemm = settings.get("post_grad_custom_pre_pass")
+    if isinstance(gemm, _LinearGemm) and gemm.moved:
+        fn.note = gemm.note()  # shown in the report's partition table
+    return fn
 
 
 def _settings(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], training: bool
-) -> dict[str, bool]:
+) -> dict[str, Any]:
     """Inductor settings for a graph: frozen weights for inference (a training graph's weights
-    are inputs that change), and the C++ wrapper where it works: inference graphs of static
-    shapes without effect tokens. On torch 2.13 its entry point turns every input into a
+    are inputs that change), the C++ wrapper where it works: inference graphs of static
+    shapes without effect tokens (on torch 2.13 its entry point turns every input into a
     tensor, so the `None` token of a side-effecting op (linalg's error checks) and symbolic
-    sizes (dynamic shapes) fail at the first call."""
+    sizes (dynamic shapes) fail at the first call), and, for inference where both GEMM
+    libraries are built in, the choice between them per linear (`_LinearGemm`)."""
     static = all(
         isinstance(x, torch.Tensor) and all(isinstance(d, int) for d in x.shape)
         for x in example_inputs
     )
     effects = gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.with_effects)
-    return {"freezing": not training, "cpp_wrapper": not training and static and not effects}
+    settings: dict[str, Any] = {
+        "freezing": not training,
+        "cpp_wrapper": not training and static and not effects,
+    }
+    if not training and torch._C.has_mkl and torch.backends.mkldnn.is_available():
+        settings["post_grad_custom_pre_pass"] = _LinearGemm()
+    return settings
+
+
+class _LinearGemm(CustomGraphPass):
+    """Moves each fp32 linear that inductor's freezing packed for MKL's GEMM to oneDNN's packed
+    GEMM where oneDNN runs its shape faster on this host. Runs on the frozen graph, before
+    inductor lowers it (`post_grad_custom_pre_pass`).
+
+    Inductor packs every fp32 linear on x86 for MKL. On the 2-core AMD EPYC (AVX-512) host of
+    benchmarks/RESULTS-cpu.md, MKL ran BERT's and GPT-2's linears (128 x 768 x 3072 and the
+    like) at 135-145 GFLOP/s and GPT-2's 768 x 50257 LM head at 90, oneDNN at about 200, as
+    fast as onnxruntime's MLAS. Which library wins depends on the CPU, so each shape is timed
+    once per process (both libraries interleaved, on random data) and the faster one kept.
+    Both compute the same product: the choice changes only rounding."""
+
+    def __init__(self) -> None:
+        self.moved: Counter[str] = Counter()  # "m x k x n" -> linears moved to oneDNN
+        self.kept = 0  # linears left on MKL
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch._inductor.constant_folding import replace_node_with_constant
+
+        gm = graph.owning_module
+        mkl_linear = torch.ops.mkl._mkl_linear
+        for node in list(graph.nodes):
+            if node.target not in (mkl_linear, mkl_linear.default):
+                continue
+            x, _, weight, bias, m = node.args  # weight: the original one, n x k, frozen
+            if weight.op != "get_attr" or not isinstance(m, int):
+                continue
+            n, k = getattr(gm, weight.target).shape
+            if not _onednn_faster(m, k, n):
+                self.kept += 1
+                continue
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            with graph.inserting_before(node):
+                packed = graph.call_function(reorder, (weight, m))
+                linear = graph.call_function(
+                    torch.ops.mkldnn._linear_pointwise.default, (x, packed, bias, "none", [], "")
+                )
+            replace_node_with_constant(gm, packed, reorder(getattr(gm, weight.target), m))
+            linear.meta.update(node.meta)
+            node.replace_all_uses_with(linear)
+            self.moved[f"{m}x{k}x{n}"] += 1
+        graph.eliminate_dead_code()
+
+    def note(self) -> str:
+        shapes = ", ".join(f"{shape} ({count})" for shape, count in self.moved.items())
+        return (
+            f"{sum(self.moved.values())} linears on oneDNN's GEMM, faster here than MKL's for "
+            f"m x k x n = {shapes}; {self.kept} on MKL's"
+        )
+
+    def uuid(self) -> str:  # the choice is the host's: inductor's FX cache is per host
+        return "graphopt._LinearGemm.1"
+
+
+_ONEDNN_FASTER: dict[tuple[int, int, int, int], bool] = {}
+
+
+def _onednn_faster(m: int, k: int, n: int) -> bool:
+    """Whether oneDNN's packed fp32 GEMM beats MKL's on (m x k) @ (k x n) here: medians of 7
+    interleaved calls each, once per shape and thread count in a process."""
+    from graphopt.bench import compare_speed
+
+    key = (m, k, n, torch.get_num_threads())
+    if key not in _ONEDNN_FASTER:
+        x, weight, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+        onednn = torch.ops.mkldnn._reorder_linear_weight(weight, m)
+        mkl = torch.ops.mkl._mkl_reorder_linear_weight(weight, m)
+        timings = compare_speed(
+            {
+                "mkl": lambda: torch.ops.mkl._mkl_linear(x, mkl, weight, bias, m),
+                "onednn": lambda: torch.ops.mkldnn._linear_pointwise(
+                    x, onednn, bias, "none", [], ""
+                ),
+            },
+            (),
+            rounds=7,
+            warmup=2,
+            settle_s=0.0,
+        )
+        by_name = {t.name: t.median_ms for t in timings}
+        _ONEDNN_FASTER[key] = by_name["onednn"] < by_name["mkl"]
+        log.info(
+            "graphopt: fp32 GEMM %dx%dx%d: MKL %.3f ms, oneDNN %.3f ms",
+            m,
+            k,
+            n,
+            by_name["mkl"],
+            by_name["onednn"],
+        )
+    return _ONEDNN_FASTER[key]

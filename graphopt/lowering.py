@@ -109,7 +109,13 @@ def lower(
                 _fall_back_or_raise(cfg, report, "graph", gm, backend, err)
                 return gm
             report.partitions.append(
-                PartitionRecord("graph", backend.name, op_histogram(gm), count_call_nodes(gm))
+                PartitionRecord(
+                    "graph",
+                    backend.name,
+                    op_histogram(gm),
+                    count_call_nodes(gm),
+                    note=getattr(fn, "note", ""),
+                )
             )
             return fn
         from torch._subclasses.fake_tensor import unset_fake_temporarily
