@@ -59,7 +59,7 @@ def compile_inductor(
         stack.enter_context(torch.no_grad())
         fn = compile_fx(gm, list(example_inputs))
     gemm = settings.get("post_grad_custom_pre_pass")
-    if isinstance(gemm, _LinearGemm) and gemm.moved:
+    if isinstance(gemm, _LinearGemm) and (gemm.moved or gemm.kept):
         fn.note = gemm.note()  # shown in the report's partition table
     return fn
 
@@ -104,6 +104,13 @@ class _LinearGemm(CustomGraphPass):
         self.kept = 0  # linears left on MKL
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # real weights packed, real GEMMs timed
+            self._move(graph)
+        graph.eliminate_dead_code()
+
+    def _move(self, graph: torch.fx.Graph) -> None:
         from torch._inductor.constant_folding import replace_node_with_constant
 
         gm = graph.owning_module
@@ -128,13 +135,13 @@ class _LinearGemm(CustomGraphPass):
             linear.meta.update(node.meta)
             node.replace_all_uses_with(linear)
             self.moved[f"{m}x{k}x{n}"] += 1
-        graph.eliminate_dead_code()
 
     def note(self) -> str:
-        shapes = ", ".join(f"{shape} ({count})" for shape, count in self.moved.items())
+        shapes = ", ".join(f"{shape} x{count}" for shape, count in self.moved.items())
         return (
-            f"{sum(self.moved.values())} linears on oneDNN's GEMM, faster here than MKL's for "
-            f"m x k x n = {shapes}; {self.kept} on MKL's"
+            f"fp32 linears on the GEMM faster here: {sum(self.moved.values())} on oneDNN's"
+            + (f" (m x k x n: {shapes})" if shapes else "")
+            + f", {self.kept} on MKL's"
         )
 
     def uuid(self) -> str:  # the choice is the host's: inductor's FX cache is per host
