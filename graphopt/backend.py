@@ -198,16 +198,15 @@ class _WeightVariants:
     def for_call(self, args: list[Any]) -> Callable[..., Any]:
         """The compiled graph for the weights in `args`, compiled now if no variant has them."""
         tensors = self._tensors(args)
-        (refs, versions), compiled = self.variants[0]
-        if _same(refs, tensors) and _versions(tensors) == versions:
-            return compiled
-        for k, variant in enumerate(self.variants[1:], start=1):
-            if _same(variant[0][0], tensors) and _versions(tensors) == variant[0][1]:
-                self.variants.insert(0, self.variants.pop(k))
-                return variant[1]
+        now = _versions(tensors)
+        for k, ((refs, versions), compiled) in enumerate(self.variants):
+            if _same(refs, tensors) and versions == now:
+                if k:
+                    self.variants.insert(0, self.variants.pop(k))
+                return compiled
+        (refs, versions), _ = self.variants[0]
         changed = sum(
-            ref() is not t or now != then
-            for ref, t, now, then in zip(refs, tensors, _versions(tensors), versions)
+            ref() is not t or n != then for ref, t, n, then in zip(refs, tensors, now, versions)
         )
         log.warning(
             "graphopt: this call passes other weights than the graph froze (%d of %d "
