@@ -121,7 +121,8 @@ class _LinearGemm(CustomGraphPass):
             x, _, weight, bias, m = node.args  # weight: the original one, n x k, frozen
             if weight.op != "get_attr" or not isinstance(m, int):
                 continue
-            n, k = getattr(gm, weight.target).shape
+            value = getattr(gm, weight.target)
+            n, k = value.shape
             if not _onednn_faster(m, k, n):
                 self.kept += 1
                 continue
@@ -131,7 +132,7 @@ class _LinearGemm(CustomGraphPass):
                 linear = graph.call_function(
                     torch.ops.mkldnn._linear_pointwise.default, (x, packed, bias, "none", [], "")
                 )
-            replace_node_with_constant(gm, packed, reorder(getattr(gm, weight.target), m))
+            replace_node_with_constant(gm, packed, reorder(value, m))
             linear.meta.update(node.meta)
             node.replace_all_uses_with(linear)
             self.moved[f"{m}x{k}x{n}"] += 1
