@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,6 +59,8 @@ def compile_inductor(
         stack.enter_context(inductor_config.patch(settings))
         stack.enter_context(torch.no_grad())
         fn = compile_fx(gm, list(example_inputs))
+    if not training:
+        _release_frozen_weights(fn, gm)
     gemm = settings.get("post_grad_custom_pre_pass")
     if isinstance(gemm, _LinearGemm) and (gemm.moved or gemm.kept):
         fn.note = gemm.note()  # shown in the report's partition table
@@ -85,6 +88,81 @@ def _settings(
     if not training and torch._C.has_mkl and torch.backends.mkldnn.is_available():
         settings["post_grad_custom_pre_pass"] = _LinearGemm()
     return settings
+
+
+def _release_frozen_weights(fn: Callable[..., Any], gm: torch.fx.GraphModule) -> None:
+    """Let go of `gm`'s weights once inductor has frozen them into its own constants.
+
+    Freezing folds and prepacks each weight into a constant of the compiled code, which keeps
+    what it still reads (an embedding table, say). The originals stay referenced twice more:
+    by `gm` and by the list of parameters that aot_autograd's `forward` (what `compile_fx`
+    returns) passes with every call, where the frozen code ignores them. Both are replaced by
+    inductor's own `ErasedTensor`s (meta tensors: a PyTorch op on one raises), as
+    `freezing_discard_parameters` does for a dynamo graph, so a weight that only those two
+    held (one inductor repacked) is freed. Weights that freezing keeps as inputs of the
+    compiled code are left alone (`_weights_stay_inputs`). GPT-2 through `graphopt.optimize`
+    grew the process by 1,478 MB over the eager model before, 793 MB after (with the
+    compiler's `_return_freed_memory`). `gm` keeps its graph but can no longer run.
+    """
+    from torch._inductor.freezing import ErasedTensor
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    if _weights_stay_inputs(gm):
+        return
+    flat = _closure_variable(fn, "params_buffers_flat")
+    if flat is None:
+        log.debug("graphopt: inductor's compiled function holds its weights another way")
+        return
+    erased: dict[int, torch.Tensor] = {}
+    with _disable_current_modes(), torch._dispatch.python.no_python_dispatcher():
+        weights = [
+            *gm.named_parameters(remove_duplicate=False),
+            *gm.named_buffers(remove_duplicate=False),
+        ]
+        for name, tensor in weights:
+            owner, _, attr = name.rpartition(".")
+            module = gm.get_submodule(owner)
+            if id(tensor) not in erased:
+                erased[id(tensor)] = ErasedTensor(tensor, attr, module)
+            delattr(module, attr)
+            module.register_buffer(attr, erased[id(tensor)])
+    flat[:] = [erased.get(id(t), t) for t in flat]
+
+
+def _weights_stay_inputs(gm: torch.fx.GraphModule) -> bool:
+    """Whether freezing may keep some of `gm`'s weights as inputs of the compiled code (as
+    `replace_params_with_constants` does for a weight written in place or returned as an
+    output or a view of one), so that the list aot_autograd passes must keep them."""
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+    return any(_views_a_weight(out) for out in gm.graph.output_node().all_input_nodes)
+
+
+_ALSO_ALIASING = (operator.getitem, torch.ops.aten._unsafe_view.default)  # schema says no
+
+
+def _views_a_weight(node: torch.fx.Node) -> bool:
+    """`node` is a weight or a view of one (a chain of ops returning an alias of their first
+    argument, or an item of such a list)."""
+    while node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        aliasing = schema is not None and schema.returns and schema.returns[0].alias_info
+        if not (aliasing or node.target in _ALSO_ALIASING):
+            return False
+        node = node.args[0]
+    return node.op == "get_attr"
+
+
+def _closure_variable(fn: Any, name: str) -> Any:
+    """The variable `name` that `fn`, or a function it wraps (`__wrapped__`), closes over."""
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        if code is not None and name in code.co_freevars:
+            return fn.__closure__[code.co_freevars.index(name)].cell_contents
+        fn = getattr(fn, "__wrapped__", None)
+    return None
 
 
 class _LinearGemm(CustomGraphPass):

@@ -20,7 +20,12 @@ from graphopt.testing import compare_outputs
 
 
 class OptimizedModule(torch.nn.Module):
-    """The optimized model: call it like the original. `.report` says what graphopt did."""
+    """The optimized model: call it like the original. `.report` says what graphopt did.
+
+    `.graph_module` is the graph after graphopt's passes, to read. With target="cpu" its
+    weights are released once inductor has frozen them into the compiled code, so it no
+    longer runs (the compiled code holds the one copy it needs).
+    """
 
     def __init__(self, compiled: Any, captured: CapturedGraph, report: Report, cfg: Config):
         super().__init__()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -75,10 +78,10 @@ def compile_graph(
         calibration=calibration,
     )
     report.passes_seconds = time.perf_counter() - start
+    if verify and "graphopt.quantization" in gm.meta:  # int8 kernels against the int8 graph
+        reference = run_graph(gm, list(real_inputs))  # (before lowering, which may erase gm)
     compiled = _finish(gm, example_inputs, cfg, report, training=training)
     if verify:
-        if "graphopt.quantization" in gm.meta:  # compare int8 kernels with the int8 graph
-            reference = run_graph(gm, list(real_inputs))
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily(), torch.no_grad():
@@ -89,6 +92,7 @@ def compile_graph(
         report.verified = True
     REPORTS.append(report)
     log.info("%s", report)
+    _return_freed_memory()
     return compiled
 
 
@@ -208,7 +212,7 @@ class _CalibrateOnCalls:
         if self.calls is None:
             self.calls = len(cfg.calibration) if cfg.calibration else DEFAULT_CALIBRATION_CALLS
         start = time.perf_counter()
-        self.gm = run_pipeline(gm, cfg, report, steps=PIPELINE[:split])
+        self.gm: torch.fx.GraphModule | None = run_pipeline(gm, cfg, report, steps=PIPELINE[:split])
         report.passes_seconds = time.perf_counter() - start
         self.rest = PIPELINE[split:]
         self.batches: list[list[Any]] = []
@@ -239,13 +243,33 @@ class _CalibrateOnCalls:
         start = time.perf_counter()
         gm = run_pipeline(self.gm, self.cfg, self.report, steps=self.rest, calibration=self.batches)
         self.report.passes_seconds += time.perf_counter() - start
+        last = self.batches[-1]
+        # The int8 code against the int8 graph on the last call's inputs: the graph runs
+        # first, as lowering may erase its weights (they live on in the compiled code).
+        expected = run_graph(gm, last) if self.cfg.verify else None
         self.compiled = _finish(gm, self.example_inputs, self.cfg, self.report)
-        if self.cfg.verify:  # the int8 code against the int8 graph, on the last call's inputs
-            last = self.batches[-1]
+        if expected is not None:
             with torch.no_grad():
-                problem = compare_outputs(run_graph(gm, last), self.compiled(*last), quantized=True)
+                problem = compare_outputs(expected, self.compiled(*last), quantized=True)
             if problem is not None:
                 raise VerificationError(f"lowering to {self.cfg.target}", problem)
             self.report.verified = True
-        self.batches = []
+        self.batches, self.gm = [], None  # the float graph and its weights are done with
         log.info("graphopt: %s calibrated, now int8\n%s", self.report.graph_id, self.report)
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the heap that compiling used and freed back to the OS. glibc's malloc keeps it
+    for reuse: GPT-2 through graphopt.optimize left the process 1,037 MB above the model's
+    own footprint, 794 MB once trimmed here (one-off script, /proc/self/statm; 26 ms)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent in musl
