@@ -1,5 +1,6 @@
 """target="cpu": once inductor has frozen the weights into its compiled code, graphopt's copies
-of the weights it repacked are freed (a model's weights are held once, not three times)."""
+of the weights it repacked are freed (a model's weights are held once, not three times), and
+the heap compiling used goes back to the OS."""
 
 import gc
 import weakref
@@ -11,6 +12,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import graphopt
+from graphopt import compiler
 from graphopt.backends import inductor
 from graphopt.config import Config
 from graphopt.testing import assert_same_outputs
@@ -114,3 +116,10 @@ def test_a_model_that_returns_its_weights_still_returns_them():
     gc.collect()
     with torch.no_grad():
         assert_same_outputs(model(x), opt(x))
+
+
+def test_compiling_hands_the_heap_it_freed_back_to_the_os(monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiler, "_malloc_trim", lambda: calls.append)
+    graphopt.optimize(_convnet(), (torch.randn(1, 3, 16, 16),))
+    assert calls == [0]
