@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
+from graphopt.passes.base import mutates, storage_of
 
 INDUCTOR = OpRegistry("inductor", supports_all=True)
 log = logging.getLogger("graphopt")
@@ -133,26 +133,10 @@ def _weights_stay_inputs(gm: torch.fx.GraphModule) -> bool:
     """Whether freezing may keep some of `gm`'s weights as inputs of the compiled code (as
     `replace_params_with_constants` does for a weight written in place or returned as an
     output or a view of one), so that the list aot_autograd passes must keep them."""
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op == "call_function" and schema is not None and schema.is_mutable:
-            return True
-    return any(_views_a_weight(out) for out in gm.graph.output_node().all_input_nodes)
-
-
-_ALSO_ALIASING = (operator.getitem, torch.ops.aten._unsafe_view.default)  # schema says no
-
-
-def _views_a_weight(node: torch.fx.Node) -> bool:
-    """`node` is a weight or a view of one (a chain of ops returning an alias of their first
-    argument, or an item of such a list)."""
-    while node.op == "call_function":
-        schema = getattr(node.target, "_schema", None)
-        aliasing = schema is not None and schema.returns and schema.returns[0].alias_info
-        if not (aliasing or node.target in _ALSO_ALIASING):
-            return False
-        node = node.args[0]
-    return node.op == "get_attr"
+    if any(mutates(node) for node in gm.graph.nodes):
+        return True
+    weights = {storage_of(n) for n in gm.graph.find_nodes(op="get_attr")} - {None}
+    return any(storage_of(n) in weights for n in gm.graph.output_node().all_input_nodes)
 
 
 def _closure_variable(fn: Any, name: str) -> Any:

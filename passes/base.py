@@ -127,6 +127,11 @@ def is_pure(node: torch.fx.Node) -> bool:
     return module in ("_operator", "math")
 
 
+def mutates(node: torch.fx.Node) -> bool:
+    """True if the node calls a torch op that writes to one of its arguments."""
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+
 def named_args(node: torch.fx.Node) -> dict[str, Any]:
     """A call's arguments by schema name with defaults filled in (`self` is called `input`)."""
     from torch.fx.operator_schemas import normalize_function

@@ -10,7 +10,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._python_dispatch import _disable_current_modes
 
 from graphopt.config import Config
-from graphopt.passes.base import PassResult, get_attr_value, is_pure, storage_of
+from graphopt.passes.base import PassResult, get_attr_value, is_pure, mutates, storage_of
 
 
 def eliminate_common_subexpressions(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
@@ -47,9 +47,7 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, cfg: Config) -> Pa
         if node.op != "call_function":
             continue
         if not is_pure(node):
-            region += isinstance(node.target, torch._ops.OpOverload) and (
-                node.target._schema.is_mutable
-            )
+            region += mutates(node)
             continue
         if storage_of(node) in returned or _defines_unbacked(node):
             continue

@@ -11,7 +11,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphopt.config import Config
-from graphopt.passes.base import PassResult, storage_of
+from graphopt.passes.base import PassResult, mutates, storage_of
 
 aten = torch.ops.aten
 
@@ -128,10 +128,7 @@ def remove_noops(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
     """
     graph = gm.graph
     output = graph.output_node()
-    functional = not any(
-        isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-        for n in graph.nodes
-    )
+    functional = not any(mutates(n) for n in graph.nodes)
     boundary = {
         s
         for n in graph.nodes
