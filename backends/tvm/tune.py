@@ -337,29 +337,36 @@ def _run_search(
 ) -> tuple[_Watch, str]:
     """MetaSchedule's evolutionary search over `tasks` into `database` until `deadline`
     (`start`: when tuning began, for the progress bar); (the watch, why it stopped)."""
-    _import_tensor_intrinsics()
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks,
-        str(work),
-        strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
-        num_threads=int(target.attrs["num-cores"]),
-        seed=seed,
-    )
     bar = ProgressBar("graphopt tune", int(deadline - start), progress, "s")
-    watch = _Watch(start, deadline, bar, weights)
-    builder = _WorkerBuilder(work / "build", build_timeout_s, deadline)
-    runner = LocalRunner(
-        timeout_sec=60.0,
-        evaluator_config=EvaluatorConfig(
-            number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False
-        ),
-    )
+    watch = _Watch(start, deadline, bar, [float(task.weight) for task in tasks])
+    builder = None
     try:
+        # Each step below takes seconds to minutes whatever the budget (MetaSchedule's first
+        # round samples a population for every kernel before a callback can stop it), so the
+        # budget is checked before each.
+        watch.check_deadline()
+        builder = _WorkerBuilder(work / "build", build_timeout_s, deadline)
+        runner = LocalRunner(
+            timeout_sec=60.0,
+            evaluator_config=EvaluatorConfig(
+                number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False
+            ),
+        )
         bar.update(0, f"timing the default schedules of {len(tasks)} kernels")
         watch.default_s, watch.seeded = _record_default_schedules(
             tasks, target, database, builder, runner
         )
         watch.best_s.update(watch.default_s)  # the bar's sum starts from the defaults
+        watch.check_deadline()
+        _import_tensor_intrinsics()
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks,
+            str(work),
+            strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
+            num_threads=int(target.attrs["num-cores"]),
+            seed=seed,
+        )
+        watch.check_deadline()
         ms.tune_tasks(
             tasks=contexts,
             task_weights=weights,
@@ -380,12 +387,13 @@ def _run_search(
         stopped = "trials"
     except KeyboardInterrupt:
         stopped = "interrupted"
-    except RuntimeError:  # what _BudgetSpent becomes on its way through TVM's C++ loop
+    except (_BudgetSpent, RuntimeError):  # RuntimeError: _BudgetSpent from TVM's C++ loop
         if not watch.out_of_time:
             raise
         stopped = "budget"
     finally:
-        builder.shutdown()
+        if builder is not None:
+            builder.shutdown()
         bar.close()
     return watch, stopped
 
@@ -441,10 +449,14 @@ def _record_default_schedules(
 def _extract_tasks(
     mods: Sequence[tvm.IRModule], target: tvm.target.Target
 ) -> list[ms.ExtractedTask]:
-    """The distinct kernels of all `mods`, each with its total call count as weight."""
+    """The distinct kernels of all `mods`, each with its total call count as weight. Kernels
+    already scheduled are left out (MetaSchedule's tune contexts skip them, and the search's
+    task ids index this list)."""
     tasks: list[ms.ExtractedTask] = []
     for mod in mods:
         for task in ms.relax_integration.extract_tasks(mod, target):
+            if task.mod.attrs.get("tirx.is_scheduled", False):
+                continue
             same = next(
                 (t for t in tasks if tvm_ffi.structural_equal(t.dispatched[0], task.dispatched[0])),
                 None,
@@ -543,7 +555,11 @@ class _Watch(PyMeasureCallback):
             f"{self.trials} trials, {len(self.best_s)}/{len(self.weights)} kernels timed, "
             f"sum {estimate:.1f} ms",
         )
-        if time.perf_counter() > self.deadline:  # after AddToDatabase: these are kept
+        self.check_deadline()  # after AddToDatabase: these trials are kept
+
+    def check_deadline(self) -> None:
+        """Raise _BudgetSpent once the deadline has passed."""
+        if time.perf_counter() > self.deadline:
             self.out_of_time = True
             raise _BudgetSpent(f"tuning budget spent after {self.trials} trials")
 

@@ -151,6 +151,22 @@ def test_the_budget_stops_tuning(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
 
 
+def test_a_deadline_passing_mid_search_stops_it_and_keeps_what_was_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_TUNE_DIR", str(tmp_path))
+    apply = tune._Watch._cls.apply
+
+    def apply_then_expire(self, *args):
+        self.deadline = 0.0  # the budget runs out while the first batch is measured
+        return apply(self, *args)
+
+    monkeypatch.setattr(tune._Watch._cls, "apply", apply_then_expire)
+    result = tune.tune_kernels(_kernels(), target_for(LLVM), budget_s=300, progress=False)
+    assert result.stopped == "budget"
+    assert 0 < result.trials <= tune.TRIALS_PER_ROUND  # one batch, not the 300 s
+    records = tune._open(tune.database_dir(target_for(LLVM)), allow_missing=False)
+    assert len(records.get_all_tuning_records()) == result.defaults + result.trials
+
+
 def test_a_failed_run_leaves_the_database_as_it_was(tune_env, monkeypatch):
     folder = tune.database_dir(target_for(LLVM))
     before = {name: (folder / name).read_bytes() for name in tune.DB_FILES}
