@@ -3,9 +3,9 @@
 For each model: build it, compile every runner (compile seconds, max abs and relative L2 error
 against eager on the same input), time them in interleaved rounds
 (`graphopt.bench.compare_speed`), and print a markdown table of medians and ratios: against eager,
-the fastest fp32 anchor, and for the int8 runners the fastest int8 anchor and graphopt-cpu
-(fp32). Ratios are what count; absolute times on shared machines are noise. A runner that fails
-is a row with the reason, never a crash.
+the fastest fp32 anchor, and for the int8 runners the fastest int8 anchor and graphopt's fp32
+through the same entry. Ratios are what count; absolute times on shared machines are noise. A
+runner that fails is a row with the reason, never a crash.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -54,6 +54,16 @@ Batch = tuple[torch.Tensor, ...]
 # is flagged in its note as suspect (a broken quantization is typically off by 30% or more).
 INT8_REL_ERROR_TOLERANCE = 0.1
 FP32_BASELINE = "graphopt-cpu"  # what graphopt's int8 runners are also measured against
+# An int8 runner's own fp32 twin (same entry, same target), where it is not FP32_BASELINE:
+# the speed int8 buys is measured against the float model through the same entry.
+FP32_OF = {"graphopt-cpu-int8-optimize": "graphopt-cpu-optimize"}
+
+
+def fp32_of(name: str, timed: Iterable[str]) -> str:
+    """The graphopt fp32 runner `name` (an int8 or pruned runner) is measured against: its twin
+    in FP32_OF when it was timed, else FP32_BASELINE."""
+    twin = FP32_OF.get(name)
+    return twin if twin is not None and twin in timed else FP32_BASELINE
 
 
 @dataclass
@@ -326,7 +336,7 @@ def format_model(result: ModelResult) -> str:
     ratios = ["eager"] + ([anchor] if anchor else [])
     if _has_int8(result) or any(r.name in PRUNED_RUNNERS for r in result.runners):
         ratios += [int8_anchor] if int8_anchor else []
-        ratios += [FP32_BASELINE] if FP32_BASELINE in timed else []
+        ratios += [n for n in (FP32_BASELINE, *FP32_OF.values()) if n in timed]
     others = [r for r in result.runners if r.name != "eager"]
     columns = {
         "compile s": {r.name: f"{r.compile_s:.1f}" for r in others},
@@ -363,12 +373,13 @@ def format_summary(results: Sequence[ModelResult]) -> str:
 
 def format_int8_summary(results: Sequence[ModelResult]) -> str:
     """One line per model and graphopt int8 runner: its speed against the fastest int8 anchor
-    and against graphopt-cpu (fp32), with both runners' relative L2 errors ("" if no int8)."""
+    and against graphopt's fp32 through the same entry (`fp32_of`), with the runner's and the
+    anchor's relative L2 errors ("" if no int8)."""
     subjects = [n for n in INT8_RUNNERS if n not in INT8_ANCHORS]
     lines = [
         "| model | runner | median ms | rel L2 err | fastest int8 anchor | anchor ms "
-        f"| anchor rel L2 err | speed vs fastest int8 anchor | speed vs {FP32_BASELINE} |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+        "| anchor rel L2 err | speed vs fastest int8 anchor | graphopt fp32 | speed vs it |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for res in results:
         ms = {t.name: t.median_ms for t in res.timings}
@@ -378,7 +389,8 @@ def format_int8_summary(results: Sequence[ModelResult]) -> str:
             cells = [res.model, name, _cell(ms[name], ".3f"), _cell(errors[name], ".1e")]
             cells += [anchor or "-", _cell(ms.get(anchor, math.nan), ".3f")]
             cells += [_cell(errors.get(anchor, math.nan), ".1e")]
-            cells += [_speed(ms, anchor, name), _speed(ms, FP32_BASELINE, name)]
+            fp32 = fp32_of(name, ms)
+            cells += [_speed(ms, anchor, name), fp32, _speed(ms, fp32, name)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -469,7 +481,7 @@ def format_report(results: Sequence[ModelResult], machine: str, settings: str) -
     int8 = format_int8_summary(results)
     if int8:
         parts += [
-            "## int8: speed vs the fastest int8 anchor and vs graphopt-cpu (fp32)",
+            "## int8: speed vs the fastest int8 anchor and vs graphopt fp32",
             f"int8 anchors: {', '.join(INT8_ANCHORS)}. int8 is lossy: `rel L2 err` = "
             "||out - eager|| / ||eager|| on the timed input; a few percent is expected, over "
             f"{INT8_REL_ERROR_TOLERANCE:.0%} the runner's note says SUSPECT.",

@@ -11,6 +11,7 @@ import torch
 from benchmarks import run
 from benchmarks.models import CALIBRATION_BATCHES, MODELS, TINY
 from benchmarks.runners import INT8_ANCHORS, INT8_RUNNERS, RUNNERS, eager
+from graphopt.bench import Timing
 
 FAST_RUNNERS = ["eager", "inductor", "onnxruntime", "graphopt-cpu"]
 
@@ -184,3 +185,28 @@ def test_stages_benchmark_prints_each_split_and_its_timing(capsys):
     assert "| eager-cpu |" in out and "| cpu+cpu |" in out
     error = float(out.split("max abs error ")[1].split()[0])
     assert error < 1e-4
+
+
+def test_each_int8_runner_is_measured_against_the_fp32_of_its_own_entry():
+    medians = {
+        "eager": 40.0,
+        "graphopt-cpu": 10.0,
+        "graphopt-cpu-optimize": 8.0,
+        "onnxruntime-int8": 6.0,
+        "graphopt-cpu-int8": 5.0,
+        "graphopt-cpu-int8-optimize": 4.0,
+    }
+    result = run.ModelResult(
+        "m",
+        [run.RunnerResult(name, rel_error=0.01) for name in medians],
+        [Timing(name, ms, [ms]) for name, ms in medians.items()],
+        1.0,
+    )
+    rows = {
+        line.split("|")[2].strip(): [c.strip() for c in line.strip(" |").split("|")]
+        for line in run.format_int8_summary([result]).splitlines()[2:]
+    }
+    assert rows["graphopt-cpu-int8"][-2:] == ["graphopt-cpu", "2.00x"]
+    assert rows["graphopt-cpu-int8-optimize"][-2:] == ["graphopt-cpu-optimize", "2.00x"]
+    header = _header(run.format_model(result))
+    assert {"speed vs graphopt-cpu", "speed vs graphopt-cpu-optimize"} <= set(header)
