@@ -60,8 +60,8 @@ FP32_OF = {"graphopt-cpu-int8-optimize": "graphopt-cpu-optimize"}
 
 
 def fp32_of(name: str, timed: Iterable[str]) -> str:
-    """The graphopt fp32 runner `name` (an int8 or pruned runner) is measured against: its twin
-    in FP32_OF when it was timed, else FP32_BASELINE."""
+    """The graphopt fp32 runner the int8 runner `name` is measured against: its twin in FP32_OF
+    when `timed` (the runners with a median) holds it, else FP32_BASELINE."""
     twin = FP32_OF.get(name)
     return twin if twin is not None and twin in timed else FP32_BASELINE
 
@@ -389,7 +389,7 @@ def format_int8_summary(results: Sequence[ModelResult]) -> str:
             cells = [res.model, name, _cell(ms[name], ".3f"), _cell(errors[name], ".1e")]
             cells += [anchor or "-", _cell(ms.get(anchor, math.nan), ".3f")]
             cells += [_cell(errors.get(anchor, math.nan), ".1e")]
-            fp32 = fp32_of(name, ms)
+            fp32 = fp32_of(name, [n for n, median in ms.items() if not math.isnan(median)])
             cells += [_speed(ms, anchor, name), fp32, _speed(ms, fp32, name)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
