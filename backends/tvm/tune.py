@@ -359,7 +359,7 @@ def _run_search(
         watch.best_s.update(watch.default_s)  # the bar's sum starts from the defaults
         watch.check_deadline()
         _import_tensor_intrinsics()
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks,
             str(work),
             strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
@@ -369,7 +369,7 @@ def _run_search(
         watch.check_deadline()
         ms.tune_tasks(
             tasks=contexts,
-            task_weights=weights,
+            task_weights=watch.weights,  # the tasks' weights, as the contexts' (one each)
             work_dir=str(work),
             max_trials_global=max_trials or 10**9,
             num_trials_per_iter=TRIALS_PER_ROUND,
