@@ -112,6 +112,28 @@ def compile_onnx(
     return run
 
 
+def session_options() -> Any:
+    """The onnxruntime options of every CPU session graphopt opens (and the benchmarks' anchor):
+    all graph optimizations; the intra-op threads spin between the ops of a Run() and stop
+    spinning when it returns (`session.force_spinning_stop`).
+
+    By default they also spin after Run() returns (about 0.05 CPU-seconds here), on the cores
+    PyTorch's ops need next. Not spinning at all costs onnxruntime between its ops instead:
+    MobileNetV2 at batch 1 on the 2-core host of benchmarks/, medians of 100 calls each made
+    50 ms after the last, four runs: 6.3 / 6.7 / 6.0 / 5.5 ms spinning in Run() against
+    7.2 / 8.2 / 6.8 / 6.5 ms not spinning (ResNet-18: 2% apart). A PyTorch call made at once
+    after it returns runs about 3% slower than after a session that never spins."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    # Sequential execution (the default) leaves the inter-op pool unused.
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 class OnnxRunner:
     """An onnxruntime CPU session over a model (serialized bytes or a file path); call it with
     torch tensors, in the model's input order, to get a tuple of torch tensors."""
@@ -119,12 +141,9 @@ class OnnxRunner:
     def __init__(self, model: bytes | str):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle onnxruntime threads spin by default and take the cores PyTorch needs next.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            model, session_options(), providers=["CPUExecutionProvider"]
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.num_inputs = len(self.input_names)
 

@@ -51,14 +51,13 @@ def _onnx_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: st
 def _ort_session(path: str) -> Runner:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from graphopt.backends.onnx import session_options
+
     # Idle onnxruntime threads spin by default: in interleaved rounds on a small machine they
     # steal the cores of the runner timed next (ResNet-18 on 2 cores: inductor after it ran 2x
-    # slower). Measured without spinning, every runner gets the machine to itself.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    # slower). graphopt's options keep the spinning inside Run(), where it speeds onnxruntime
+    # up, and stop it when Run() returns.
+    session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def run(*args):

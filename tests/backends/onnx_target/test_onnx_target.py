@@ -89,3 +89,25 @@ def test_onnxruntime_fuses_every_int8_conv_into_its_integer_kernel(tmp_path):
     convs = sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default)
     assert ops.count("QLinearConv") == convs and "Conv" not in ops, ops
     assert "QLinearAdd" in ops  # the residual add runs in int8 too
+
+
+def test_onnxruntime_threads_stop_spinning_when_a_call_returns():
+    """onnxruntime's idle threads spin by default for a while after Run() (about 0.05 CPU-s
+    here), on cores PyTorch's ops need next; graphopt's sessions stop them on return."""
+    import time
+
+    from graphopt.backends.onnx import OnnxRunner
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256)
+    ).eval()
+    x = torch.randn(64, 256)
+    run = OnnxRunner(export_onnx(torch.export.export(model, (x,)).module(), [x]))
+    options = run.session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    for _ in range(5):
+        (out,) = run(x)
+    assert_same_outputs(model(x).detach(), out)
+    cpu = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - cpu < 0.02
