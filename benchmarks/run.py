@@ -32,7 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import graphopt
-from graphopt.bench import Timing, compare_speed, format_timings
+from graphopt.bench import STOLEN_WARN, StolenTime, Timing, compare_speed, format_timings
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,6 +84,7 @@ class ModelResult:
     runners: list[RunnerResult]
     timings: list[Timing]
     output_scale: float  # max |eager output|, to read the errors against
+    stolen: float = math.nan  # share of CPU time the hypervisor took while timing (Linux)
 
     def anchor(self, among: Sequence[str] = ANCHORS) -> str | None:
         """The fastest of the anchor runners `among` that ran (default: the fp32 anchors,
@@ -278,21 +279,24 @@ def bench_model(
             result.note = _join(result.note, f"{max_rounds[name]} round(s): {budget_s:g} s budget")
         callables[name] = fn
     log(f"[{bm.name}] timing {len(callables)} runner(s), {rounds} interleaved round(s) ...")
-    timed = compare_speed(
-        callables,
-        inputs,
-        rounds=rounds,
-        warmup=warmup,
-        max_rounds=max_rounds,
-        max_warmup=max_warmup,
-    )
+    with StolenTime() as stolen:
+        timed = compare_speed(
+            callables,
+            inputs,
+            rounds=rounds,
+            warmup=warmup,
+            max_rounds=max_rounds,
+            max_warmup=max_warmup,
+        )
+    if stolen.suspect:
+        log(f"[{bm.name}] {stolen.warning()}")
     for t in timed:
         next(r for r in results if r.name == t.name).samples_ms = t.samples_ms
     timings = [Timing.from_samples(r.name, r.samples_ms) for r in results]
     scale = max((x.abs().max().item() for x in pytree.tree_leaves(reference)), default=0.0)
     del model, callables
     gc.collect()
-    return ModelResult(bm.name, results, timings, scale)
+    return ModelResult(bm.name, results, timings, scale, stolen.share)
 
 
 def run_suite(
@@ -353,6 +357,10 @@ def format_model(result: ModelResult) -> str:
         head += f"; fastest anchor: {anchor}"
     if _has_int8(result):
         head += f"; fastest int8 anchor: {int8_anchor or 'none ran'}"
+    if not math.isnan(result.stolen):
+        head += f"; CPU time stolen by the hypervisor while timing: {result.stolen:.1%}"
+        if result.stolen >= STOLEN_WARN:
+            head += " (**timings suspect**: another machine's load slowed some calls)"
     return head + "\n\n" + format_timings(result.timings, ratios_to=ratios, columns=columns)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.bench import compare_speed, format_timings
+from graphopt.bench import StolenTime, compare_speed, format_timings
 
 
 class Block(nn.Module):
@@ -62,8 +62,11 @@ def main() -> None:
         graphopt.testing.assert_same_outputs(model(x), compiled(x))
     print(graphopt.reports()[-1])
     print("outputs match eager\n")
-    timings = compare_speed({"eager": model, "graphopt": compiled}, (x,), rounds=args.rounds)
+    with StolenTime() as stolen:
+        timings = compare_speed({"eager": model, "graphopt": compiled}, (x,), rounds=args.rounds)
     print(format_timings(timings))
+    if stolen.suspect:
+        print(f"note: {stolen.warning()}")
 
 
 if __name__ == "__main__":

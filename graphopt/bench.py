@@ -19,6 +19,56 @@ import torch
 SETTLE_S = 0.05
 
 
+# At or above this share of CPU time stolen by a hypervisor, timings are flagged as suspect.
+STOLEN_WARN = 0.02
+
+
+def cpu_steal(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(stolen, total) CPU time so far, in ticks summed over all CPUs, from Linux's /proc/stat.
+    "steal" is time a virtual machine's CPUs were ready to run while the hypervisor ran
+    something else: on a shared VM, the one sign of a neighbour's load the guest can read.
+    None where there is no such file."""
+    try:
+        with open(path) as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    ticks += [0] * (8 - len(ticks))  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
+
+
+def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    """The share of CPU time stolen between two `cpu_steal()` readings (nan without both)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return math.nan
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+class StolenTime:
+    """`with StolenTime() as stolen:` around a timing; then `stolen.share` is the share of CPU
+    time the hypervisor took meanwhile (nan off Linux) and `stolen.suspect` whether it reached
+    STOLEN_WARN."""
+
+    share: float = math.nan
+
+    def __enter__(self) -> StolenTime:
+        self._before = cpu_steal()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.share = stolen_share(self._before, cpu_steal())
+
+    @property
+    def suspect(self) -> bool:
+        return self.share >= STOLEN_WARN
+
+    def warning(self) -> str:
+        return (
+            f"the hypervisor took {self.share:.0%} of the CPU time while timing: "
+            "another machine's load slowed some calls, so these timings are suspect"
+        )
+
+
 @dataclass
 class Timing:
     name: str

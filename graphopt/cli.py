@@ -69,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     import graphopt
-    from graphopt.bench import compare_speed, format_timings
+    from graphopt.bench import StolenTime, compare_speed, format_timings
 
     options = dict(_parse_option(o) for o in args.option)
     options.setdefault("target", args.target)
@@ -98,8 +98,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         graphopt.testing.assert_same_outputs(expected, got)
         print("outputs match eager")
-    timings = compare_speed({"eager": model, "graphopt": compiled}, inputs, rounds=args.rounds)
+    with StolenTime() as stolen:
+        timings = compare_speed({"eager": model, "graphopt": compiled}, inputs, rounds=args.rounds)
     print(format_timings(timings))
+    if stolen.suspect:
+        print(f"note: {stolen.warning()}")
     return 0
 
 

@@ -210,3 +210,23 @@ def test_each_int8_runner_is_measured_against_the_fp32_of_its_own_entry():
     assert rows["graphopt-cpu-int8-optimize"][-2:] == ["graphopt-cpu-optimize", "2.00x"]
     header = _header(run.format_model(result))
     assert {"speed vs graphopt-cpu", "speed vs graphopt-cpu-optimize"} <= set(header)
+
+
+def test_stolen_cpu_time_is_read_from_proc_stat_and_flags_the_table(tmp_path):
+    from graphopt.bench import cpu_steal, stolen_share
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    before = cpu_steal(str(stat))
+    assert before == (40, 1000)
+    stat.write_text("cpu  200 0 60 900 10 0 0 70 0 0\n")  # 30 of 240 more ticks stolen
+    assert stolen_share(before, cpu_steal(str(stat))) == 0.125
+    assert cpu_steal(str(tmp_path / "missing")) is None
+    assert math.isnan(stolen_share(None, before))
+
+    timings = [Timing("eager", 10.0, [10.0])]
+    calm = run.ModelResult("m", [run.RunnerResult("eager")], timings, 1.0, stolen=0.004)
+    busy = run.ModelResult("m", [run.RunnerResult("eager")], timings, 1.0, stolen=0.125)
+    assert "while timing: 0.4%" in run.format_model(calm)
+    assert "suspect" not in run.format_model(calm)
+    assert "while timing: 12.5% (**timings suspect**" in run.format_model(busy)
