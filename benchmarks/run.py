@@ -360,7 +360,7 @@ def format_model(result: ModelResult) -> str:
     if not math.isnan(result.stolen):
         head += f"; CPU time stolen by the hypervisor while timing: {result.stolen:.1%}"
         if result.stolen >= STOLEN_WARN:
-            head += " (**timings suspect**: another machine's load slowed some calls)"
+            head += " (**timings suspect**: another virtual machine's load slowed some calls)"
     return head + "\n\n" + format_timings(result.timings, ratios_to=ratios, columns=columns)
 
 

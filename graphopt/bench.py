@@ -26,8 +26,9 @@ STOLEN_WARN = 0.02
 def cpu_steal(path: str = "/proc/stat") -> tuple[int, int] | None:
     """(stolen, total) CPU time so far, in ticks summed over all CPUs, from Linux's /proc/stat.
     "steal" is time a virtual machine's CPUs were ready to run while the hypervisor ran
-    something else: on a shared VM, the one sign of a neighbour's load the guest can read.
-    None where there is no such file."""
+    something else: a sign of a neighbour's load that the guest can read, though not of every
+    kind (a neighbour sharing the caches or memory bandwidth shows none). None where there is
+    no such file."""
     try:
         with open(path) as f:
             ticks = [int(x) for x in f.readline().split()[1:9]]
@@ -65,7 +66,7 @@ class StolenTime:
     def warning(self) -> str:
         return (
             f"the hypervisor took {self.share:.0%} of the CPU time while timing: "
-            "another machine's load slowed some calls, so these timings are suspect"
+            "another virtual machine's load slowed some calls, so these timings are suspect"
         )
 
 
