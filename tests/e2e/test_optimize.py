@@ -65,6 +65,24 @@ def test_verify_under_torch_compile_names_the_pass(monkeypatch):
         compiled(torch.randn(2, 32))
 
 
+def test_verify_runs_int8_kernels_against_the_int8_graph_only(monkeypatch):
+    from graphopt import compiler
+
+    references = []  # the graphs compile_graph runs as the lowering's reference
+
+    def run_graph(gm, inputs):
+        references.append("graphopt.quantization" in gm.meta)
+        return pipeline.run_graph(gm, inputs)
+
+    monkeypatch.setattr(compiler, "run_graph", run_graph)
+    calibration = [(torch.randn(4, 32),) for _ in range(2)]
+    model = graphopt.optimize(
+        MLP().eval(), (torch.randn(4, 32),), quantize="int8", calibration=calibration, verify=True
+    )
+    assert model.report.verified
+    assert references == [True]  # no float run whose outputs would be thrown away
+
+
 def test_disable_passes_skips_them():
     optimized = graphopt.optimize(
         ResidualCNN().eval(), (torch.randn(1, 3, 16, 16),), disable_passes=["fold_batchnorm"]
