@@ -32,7 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import graphopt
-from graphopt.bench import STOLEN_WARN, StolenTime, Timing, compare_speed, format_timings
+from graphopt.bench import StolenTime, Timing, compare_speed, format_timings, stolen_suspect
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -359,7 +359,7 @@ def format_model(result: ModelResult) -> str:
         head += f"; fastest int8 anchor: {int8_anchor or 'none ran'}"
     if not math.isnan(result.stolen):
         head += f"; CPU time stolen by the hypervisor while timing: {result.stolen:.1%}"
-        if result.stolen >= STOLEN_WARN:
+        if stolen_suspect(result.stolen):
             head += " (**timings suspect**: another virtual machine's load slowed some calls)"
     return head + "\n\n" + format_timings(result.timings, ratios_to=ratios, columns=columns)
 

@@ -45,6 +45,11 @@ def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) 
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
+def stolen_suspect(share: float) -> bool:
+    """Whether a stolen share (from `stolen_share`) makes the timings it covers suspect."""
+    return share >= STOLEN_WARN
+
+
 class StolenTime:
     """`with StolenTime() as stolen:` around a timing; then `stolen.share` is the share of CPU
     time the hypervisor took meanwhile (nan off Linux) and `stolen.suspect` whether it reached
@@ -61,7 +66,7 @@ class StolenTime:
 
     @property
     def suspect(self) -> bool:
-        return self.share >= STOLEN_WARN
+        return stolen_suspect(self.share)
 
     def warning(self) -> str:
         return (
