@@ -64,12 +64,12 @@ def compile_graph(
         if problem is not None:
             log.warning("graphopt: %s: %s", report.graph_id, problem)
             calibration = None
-    if cfg.quantize is not None and not training and calibration is None:
+    quantizing = cfg.quantize is not None and not training
+    if quantizing and calibration is None:
         REPORTS.append(report)
         return _CalibrateOnCalls(gm, example_inputs, cfg, report)
     # The lowering is checked against the captured graph, or for int8 against the int8 graph
     # it was built from (the float outputs would only be thrown away).
-    quantizing = cfg.quantize is not None and not training
     reference = run_graph(gm, list(real_inputs)) if verify and not quantizing else None
     start = time.perf_counter()
     gm = run_pipeline(
