@@ -35,18 +35,26 @@ log = logging.getLogger("graphopt")
 
 
 def compile_inductor(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config, *, training: bool = False
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    cfg: Config,
+    *,
+    training: bool = False,
+    backward: bool = False,
 ) -> Callable[..., Any]:
     """Compile `gm` with inductor; returns a function of the same inputs.
 
     Args:
         example_inputs: fake tensors (inside torch.compile) or real ones (export path).
-        training: a forward/backward graph of aot_autograd (weights are inputs: no freezing).
+        training: a forward (or with `backward`, backward) graph of aot_autograd (weights
+            are inputs: no freezing).
     """
     from torch._guards import TracingContext, detect_fake_mode, tracing
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
+    if training:
+        return _compile_training_graph(gm, example_inputs, backward=backward)
     fake_mode = detect_fake_mode(list(example_inputs))
     stack = contextlib.ExitStack()
     with stack:
@@ -59,12 +67,52 @@ def compile_inductor(
         stack.enter_context(inductor_config.patch(settings))
         stack.enter_context(torch.no_grad())
         fn = compile_fx(gm, list(example_inputs))
-    if not training:
-        _release_frozen_weights(fn, gm)
+    _release_frozen_weights(fn, gm)
     gemm = settings.get("post_grad_custom_pre_pass")
     if isinstance(gemm, _LinearGemm) and (gemm.moved or gemm.kept):
         fn.note = gemm.note()  # shown in the report's partition table
     return fn
+
+
+def _compile_training_graph(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, backward: bool
+) -> Callable[..., Any]:
+    """A forward or backward graph of aot_autograd, compiled as inductor compiles its own.
+
+    It runs in aot_autograd's tracing context (not a fresh one, as `compile_fx` needs): the
+    forward reports there the strides of the activations it saves, and aot_autograd compiles
+    the backward for those strides. Inductor may return a saved activation with other
+    strides than the traced graph says (a `cat` with an empty operand comes back as a view
+    of the other), and the backward's inductor code asserts the strides it was built for.
+    """
+    from torch._guards import TracingContext
+    from torch._inductor import compile_fx as inductor
+    from torch._inductor import config as inductor_config
+
+    extra = inductor.create_compiler_config_extra(gm)
+    inputs = list(example_inputs)
+    with inductor_config.patch(_settings(gm, inputs, True)):
+        if backward:
+            compiled = inductor.compile_fx_backward(gm, inputs, compiler_config_extra=extra)
+        else:
+            context = TracingContext.try_get()
+            meta = context.fw_metadata if context is not None else None
+            # The model's own outputs (their strides are kept); saved activations follow them.
+            outputs = (
+                len(meta.output_info) if meta is not None else len(gm.graph.output_node().args[0])
+            )
+            compiled = inductor.compile_fx_forward(
+                gm,
+                inputs,
+                num_orig_model_outputs=outputs,
+                num_example_inputs=len(inputs),
+                compiler_config_extra=extra,
+            )
+
+    def run(*args: Any) -> Any:
+        return compiled(list(args))
+
+    return run
 
 
 def _settings(

@@ -24,7 +24,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.capture import concrete, freeze_placeholders, is_param_source
+from graphopt.capture import (
+    concrete,
+    decomposition_table,
+    freeze_placeholders,
+    is_param_source,
+)
 from graphopt.compiler import compile_graph, new_report
 from graphopt.config import Config
 
@@ -50,7 +55,6 @@ def graphopt_backend(
 def compile_dynamo_graph(
     dynamo_gm: torch.fx.GraphModule, example_inputs: list[Any], cfg: Config
 ) -> Callable[..., Any]:
-    from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
     start = time.perf_counter()
@@ -63,7 +67,7 @@ def compile_dynamo_graph(
     training = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
     )
-    decompositions = core_aten_decompositions()
+    decompositions = decomposition_table(cfg.target, training)
     if training:
         if cfg.quantize is not None:
             log.warning(

@@ -102,7 +102,9 @@ def lower(
             report.warnings.append(warning)
     try:
         if backend.registry.supports_all:
-            kwargs = {"training": training} if backend.name == "inductor" else {}
+            kwargs = {}
+            if backend.name == "inductor":
+                kwargs = {"training": training, "backward": report.mode == "training-backward"}
             try:
                 fn = backend.compile(gm, list(example_inputs), cfg, **kwargs)
             except Exception as err:

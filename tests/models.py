@@ -115,3 +115,75 @@ class Fn(nn.Module):
 
     def forward(self, *xs):
         return self.fn(self, *xs)
+
+
+class ViTBlock(nn.Module):
+    """A pre-norm transformer block as timm's `vision_transformer.Block` writes it: one qkv
+    linear, `F.scaled_dot_product_attention` (timm's fused attention), LayerScale, GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, init_values: float = 0.1):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.ls1 = nn.Parameter(init_values * torch.ones(dim))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
+        )
+        self.ls2 = nn.Parameter(init_values * torch.ones(dim))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1 * self.attention(self.norm1(x))
+        return x + self.ls2 * self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """A Vision Transformer in timm's layout (timm itself needs torchvision, which does not
+    import beside torch 2.13): conv patch embedding, class token, learned position embedding,
+    `ViTBlock`s, final norm, class-token head."""
+
+    def __init__(
+        self, image: int = 16, patch: int = 4, dim: int = 32, depth: int = 2, heads: int = 4,
+        classes: int = 10,
+    ):  # fmt: skip
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, (image // patch) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+TINY_LLAMA = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def tiny_llama(**overrides):
+    """A 2-layer Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) from a transformers
+    config: random init, nothing downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))

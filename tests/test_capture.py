@@ -1,0 +1,50 @@
+"""The capture's decomposition tables: right beneath autograd in training, core ATen in inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from functorch.compile import aot_function, nop
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from graphopt.capture import decomposition_table
+from graphopt.testing import assert_same_outputs
+
+aten = torch.ops.aten
+FLASH = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("target", ["cpu", "llvm"])
+def test_training_table_gives_eager_attention_gradients(target):
+    """torch's core-ATen table returns the attention probabilities as the fused CPU attention's
+    logsumexp; its backward reads them and every gradient is wrong (by ~100 here)."""
+    q, k, v = (torch.randn(2, 4, 8, 16, requires_grad=True) for _ in range(3))
+    expected = torch.autograd.grad(_attention(q, k, v).square().sum(), (q, k, v))
+    traced = aot_function(_attention, nop, nop, decompositions=decomposition_table(target, True))
+    got = torch.autograd.grad(traced(q, k, v).square().sum(), (q, k, v))
+    assert_same_outputs(expected, got)
+
+
+def test_core_table_is_the_bug_the_training_table_avoids():
+    """Documents torch 2.13's bug: if this starts passing, torch fixed it (see the note in
+    graphopt/capture.py) and the training table may keep the decomposition."""
+    from torch._decomp import core_aten_decompositions
+
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    _, logsumexp = core_aten_decompositions()[FLASH](q, k, v)
+    assert logsumexp.shape != FLASH(q, k, v)[1].shape
+
+
+def test_inference_table_decomposes_attention_to_core_aten():
+    """Inference keeps the decomposition: TVM, HLS and ONNX lower the matmuls and softmax."""
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    with torch.no_grad():
+        gm = make_fx(_attention, decomposition_table("llvm", training=False))(q, k, v)
+    targets = {node.target for node in gm.graph.nodes if node.op == "call_function"}
+    assert FLASH not in targets and aten.bmm.default in targets
+    assert_same_outputs(_attention(q, k, v), gm(q, k, v))
