@@ -29,6 +29,7 @@ from graphopt.capture import (
     decomposition_table,
     freeze_placeholders,
     is_param_source,
+    training_capture,
 )
 from graphopt.compiler import compile_graph, new_report
 from graphopt.config import Config
@@ -67,7 +68,6 @@ def compile_dynamo_graph(
     training = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
     )
-    decompositions = decomposition_table(cfg.target, training)
     if training:
         if cfg.quantize is not None:
             log.warning(
@@ -77,9 +77,11 @@ def compile_dynamo_graph(
             )
         fw = functools.partial(_training_compiler, cfg=cfg, mode="training-forward", start=start)
         bw = functools.partial(_training_compiler, cfg=cfg, mode="training-backward", start=None)
-        return aot_autograd(fw_compiler=fw, bw_compiler=bw, decompositions=decompositions)(
-            dynamo_gm, example_inputs
-        )
+        options, context = training_capture(cfg.target, example_inputs)
+        with context:
+            return aot_autograd(fw_compiler=fw, bw_compiler=bw, **options)(
+                dynamo_gm, example_inputs
+            )
     inference = functools.partial(
         _inference_compiler,
         cfg=cfg,
@@ -91,7 +93,7 @@ def compile_dynamo_graph(
     return aot_autograd(
         fw_compiler=inference,
         inference_compiler=inference,
-        decompositions=decompositions,
+        decompositions=decomposition_table(cfg.target, training=False),
         keep_inference_input_mutations=True,
     )(dynamo_gm, example_inputs)
 

@@ -12,7 +12,9 @@ Both give a GraphModule whose placeholders are the user inputs only and whose we
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +99,39 @@ def freeze_placeholders(gm: torch.fx.GraphModule, values: dict[int, torch.Tensor
 # leaves the op out as well. tests/e2e/test_training.py proves the training tables on real
 # models, `python -m tests.opinfo.sweep --grad` on every differentiable OpInfo.
 _WRONG_UNDER_AUTOGRAD = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
+
+
+def training_capture(
+    target: str, example_inputs: Sequence[Any]
+) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
+    """(aot_autograd's options, the context to trace in) for a training graph for `target`.
+
+    On "cpu" the forward and backward graphs go to inductor's graph compiler as they are, so
+    the joint graph is traced and split as inductor's own torch.compile backend does it: its
+    decomposition table, its joint-graph passes (random ops to inductor's RNG, pattern
+    rewrites) and min-cut partitioner (cheap ops recomputed in the backward rather than
+    saved; inductor reuses saved activations' memory on the assumption that this partitioner
+    chose them), side-effect tokens taken out of the graphs. Other targets: core ATen less
+    the decompositions wrong beneath autograd, aot_autograd's default split.
+    """
+    if target != "cpu":
+        return {"decompositions": decomposition_table(target, training=True)}, nullcontext()
+    from torch._functorch import config as functorch_config
+    from torch._guards import detect_fake_mode
+    from torch._inductor.compile_fx import partition_fn
+    from torch._inductor.virtualized import V
+
+    options = {
+        "decompositions": decomposition_table(target, training=True),
+        "partition_fn": partition_fn,
+        "keep_inference_input_mutations": True,
+    }
+    context = contextlib.ExitStack()
+    fake_mode = detect_fake_mode(list(example_inputs))
+    if fake_mode is not None:  # the joint-graph passes make their tensors in it
+        context.enter_context(V.set_fake_mode(fake_mode))
+    context.enter_context(functorch_config.patch(unlift_effect_tokens=True))
+    return options, context
 
 
 def decomposition_table(target: str, training: bool) -> dict[Any, Any]:

@@ -1,9 +1,10 @@
 """OpInfo coverage must not regress: ops that compiled correctly in the baseline still do.
 
-The baselines (`baseline_<target>.json`) are full sweeps of PyTorch's OpInfo database, written by
-`python -m tests.opinfo.sweep --target T --out tests/opinfo/baseline_T.json`. Here every op
-that was "match" or "fallback" there is re-run, one test per op (so `pytest -n 2` spreads them),
-and must still be; on "llvm" an op that was "match" must not start falling back to PyTorch.
+The baselines (`baseline_<target>[_<mode>].json`) are full sweeps of PyTorch's OpInfo database,
+written by `python -m tests.opinfo.sweep --target T [--mode grad] --out tests/opinfo/...`. Here
+every op that was "match" or "fallback" there is re-run, one test per op (so `pytest -n 2`
+spreads them), and must still be; on "llvm", and for gradients, an op that was "match" must not
+start running in PyTorch.
 
 What CI runs, and why (measured on the 2-core machine, cold inductor cache):
   * llvm: every baseline-passing op (614 ops, ~0.3 s each, ~3 min): the TVM rules are
@@ -13,6 +14,11 @@ What CI runs, and why (measured on the 2-core machine, cold inductor cache):
     depend on the baseline's contents, and it spans every op family, so a pass that breaks
     many ops (as each regression seen while writing this did: a CSE or constant-folding bug
     hits dozens of ops) still fails here.
+  * cpu gradients (training graphs: outputs and the gradient of every input, up to 6 samples
+    of each op in one compile): a fixed third, crc32(name) % 3 == 1, so the forward and
+    gradient samples cover different ops.
+  * double backward: a fixed sample of 12 ops, each equal to eager or refused by torch.compile
+    itself (aot_autograd has no double backward in torch 2.13), never wrong.
   GRAPHOPT_OPINFO_FULL=1 runs every cpu op too.
 """
 
@@ -28,71 +34,96 @@ import pytest
 from . import sweep
 
 HERE = Path(__file__).parent
-TARGETS = ("cpu", "llvm")
-CPU_SAMPLE = 3  # cpu runs the ops with crc32(name) % CPU_SAMPLE == 0 unless GRAPHOPT_OPINFO_FULL
-# Lower bounds on each baseline's "match" count (~80% of cpu 617, llvm 293 when written), so a
-# baseline regenerated from a broken tree cannot pass; "fallback" is not counted, as an llvm
-# sweep with no TVM rule at all would still have ~600 ops that fall back entirely.
-MIN_MATCH = {"cpu": 490, "llvm": 230}
+BASELINES = (("cpu", "forward"), ("llvm", "forward"), ("cpu", "grad"))
+CPU_SAMPLE = 3  # cpu runs the ops with crc32(name) % CPU_SAMPLE == residue unless ..._FULL
+RESIDUE = {"forward": 0, "grad": 1}
+# Lower bounds on each baseline's "match" count (~80% of cpu 617, llvm 293, cpu grad 444 when
+# written), so a baseline regenerated from a broken tree cannot pass; "fallback" is not
+# counted, as an llvm sweep with no TVM rule at all would still have ~600 ops that fall back.
+MIN_MATCH = {"cpu": 490, "llvm": 230, "cpu_grad": 355}
+DOUBLE_BACKWARD = (
+    "sin", "mul", "matmul", "nn.functional.linear", "nn.functional.layer_norm", "softmax",
+    "nn.functional.gelu", "nn.functional.conv2d", "sum", "nn.functional.cross_entropy", "tanh",
+    "nn.functional.scaled_dot_product_attention",
+)  # fmt: skip
 
 
-def _baseline(target: str) -> dict:
-    return json.loads((HERE / f"baseline_{target}.json").read_text())
+def _baseline(target: str, mode: str = "forward") -> dict:
+    return json.loads((HERE / f"baseline_{sweep.baseline_name(target, mode)}.json").read_text())
 
 
-def _in_ci_sample(target: str, key: str) -> bool:
+def _in_ci_sample(target: str, mode: str, key: str) -> bool:
     if target != "cpu" or os.environ.get("GRAPHOPT_OPINFO_FULL") == "1":
         return True
-    return zlib.crc32(key.encode()) % CPU_SAMPLE == 0
+    return zlib.crc32(key.encode()) % CPU_SAMPLE == RESIDUE[mode]
 
 
 def _cases() -> list:
     cases = []
-    for target in TARGETS:
-        for key, status in _baseline(target)["ops"].items():
-            if status in sweep.PASSING and _in_ci_sample(target, key):
-                cases.append(pytest.param(target, key, status, id=f"{target}-{key}"))
+    for target, mode in BASELINES:
+        name = sweep.baseline_name(target, mode)
+        for key, status in _baseline(target, mode)["ops"].items():
+            if status in sweep.PASSING and _in_ci_sample(target, mode, key):
+                cases.append(pytest.param(target, mode, key, status, id=f"{name}-{key}"))
     return cases
 
 
 @pytest.fixture(scope="session")  # not module: xdist interleaves modules, restarts cost ~8 s
 def runners():
-    """One sweep worker per target for this pytest process (a crash or hang costs one op)."""
-    pool: dict[str, sweep.Runner] = {}
+    """One sweep worker per target and mode for this pytest process (a crash or hang costs
+    one op)."""
+    pool: dict[tuple[str, str], sweep.Runner] = {}
     yield pool
     for runner in pool.values():
         runner.close()
 
 
-@pytest.mark.parametrize(("target", "key", "before"), _cases())
-def test_op_does_not_regress(runners, target: str, key: str, before: str) -> None:
-    if target not in runners:
-        runners[target] = sweep.Runner(target)
-    outcome = runners[target].classify(key)
-    why = sweep.regression(target, before, outcome.status)
+def _runner(runners: dict, target: str, mode: str) -> sweep.Runner:
+    if (target, mode) not in runners:
+        runners[target, mode] = sweep.Runner(target, mode=mode)
+    return runners[target, mode]
+
+
+@pytest.mark.parametrize(("target", "mode", "key", "before"), _cases())
+def test_op_does_not_regress(runners, target: str, mode: str, key: str, before: str) -> None:
+    outcome = _runner(runners, target, mode).classify(key)
+    why = sweep.regression(target, before, outcome.status, mode)
     if why is not None:
-        pytest.fail(f"{key} on target={target!r} {why}: {outcome.detail}", pytrace=False)
+        what = "gradients" if mode == "grad" else "outputs"
+        pytest.fail(f"{key} ({what}) on target={target!r} {why}: {outcome.detail}", pytrace=False)
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_baseline_covers_op_db(target: str) -> None:
-    """Every float32 OpInfo is in the baseline and vice versa, and enough of them pass."""
-    baseline = _baseline(target)
-    ops = sweep.float32_ops()
+@pytest.mark.parametrize("key", DOUBLE_BACKWARD)
+def test_double_backward_is_right_or_refused(runners, key: str) -> None:
+    """Gradients of gradients through graphopt equal eager's, or torch.compile refuses them
+    with its own error (as it does with inductor); never different numbers or another error."""
+    outcome = _runner(runners, "cpu", "gradgrad").classify(key)
+    assert outcome.status in ("match", "refused"), f"{key}: {outcome.status}: {outcome.detail}"
+
+
+@pytest.mark.parametrize(("target", "mode"), BASELINES)
+def test_baseline_covers_op_db(target: str, mode: str) -> None:
+    """Every OpInfo of the mode is in the baseline and vice versa, and enough of them pass."""
+    name = sweep.baseline_name(target, mode)
+    baseline = _baseline(target, mode)
+    ops = sweep.float32_ops(mode)
     missing = sorted(set(baseline["ops"]) - set(ops))
     assert not missing, f"baseline ops no longer in op_db (regenerate the baseline): {missing}"
     new = sorted(set(ops) - set(baseline["ops"]))
-    assert not new, f"op_db ops missing from baseline_{target}.json (regenerate it): {new}"
+    assert not new, f"op_db ops missing from baseline_{name}.json (regenerate it): {new}"
     assert baseline["summary"] == sweep.summarize(baseline["ops"].values())
     matched = baseline["summary"]["match"]
-    assert matched >= MIN_MATCH[target], (
-        f"baseline_{target}.json has only {matched} 'match' ops (floor {MIN_MATCH[target]})"
+    assert matched >= MIN_MATCH[name], (
+        f"baseline_{name}.json has only {matched} 'match' ops (floor {MIN_MATCH[name]})"
     )
     passing = sum(status in sweep.PASSING for status in baseline["ops"].values())
     tried = [
-        k for k, s in baseline["ops"].items() if s in sweep.PASSING and _in_ci_sample(target, k)
+        k
+        for k, s in baseline["ops"].items()
+        if s in sweep.PASSING and _in_ci_sample(target, mode, k)
     ]
-    assert len(tried) >= passing // (2 * CPU_SAMPLE), f"CI tries only {len(tried)} {target} ops"
+    assert len(tried) >= passing // (2 * CPU_SAMPLE), f"CI tries only {len(tried)} {name} ops"
+    assert set(DOUBLE_BACKWARD) <= set(sweep.float32_ops("gradgrad"))
 
 
 def test_regression_rules() -> None:
@@ -102,6 +133,7 @@ def test_regression_rules() -> None:
     assert sweep.regression("llvm", "match", "no-graph") is not None
     assert sweep.regression("llvm", "match", "fallback") is not None  # fallbacks must not grow
     assert sweep.regression("cpu", "match", "fallback") is None  # a new graph break on cpu
+    assert sweep.regression("cpu", "match", "fallback", "grad") is not None  # backward eager
     assert sweep.regression("llvm", "fallback", "match") is None  # an improvement
     assert sweep.regression("llvm", "error", "mismatch") is None  # was not passing
     baseline = {"target": "llvm", "ops": {"abs": "match", "cos": "error", "sin": "fallback"}}
