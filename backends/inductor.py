@@ -89,6 +89,7 @@ def _compile_training_graph(
     from torch._inductor import compile_fx as inductor
     from torch._inductor import config as inductor_config
 
+    _keep_mislowered_ops_whole(gm)
     extra = inductor.create_compiler_config_extra(gm)
     inputs = list(example_inputs)
     with inductor_config.patch(_settings(gm, inputs, True)):
@@ -97,6 +98,8 @@ def _compile_training_graph(
         else:
             context = TracingContext.try_get()
             meta = context.fw_metadata if context is not None else None
+            if meta is not None and meta.bw_donated_idxs:
+                meta.bw_donated_idxs = _donatable(gm, meta)
             # The model's own outputs (their strides are kept); saved activations follow them.
             outputs = (
                 len(meta.output_info) if meta is not None else len(gm.graph.output_node().args[0])
@@ -113,6 +116,65 @@ def _compile_training_graph(
         return compiled(list(args))
 
     return run
+
+
+# Ops inductor (torch 2.13) lowers to wrong numbers, with a test of the arguments that trigger
+# it. graphopt hands such a node to inductor as an opaque call of torch's own kernel, which
+# inductor runs as it is. Found by the gradient sweep (`python -m tests.opinfo.sweep --mode
+# grad`); tests/backends/inductor_target/test_training_graphs.py holds each case.
+#   avg_pool{2,3}d_backward with ceil_mode=True: the window that starts inside the input and
+#   overhangs it spreads its gradient with another divisor than the forward divided by (off
+#   by up to 1.4 for AvgPool2d(2, 2, ceil_mode=True) on a 7x7 input).
+MISLOWERED: dict[Any, Callable[[torch.fx.Node], bool]] = {
+    torch.ops.aten.avg_pool2d_backward.default: lambda node: bool(node.args[5]),
+    torch.ops.aten.avg_pool3d_backward.default: lambda node: bool(node.args[5]),
+}
+_LIBRARY = torch.library.Library("graphopt", "FRAGMENT")  # noqa: TOR901 - kept for the process
+
+
+def _kernel_call(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """`graphopt::eager_<op>`: the same schema, torch's kernel, opaque to inductor."""
+    name = f"eager_{op._schema.name.split('::')[1]}"
+    if not hasattr(torch.ops.graphopt, name):
+        schema = str(op._schema).split("::", 1)[1].replace(op._schema.name.split("::")[1], name, 1)
+        _LIBRARY.define(schema)
+        _LIBRARY.impl(name, lambda *args: op(*args), "CompositeExplicitAutograd")
+        torch.library.register_fake(f"graphopt::{name}", lambda *args: op(*args), lib=_LIBRARY)
+    return getattr(torch.ops.graphopt, name).default
+
+
+def _keep_mislowered_ops_whole(gm: torch.fx.GraphModule) -> int:
+    """Route the nodes inductor would get wrong (`MISLOWERED`) to torch's kernels."""
+    count = 0
+    for node in gm.graph.nodes:
+        wrong = MISLOWERED.get(node.target) if node.op == "call_function" else None
+        if wrong is not None and wrong(node):
+            node.target = _kernel_call(node.target)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _donatable(gm: torch.fx.GraphModule, meta: Any) -> list[int]:
+    """The saved activations (by backward input index) the backward may still overwrite.
+
+    aot_autograd marks a saved activation the backward's to reuse ("donated") when no input
+    or user output of the forward shares its memory, judged on the forward as partitioned.
+    graphopt's passes may since have made two saved activations one tensor (a clone removed,
+    two equal expressions merged): such a tensor is read twice and must not be overwritten.
+    """
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    outputs = list(gm.graph.output_node().args[0])
+    saved = outputs[meta.tensors_saved_for_backwards_slice]
+    uses = Counter(storage_of(n) for n in (*placeholders, *outputs) if isinstance(n, torch.fx.Node))
+    keep = []
+    for index in meta.bw_donated_idxs:
+        node = saved[index - meta.num_symints_saved_for_bw]
+        storage = storage_of(node) if isinstance(node, torch.fx.Node) else None
+        if storage is not None and uses[storage] == 1:
+            keep.append(index)
+    return keep
 
 
 def _settings(

@@ -9,7 +9,6 @@ named in the report (lowering's fallback).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ import torch.fx
 
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
+from graphopt.passes.base import copy_graph_module
 
 log = logging.getLogger("graphopt")
 
@@ -37,10 +37,9 @@ def export_onnx(
 
     with unset_fake_temporarily():
         args = tuple(_real_like(x) for x in example_inputs)
-        graph = copy.deepcopy(gm.graph)
-        for node in graph.nodes:  # traced metadata belongs to another fake mode: re-trace
+        module = copy_graph_module(gm)
+        for node in module.graph.nodes:  # traced metadata belongs to another fake mode: re-trace
             node.meta = {}
-        module = torch.fx.GraphModule(gm, graph)
         dynamic = _dynamic_shapes(example_inputs, dim_names or {})
         exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
         program = torch.onnx.export(exported, args, dynamo=True, verbose=False)

@@ -10,7 +10,6 @@ aliasing, dynamic shapes and the forward/backward split); graphopt's compilers t
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import logging
@@ -33,6 +32,7 @@ from graphopt.capture import (
 )
 from graphopt.compiler import compile_graph, new_report
 from graphopt.config import Config
+from graphopt.passes.base import copy_graph_module
 
 log = logging.getLogger("graphopt")
 
@@ -136,7 +136,7 @@ def _inference_compiler(
     # is reused for any module of the same code: another instance with other weights, or this
     # one after an in-place update. Each call checks that it passes the weights frozen here;
     # other weights get a graph of their own, compiled from an untouched copy of this one.
-    pristine = copy.deepcopy(gm) if frozen else None
+    pristine = copy_graph_module(gm) if frozen else None
 
     def build(values: list[Any], graph: torch.fx.GraphModule) -> Callable[..., Any]:
         report = new_report(cfg)
@@ -161,7 +161,7 @@ def _inference_compiler(
         frozen,
         real_inputs,
         build(real_inputs, gm),
-        compile_for=lambda values: build(values, copy.deepcopy(pristine)),
+        compile_for=lambda values: build(values, copy_graph_module(pristine)),
     )
 
     def run(args: list[Any]) -> Any:

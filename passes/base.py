@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,20 @@ def named_args(node: torch.fx.Node) -> dict[str, Any]:
     if pair is None:
         raise ValueError(f"cannot match the arguments of {node.target} to its schema")
     return pair.kwargs
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of `gm`'s graph over the same attribute values.
+
+    Nodes and their meta dicts are copied (not the traced fake values in them), weights and
+    other constants are shared: `copy.deepcopy(gm)` would copy every tensor, which doubles the
+    memory of the weights and fails inside torch.compile's fake mode on a real constant (a
+    tensor literal in the model's forward).
+    """
+    graph = copy.deepcopy(gm.graph)
+    out = torch.fx.GraphModule(gm, graph)
+    out.meta = dict(gm.meta)
+    return out
 
 
 def storage_of(node: torch.fx.Node) -> StorageWeakRef | None:

@@ -265,3 +265,36 @@ def test_inductors_cpp_wrapper_only_for_static_inference_graphs(monkeypatch):
     model.train()
     torch.compile(model, backend="graphopt")(torch.randn(4, 32)).sum().backward()
     assert wrapper() == {"freezing": False, "cpp_wrapper": False}
+
+
+class WithTensorLiteral(torch.nn.Module):
+    """A forward that builds a tensor: dynamo hands it over as a real constant of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) * torch.tensor([2.0, 3.0, 4.0, 5.0])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_forward_building_a_tensor_literal(target):
+    """graphopt keeps a copy of the graph for other weights (another instance, an update);
+    copying the literal inside torch.compile's fake mode failed with "Attempted to set the
+    storage of a tensor on device meta" (every Hugging Face decoder with the dynamic cache)."""
+    x = torch.randn(2, 4)
+    model, other = WithTensorLiteral().eval(), WithTensorLiteral().eval()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="graphopt", options={"target": target})
+        assert_same_outputs(model(x), compiled(x))
+        # dynamo reuses the graph for the second instance: graphopt compiles it from the copy
+        again = torch.compile(other, backend="graphopt", options={"target": target})
+        assert_same_outputs(other(x), again(x))
+    assert len(graphopt.reports()) == 2
+    model.train()
+    torch.compile(model, backend="graphopt", options={"target": target})(x).sum().backward()
+    expected = WithTensorLiteral()
+    expected.load_state_dict(model.state_dict())
+    expected(x).sum().backward()
+    assert_same_outputs(expected.linear.weight.grad, model.linear.weight.grad)

@@ -204,7 +204,9 @@ def test_a_compiled_step_is_deterministic_across_processes(case: str) -> None:
     digests = [
         subprocess.run(
             command, cwd=root, env=env, capture_output=True, text=True, check=True, timeout=600
-        ).stdout.strip().splitlines()[-1]
+        )
+        .stdout.strip()
+        .splitlines()[-1]
         for _ in range(2)
     ]
     assert digests[0] == digests[1], f"two runs of one step of {case} gave different gradients"
