@@ -174,9 +174,21 @@ def capture_export(
     from torch.export.graph_signature import InputKind
 
     args = tuple(example_inputs)
-    ep = torch.export.export(
-        model, args, kwargs=example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False
-    )
+    try:
+        ep = torch.export.export(
+            model, args, kwargs=example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False
+        )
+    except RuntimeError as err:
+        cache = _cache_in_output(err)
+        if cache is None:
+            raise
+        raise ValueError(
+            f"{type(model).__name__} returns a {cache} (its key/value cache), which a captured "
+            "graph cannot return. Capture it without the cache (transformers: "
+            "model.config.use_cache = False), or, to generate with a cache, compile the "
+            "forward: model.forward = torch.compile(model.forward, backend='graphopt') and "
+            "model.generate(..., cache_implementation='static')"
+        ) from err
     ep = ep.run_decompositions()
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
@@ -204,6 +216,17 @@ def capture_export(
     freeze_placeholders(gm, values)
     flat_inputs = pytree.tree_leaves((args, example_kwargs or {}))
     return CapturedGraph(gm, list(flat_inputs), ep.call_spec.in_spec, ep.call_spec.out_spec)
+
+
+def _cache_in_output(err: RuntimeError) -> str | None:
+    """The name of the cache class torch.export found in a model's output, if that is why it
+    failed ("Found <class '...DynamicCache'> in output, which is not a known type")."""
+    import re
+
+    found = re.search(r"Found <class '([\w.]+)'> in output", str(err))
+    if found is None or "Cache" not in found.group(1):
+        return None
+    return found.group(1).rsplit(".", 1)[-1]
 
 
 def concrete(value: Any) -> Any:

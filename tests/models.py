@@ -187,3 +187,50 @@ def tiny_llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
+
+
+# Decoder architectures from transformers configs, tiny: 2 layers, hidden 64 (random weights).
+_DECODER_COMMON = dict(
+    vocab_size=128, num_hidden_layers=2, max_position_embeddings=256, pad_token_id=0
+)
+DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(TINY_LLAMA)),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
+    ),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+}
+
+
+def tiny_decoder(arch: str, **overrides):
+    """A 2-layer decoder LM of architecture `arch` (a key of DECODERS) from its transformers
+    config: random init, nothing downloaded, eval mode, no dropout."""
+    import transformers
+
+    config_name, model_name, sizes = DECODERS[arch]
+    config = getattr(transformers, config_name)(**{**_DECODER_COMMON, **sizes, **overrides})
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
