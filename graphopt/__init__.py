@@ -7,6 +7,7 @@ pruned = graphopt.prune(model, example_inputs, sparsity=0.5, structured=True)
 graphopt.recover(pruned, teacher=model, data=batches, steps=300)
 graphopt.tune(model, example_inputs, budget_s=600)  # TVM schedules for target="llvm"
 graphopt.export(model, example_inputs, "out/", format="onnx"); run = graphopt.load("out/")
+graphopt.quantize_weights_(llm, "int4_weight_only", group_size=128)  # in place, no float copy
 """
 
 from graphopt import testing
@@ -16,6 +17,7 @@ from graphopt.backend import graphopt_backend
 from graphopt.compiler import REPORTS
 from graphopt.config import Config
 from graphopt.errors import UnsupportedOpError, VerificationError
+from graphopt.quantized_linear import QuantizedLinear, quantize_weights_
 from graphopt.recover import Recovery, recover
 from graphopt.report import Report
 
@@ -39,12 +41,14 @@ __all__ = [
     "Report",
     "UnsupportedOpError",
     "VerificationError",
+    "QuantizedLinear",
     "clear_reports",
     "export",
     "graphopt_backend",
     "load",
     "optimize",
     "prune",
+    "quantize_weights_",
     "recover",
     "Recovery",
     "testing",

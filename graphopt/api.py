@@ -15,6 +15,7 @@ from graphopt.compiler import compile_graph, new_report, optimized_graph
 from graphopt.config import Config
 from graphopt.errors import VerificationError
 from graphopt.passes.base import make_trainable
+from graphopt.pipeline import lossy
 from graphopt.report import Report
 from graphopt.testing import compare_outputs
 
@@ -74,7 +75,7 @@ def optimize(
     # Lower for the traced (fake, possibly symbolic) inputs so dynamic dims stay dynamic.
     traced_inputs = [n.meta["val"] for n in captured.gm.graph.find_nodes(op="placeholder")]
     calibration = None
-    if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
+    if cfg.needs_calibration and isinstance(cfg.calibration, tuple):
         calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
     compiled = compile_graph(
         captured.gm,
@@ -85,7 +86,7 @@ def optimize(
         calibration=calibration,
     )
     optimized = OptimizedModule(compiled, captured, report, cfg)
-    if cfg.verify and cfg.quantize is None:  # int8 was checked against its own graph
+    if cfg.verify and not lossy(cfg):  # int8 and pruning were checked against their graph
         with torch.no_grad():
             problem = compare_outputs(model(*example_inputs), optimized(*example_inputs))
         if problem is not None:

@@ -215,7 +215,7 @@ def _export_config(format: str, options: dict[str, Any]) -> Config:
     if options.get("devices") is not None:
         raise ValueError("graphopt.export writes one artifact for one target; drop 'devices'")
     cfg = Config.from_options(options)
-    if cfg.quantize is not None and not isinstance(cfg.calibration, tuple):  # batches, not N
+    if cfg.needs_calibration and not isinstance(cfg.calibration, tuple):  # batches, not N
         raise ValueError(
             "graphopt.export with quantize='int8' needs calibration data: "
             "calibration=[(x1,), (x2,), ...] (an artifact cannot calibrate on its first calls)"
@@ -258,7 +258,7 @@ def _optimize(
     """The pass pipeline on the captured graph; every node must then have a lowering."""
     record_captured(captured.gm, report)
     calibration = None
-    if cfg.quantize is not None:
+    if cfg.needs_calibration:
         calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
         say(f"quantizing to int8, calibrating on {len(calibration)} batches")
     say("running graphopt's passes")

@@ -62,7 +62,7 @@ def compile_dynamo_graph(
     placeholders = dynamo_gm.graph.find_nodes(op="placeholder")
     param_indices = [i for i, node in enumerate(placeholders) if is_param_source(node)]
     calibration = None
-    if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
+    if cfg.needs_calibration and isinstance(cfg.calibration, tuple):
         calibration = bind_calibration(placeholders, cfg.calibration)
     real_inputs = [concrete(x) for x in example_inputs]
     training = torch.is_grad_enabled() and any(

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from graphopt.config import DEFAULT_CALIBRATION_CALLS, Config
 from graphopt.errors import VerificationError
 from graphopt.lowering import lower
-from graphopt.pipeline import PIPELINE, run_graph, run_pipeline
+from graphopt.pipeline import PIPELINE, lossy, run_graph, run_pipeline
 from graphopt.report import Report, count_flops, count_params, count_weight_bytes
 from graphopt.testing import compare_outputs
 
@@ -64,13 +64,14 @@ def compile_graph(
         if problem is not None:
             log.warning("graphopt: %s: %s", report.graph_id, problem)
             calibration = None
-    quantizing = cfg.quantize is not None and not training
+    quantizing = cfg.needs_calibration and not training
     if quantizing and calibration is None:
         REPORTS.append(report)
         return _CalibrateOnCalls(gm, example_inputs, cfg, report)
-    # The lowering is checked against the captured graph, or for int8 against the int8 graph
-    # it was built from (the float outputs would only be thrown away).
-    reference = run_graph(gm, list(real_inputs)) if verify and not quantizing else None
+    # The lowering is checked against the captured graph, or, where a pass changes the numbers
+    # on purpose (int8, pruning), against the graph it was built from (the float outputs
+    # would only be thrown away).
+    reference = run_graph(gm, list(real_inputs)) if verify and not lossy(cfg) else None
     start = time.perf_counter()
     gm = run_pipeline(
         gm,
@@ -118,7 +119,7 @@ def optimized_graph(
     report.capture_seconds = time.perf_counter() - start
     record_captured(captured.gm, report)
     calibration = None
-    if cfg.quantize is not None and isinstance(cfg.calibration, tuple):
+    if cfg.needs_calibration and isinstance(cfg.calibration, tuple):
         calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
     start = time.perf_counter()
     gm = run_pipeline(captured.gm, cfg, report, calibration=calibration)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 TARGETS = ("cpu", "llvm", "aarch64", "cuda", "hls", "onnx")
-QUANTIZE = (None, "int8")
+QUANTIZE = (None, "int8", "int8_weight_only", "int4_weight_only", "int8_dynamic")
+GROUP_SIZES = (32, 64, 128)
 FALLBACKS = ("eager", "error")
 OBSERVERS = ("minmax", "percentile")
 PRUNE_SCOPES = ("layer", "global")
@@ -27,7 +28,17 @@ class Config:
             "llvm": TVM for x86; "aarch64": TVM cross-compiled (export only); "cuda": TVM for
             NVIDIA GPUs; "hls": FPGA C++, integer-only (needs quantize="int8"), run as its
             C simulation; "onnx": onnxruntime.
-        quantize: None (float) or "int8" (post-training quantization).
+        quantize: None (float); "int8" (post-training static quantization of conv and
+            linear layers: int8 weights and activations, calibrated); "int8_weight_only" or
+            "int4_weight_only" (linear layers' weights only, activations stay float: for
+            memory-bound layers such as an LLM's decode step; no calibration data).
+            "int8_dynamic": int8 weights, activations quantized per token at run time,
+            integer matmuls (compute-bound layers: prefill, batched serving).
+        group_size: with quantize="int4_weight_only", input channels per scale and zero
+            point: 32, 64 or 128 (default 128).
+        smoothquant: with quantize="int8_dynamic", SmoothQuant's alpha in [0, 1] (e.g. 0.5):
+            activation outliers are moved into the weights, measured on the calibration data
+            (needs `calibration`). None (default): no smoothing.
         calibration: int8 calibration data: an iterable of example input tuples (positional
             arguments of the model), or a number N: calibrate on the first N real calls, which
             run in float, then switch to int8. None with quantize="int8" means N=8.
@@ -62,6 +73,8 @@ class Config:
 
     target: str = "cpu"
     quantize: str | None = None
+    group_size: int = 128
+    smoothquant: float | None = None
     calibration: tuple | int | None = field(default=None, compare=False, repr=False)
     observer: str = "minmax"
     accuracy_budget: float | None = None
@@ -80,6 +93,22 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("target", self.target, TARGETS)
         _check_choice("quantize", self.quantize, QUANTIZE)
+        if self.smoothquant is not None and (
+            isinstance(self.smoothquant, bool)
+            or not isinstance(self.smoothquant, int | float)
+            or not 0 <= self.smoothquant <= 1
+            or self.quantize != "int8_dynamic"
+        ):
+            raise ValueError(
+                "graphopt option 'smoothquant' is SmoothQuant's alpha, a number in [0, 1], "
+                f"with quantize='int8_dynamic'; got smoothquant={self.smoothquant!r} with "
+                f"quantize={self.quantize!r}"
+            )
+        if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"graphopt option 'group_size' got {self.group_size!r}; accepted values: "
+                f"{list(GROUP_SIZES)}"
+            )
         _check_choice("fallback", self.fallback, FALLBACKS)
         _check_choice("observer", self.observer, OBSERVERS)
         if self.target == "hls" and self.quantize != "int8":
@@ -151,6 +180,11 @@ class Config:
                 f"graphopt option 'disable_passes' names unknown passes {unknown}; "
                 f"accepted: {list(pass_names())}"
             )
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether `quantize` measures activations on calibration data (or the first calls)."""
+        return self.quantize == "int8" or self.smoothquant is not None
 
     def _check_pruning(self) -> None:
         _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)

@@ -30,7 +30,10 @@ from graphopt.passes.fold_batchnorm import fold_batchnorm
 from graphopt.passes.fold_constants import fold_constants
 from graphopt.passes.prune import prune
 from graphopt.passes.quantize import quantize
+from graphopt.passes.quantize_weights import MODES as LINEAR_MODES
+from graphopt.passes.quantize_weights import quantize_weights
 from graphopt.passes.remove_noops import remove_noops
+from graphopt.passes.unbatch_shared_matmuls import unbatch_shared_matmuls
 from graphopt.report import PassRecord, Report
 from graphopt.testing import compare_outputs
 
@@ -43,7 +46,7 @@ class Step:
     fn: Callable[[torch.fx.GraphModule, Config], PassResult]
     why: str
     training: bool  # safe when weights are trainable graph inputs (no frozen constants)
-    option: str | None = None  # runs only when this Config field is set (e.g. "quantize")
+    applies: Callable[[Config], bool] | None = None  # runs only for such options (None: always)
     calibrated: bool = False  # takes the calibration batches (inputs for the placeholders)
     lossy: bool = False  # changes the numbers on purpose: verify re-bases after it
 
@@ -74,6 +77,13 @@ PIPELINE: list[Step] = [
         training=False,
     ),
     Step(
+        "unbatch_shared_matmuls",
+        unbatch_shared_matmuls,
+        "after folding (the weight is one constant): a Linear on a non-contiguous 3-d input "
+        "is a bmm by an expanded weight; as a mm, quantize and prune see the layer",
+        training=False,
+    ),
+    Step(
         "eliminate_common_subexpressions",
         eliminate_common_subexpressions,
         "after folding: folded constants expose more identical expressions",
@@ -85,7 +95,7 @@ PIPELINE: list[Step] = [
         "after BN and constant folding (each layer's weight is one constant, BN scale in it); "
         "before quantize, which calibrates the pruned graph",
         training=False,
-        option="sparsity",
+        applies=lambda cfg: cfg.sparsity > 0,
         lossy=True,
     ),
     Step(
@@ -94,7 +104,18 @@ PIPELINE: list[Step] = [
         "after BN folding and constant folding: quantizes the final weights, calibrated on "
         "the graph that will run; before DCE, which drops the float weights it replaced",
         training=False,
-        option="quantize",
+        applies=lambda cfg: cfg.quantize == "int8",
+        calibrated=True,
+        lossy=True,
+    ),
+    Step(
+        "quantize_weights",
+        quantize_weights,
+        "after constant folding (each linear's weight is one constant); int8/int4 weights "
+        "for large models (calibration only for SmoothQuant); before DCE, which drops the "
+        "float weights",
+        training=False,
+        applies=lambda cfg: cfg.quantize in LINEAR_MODES,
         calibrated=True,
         lossy=True,
     ),
@@ -105,6 +126,11 @@ PIPELINE: list[Step] = [
         training=True,
     ),
 ]
+
+
+def lossy(cfg: Config) -> bool:
+    """Whether a pass that changes the numbers on purpose runs for these options."""
+    return any(s.lossy and (s.applies is None or s.applies(cfg)) for s in PIPELINE)
 
 
 def pass_names() -> tuple[str, ...]:
@@ -164,7 +190,7 @@ def run_pipeline(
     for step in PIPELINE if steps is None else steps:
         if step.name in cfg.disable_passes or (training and not step.training):
             continue
-        if step.option is not None and not getattr(cfg, step.option):
+        if step.applies is not None and not step.applies(cfg):
             continue
         before = count_call_nodes(gm)
         start = time.perf_counter()

@@ -64,7 +64,9 @@ class Report:
     passes_seconds: float = 0.0
     lowering_seconds: float = 0.0
     verified: bool | None = None
-    quantization: Any = None  # a graphopt.passes.quantize.QuantSummary when quantize="int8"
+    # a graphopt.passes.quantize.QuantSummary (quantize="int8") or a
+    # graphopt.quantized_linear.WeightOnlySummary (the weight-only modes)
+    quantization: Any = None
     pruning: Any = None  # a graphopt.passes.prune.PruneSummary when sparsity > 0
     calibration_pending: int | None = None  # int8 calibration calls still to come
     stages: str | None = None  # with devices=[...]: the pipeline stages and their imbalance
@@ -162,6 +164,8 @@ class Report:
                     "the graph switches to int8"
                 ]
             return []
+        if not hasattr(q, "calibration_batches"):  # weight-only: a WeightOnlySummary
+            return [f"  {line}" for line in str(q).splitlines()]
         done = sum(layer.quantized for layer in q.layers)
         budget = "" if q.accuracy_budget is None else f", budget {q.accuracy_budget:.2%}"
         lines = [

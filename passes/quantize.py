@@ -223,7 +223,7 @@ def quantize(
         PassResult with stats {"quantized": layers in int8, "kept_float": layers left in float};
         the per-layer decisions are in gm.meta["graphopt.quantization"] (a QuantSummary).
     """
-    if cfg.quantize is None:
+    if cfg.quantize != "int8":
         return PassResult(gm, False, {"quantized": 0, "kept_float": 0})
     if not calibration:
         raise ValueError("quantize='int8' needs at least one calibration batch")

@@ -221,7 +221,11 @@ DECODERS = {
             head_dim=16,
         ),
     ),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""The capture's decomposition tables: right beneath autograd in training, core ATen in inference."""
+"""The capture's decomposition tables: right beneath autograd in training, core ATen otherwise."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def test_dump_writes_graph_after_each_pass(tmp_path, monkeypatch):
     assert files[0] == "00_captured.txt"
     assert any(f.endswith("_fold_constants.txt") for f in files)
     # every pass that runs for these options (quantize only runs with quantize="int8")
-    assert len(files) == 1 + len([s for s in pipeline.PIPELINE if s.option is None])
+    assert len(files) == 1 + len([s for s in pipeline.PIPELINE if s.applies is None])
 
 
 def test_entry_point_registers_backend_without_import():

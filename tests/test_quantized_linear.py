@@ -1,0 +1,200 @@
+"""Quantized linear layers (weight-only int8/int4, dynamic int8): kernels, packing, pass, swap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import graphopt
+from graphopt import quantized_linear
+from graphopt.testing import assert_same_outputs, relative_error
+from tests.models import tiny_decoder
+
+SHAPES = [(1, 64, 40), (3, 128, 33), (8, 256, 64), (9, 128, 20), (40, 256, 300)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert quantized_linear.load_kernels(), "the C++ kernels must build here (g++ is a CI tool)"
+
+
+def _reference_and_kernel(op_name: str, *args):
+    reference = getattr(quantized_linear, f"_{op_name.replace('_weight', '')}_reference")(*args)
+    return reference, getattr(torch.ops.graphopt, op_name)(*args)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+def test_int8_kernel_matches_reference(m, k, n, bias):
+    """Batches up to 8 take the GEMV kernel, larger ones dequantize blocks for the GEMM."""
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    q, scale = quantized_linear.quantize_int8(w)
+    b = torch.randn(n) if bias else None
+    expected, got = _reference_and_kernel("linear_int8_weight", x, q, scale, b)
+    assert_same_outputs(expected, got)
+    simulated = quantized_linear._linear_int8_reference(x, q, scale, None)
+    assert relative_error(x @ w.T, simulated) < 0.02
+
+
+@pytest.mark.parametrize("group", quantized_linear.GROUP_SIZES)
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+def test_int4_kernel_matches_reference(m, k, n, group):
+    if k % group:
+        pytest.skip("input channels not whole groups")
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    packed, scale, zero = quantized_linear.quantize_int4(w, group)
+    expected, got = _reference_and_kernel(
+        "linear_int4_weight", x, packed, scale, zero, group, torch.randn(n)
+    )
+    assert_same_outputs(expected, got)
+
+
+def test_kernels_take_any_leading_dims_and_strides():
+    x = torch.randn(2, 5, 64).transpose(0, 1)  # not contiguous
+    w = torch.randn(48, 64)
+    q, scale = quantized_linear.quantize_int8(w)
+    expected, got = _reference_and_kernel("linear_int8_weight", x, q, scale, None)
+    assert got.shape == (5, 2, 48)
+    assert_same_outputs(expected, got)
+
+
+def test_int4_quantization_is_within_half_a_step():
+    w = torch.randn(16, 256) * torch.logspace(-2, 1, 16)[:, None]
+    packed, scale, zero = quantized_linear.quantize_int4(w, 64)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 128)
+    restored = quantized_linear.dequantize_int4(packed, scale, zero, 64)
+    step = scale.repeat_interleave(64, dim=1)
+    assert ((restored - w).abs() <= step / 2 + 1e-6).all()
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    assert torch.equal(quantized_linear.unpack_int4(quantized_linear.pack_int4(q)), q)
+
+
+def test_int4_rejects_partial_groups():
+    with pytest.raises(ValueError, match=r"96 channels, group_size 64.*\[32, 64, 128\]"):
+        quantized_linear.quantize_int4(torch.randn(4, 96), 64)
+
+
+def test_without_a_compiler_the_ops_run_their_reference(tmp_path):
+    code = (
+        "import torch, graphopt.quantized_linear as w\n"
+        "assert not w.load_kernels()\n"
+        "x, q, s = torch.randn(2, 8), torch.randint(-9, 9, (4, 8), dtype=torch.int8), "
+        "torch.rand(4)\n"
+        "torch.testing.assert_close(torch.ops.graphopt.linear_int8_weight(x, q, s, None), "
+        "x @ (q.float() * s[:, None]).T)\n"
+    )
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "GRAPHOPT_KERNEL_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**_env(), **env}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no C++ compiler" in done.stderr
+
+
+def _env():
+    import os
+
+    return dict(os.environ)
+
+
+@pytest.mark.parametrize(
+    ("mode", "limit", "smaller"), [("int8_weight_only", 0.02, 3.5), ("int4_weight_only", 0.2, 5)]
+)
+def test_pass_quantizes_every_linear_of_a_decoder(mode, limit, smaller):
+    model = tiny_decoder("llama", use_cache=False)
+    ids = torch.randint(1, 128, (1, 16))
+    optimized = graphopt.optimize(model, (ids,), quantize=mode, group_size=32)
+    with torch.no_grad():
+        expected, got = model(ids).logits, optimized(ids).logits
+    assert relative_error(expected, got) < limit
+    summary = optimized.report.quantization
+    assert len(summary.layers) == 15 and not summary.kept_float  # 7 per layer + lm_head
+    assert summary.float_bytes / summary.quantized_bytes > smaller
+    (partition,) = optimized.report.partitions
+    op = f"graphopt.linear_{'int8' if mode.startswith('int8') else 'int4'}_weight.default"
+    assert partition.ops[op] == 15
+    assert not {"aten.mm.default", "aten.addmm.default"} & set(partition.ops)
+    assert mode in str(optimized.report)
+
+
+def test_int4_keeps_layers_with_partial_groups_in_float():
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    x = torch.randn(2, 96)
+    optimized = graphopt.optimize(model.eval(), (x,), quantize="int4_weight_only", group_size=64)
+    summary = optimized.report.quantization
+    assert len(summary.layers) == 1 and "96 input channels" in summary.kept_float[0]
+    with torch.no_grad():
+        assert relative_error(model(x), optimized(x)) < 0.2
+
+
+def test_module_swap_drops_the_float_weights_and_compiles():
+    model = tiny_decoder("qwen2")
+    ids = torch.randint(1, 128, (1, 9))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    summary = graphopt.quantize_weights_(model, "int8_weight_only")
+    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert len(summary.layers) == 15
+    assert before - after > 0.7 * (summary.float_bytes - summary.quantized_bytes)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=6, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="graphopt")
+        compiled = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(eager, compiled)
+    assert (eager[0, :10] == expected[0, :10]).float().mean() > 0.8  # int8 barely moves greedy
+
+
+def test_bad_options_name_the_accepted_values():
+    with pytest.raises(ValueError, match=r"'group_size' got 100; accepted values: \[32, 64, 128\]"):
+        graphopt.Config(quantize="int4_weight_only", group_size=100)
+    with pytest.raises(ValueError, match="int4_weight_only"):
+        graphopt.Config(quantize="int3")
+    with pytest.raises(ValueError, match="accepted values"):
+        graphopt.quantize_weights_(torch.nn.Linear(4, 4), "int2_weight_only")
+
+
+def test_dynamic_int8_multiplies_in_integers():
+    """Each row of x gets its own scale; the products are summed exactly (int32)."""
+    x = torch.randn(5, 96) * torch.logspace(-1, 1, 5)[:, None]
+    w = torch.randn(24, 96)
+    q, scale = quantized_linear.quantize_int8(w)
+    act_mul = torch.rand(96) + 0.5
+    got = torch.ops.graphopt.linear_int8_dynamic(x, q, scale, act_mul, None)
+    xs = (x * act_mul).double()
+    row = xs.abs().amax(1, keepdim=True) / 127
+    qx = torch.round(xs / row).clamp(-127, 127)
+    expected = (qx @ q.double().T) * row * scale.double()
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-6)
+    assert relative_error((x * act_mul) @ w.T, got) < 0.02
+
+
+def test_dynamic_int8_through_torch_compile_and_smoothquant():
+    model = tiny_decoder("llama", use_cache=False)
+    ids = torch.randint(1, 128, (2, 16))
+    calibration = [(torch.randint(1, 128, (2, 16)),) for _ in range(2)]
+    with torch.no_grad():
+        expected = model(ids).logits
+        plain = graphopt.optimize(model, (ids,), quantize="int8_dynamic")
+        smooth = graphopt.optimize(
+            model, (ids,), quantize="int8_dynamic", smoothquant=0.5, calibration=calibration
+        )
+        for optimized in (plain, smooth):
+            assert relative_error(expected, optimized(ids).logits) < 0.05
+            assert len(optimized.report.quantization.layers) == 15  # o_proj too, at batch 2
+        assert "SmoothQuant alpha 0.5" in str(smooth.report)
+        compiled = torch.compile(model, backend="graphopt", options={"quantize": "int8_dynamic"})
+        assert relative_error(expected, compiled(ids).logits) < 0.05
+
+
+def test_smoothquant_option_is_checked():
+    with pytest.raises(ValueError, match=r"'smoothquant'.*\[0, 1\].*int8_dynamic"):
+        graphopt.Config(quantize="int8_weight_only", smoothquant=0.5)
+    with pytest.raises(ValueError, match=r"'smoothquant'"):
+        graphopt.Config(quantize="int8_dynamic", smoothquant=1.5)
+    assert graphopt.Config(quantize="int8_dynamic", smoothquant=0.5).needs_calibration
+    assert not graphopt.Config(quantize="int8_dynamic").needs_calibration
