@@ -1,0 +1,510 @@
+"""Decoder LLM benchmark: `python -m benchmarks.llm` writes benchmarks/RESULTS-llm.md.
+
+For a ~200M-parameter Llama-architecture model (hidden 1024, 12 layers, 16 heads, 4 KV heads,
+vocab 32000; random weights from a transformers config) and a Qwen2-architecture one of the
+same size, every runner compiles `model.forward` and runs `model.generate` (greedy, static KV
+cache), side by side in interleaved rounds in one process:
+
+  decode    tokens/s: (t(33 new tokens) - t(1 new token)) / 32, batch 1 and batch 8
+  prefill   ms to the first token of a 128-token prompt
+  limit     the machine's read bandwidth / the bytes of weights one decode step reads: the most
+            tokens/s any runner could reach; each runner's share of its own limit
+  memory    each runner again in a fresh process: peak RSS while building, compiling and
+            generating, against eager's (`--memory` runs one)
+  kernels   every linear shape of the model at batch 1 through fp32 matmul and each weight-only
+            kernel, GB/s of weights read
+
+Runners: eager; inductor (freezing); torchao 0.18 weight-only int8 and int4 + inductor;
+OpenVINO's torch.compile backend (if `openvino` imports); graphopt fp32 (`backend="graphopt"`),
+and graphopt int8/int4 weight-only (`graphopt.quantize_weights_` then `backend="graphopt"`).
+llama.cpp is not run: see the RESULTS file. Run nothing else meanwhile (2 cores: a second busy
+process makes every number wrong); the hypervisor's stolen share is reported.
+
+    python -m benchmarks.llm                       # everything, ~40 min on 2 cores
+    python -m benchmarks.llm --models llama --runners eager,graphopt-int8 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import graphopt  # noqa: E402
+from graphopt.bench import SETTLE_S, StolenTime  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SEED = 0
+PROMPT = 16  # decode prompt length
+NEW_TOKENS = 32
+PREFILL = 128
+CACHE_LEN = PREFILL + NEW_TOKENS + 8
+
+SIZES = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    import transformers
+
+    config_name, model_name = MODELS[name]
+    config = getattr(transformers, config_name)(**SIZES, tie_word_embeddings=False)
+    torch.manual_seed(SEED)
+    return getattr(transformers, model_name)(config).eval()
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+def _compile(model: torch.nn.Module, backend: Any, **kwargs: Any) -> torch.nn.Module:
+    model.forward = torch.compile(model.forward, backend=backend, **kwargs)
+    return model
+
+
+def _inductor(model: torch.nn.Module) -> torch.nn.Module:
+    return _compile(model, "inductor")
+
+
+def _torchao(config: Callable[[], Any]) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    def setup(model: torch.nn.Module) -> torch.nn.Module:
+        from torchao.quantization import quantize_
+
+        quantize_(model, config())
+        return _compile(model, "inductor")
+
+    return setup
+
+
+def _torchao_int8() -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def _torchao_int4() -> Any:
+    from torchao.prototype.quantization.int4.inference_workflow import (
+        PrototypeInt4WeightOnlyConfig,
+    )
+
+    return PrototypeInt4WeightOnlyConfig(group_size=128)
+
+
+def _openvino(model: torch.nn.Module) -> torch.nn.Module:
+    import openvino.torch  # noqa: F401 - registers backend="openvino"
+
+    return _compile(model, "openvino")
+
+
+def _graphopt(mode: str | None) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    def setup(model: torch.nn.Module) -> torch.nn.Module:
+        if mode is not None:
+            graphopt.quantize_weights_(model, mode, group_size=128)
+        return _compile(model, "graphopt")
+
+    return setup
+
+
+RUNNERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "eager": lambda model: model,
+    "inductor": _inductor,
+    "torchao-int8+inductor": _torchao(_torchao_int8),
+    "torchao-int4+inductor": _torchao(_torchao_int4),
+    "openvino": _openvino,
+    "graphopt": _graphopt(None),
+    "graphopt-int8": _graphopt("int8_weight_only"),
+    "graphopt-int4": _graphopt("int4_weight_only"),
+}
+FP32 = ("eager", "inductor", "openvino", "graphopt")
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> torch.Tensor:
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=0,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        cache_implementation="static",
+        max_cache_len=CACHE_LEN,
+    )
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every weight but the embedding table (one row of it)."""
+    embedding = model.get_input_embeddings()
+    skip = {id(t) for t in embedding.parameters()}
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in skip and t.dtype != torch.bool:
+            if hasattr(t, "__tensor_flatten__"):  # torchao's tensor subclasses
+                names, _ = t.__tensor_flatten__()
+                total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
+            else:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def bandwidth(megabytes: int = 512, rounds: int = 10) -> tuple[float, float]:
+    """(read, copy) GB/s on a large tensor, medians of `rounds`: read = the bytes a sum reads
+    per second (what a decode step does with the weights), copy = bytes read plus written."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    size = src.numel() * 4
+    results = []
+    for fn, moved in ((lambda: src.sum(), size), (lambda: dst.copy_(src), 2 * size)):
+        fn()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        results.append(moved / statistics.median(times) / 1e9)
+    return results[0], results[1]
+
+
+@dataclass
+class Row:
+    runner: str
+    compile_s: float = math.nan
+    decode_ms: dict[int, list[float]] = field(default_factory=dict)  # batch -> ms per token
+    prefill_ms: list[float] = field(default_factory=list)
+    bytes_per_token: int = 0
+    agrees: str = ""
+    error: str = ""
+    peak_mb: float = math.nan
+    serving_mb: float = math.nan  # peak once the model is built (and quantized)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    time.sleep(SETTLE_S)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_model(name: str, runners: list[str], rounds: int, log: Callable[[str], None]) -> dict:
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 512
+    torch._inductor.config.freezing = True
+    base = build(name)
+    state = base.state_dict()
+    gen = torch.Generator().manual_seed(1)
+    prompts = {b: torch.randint(3, 32000, (b, PROMPT), generator=gen) for b in (1, 8)}
+    long_prompt = torch.randint(3, 32000, (1, PREFILL), generator=gen)
+    with torch.no_grad():
+        expected = generate(base, prompts[1], NEW_TOKENS)
+    del base
+    rows: dict[str, Row] = {}
+    models: dict[str, torch.nn.Module] = {}
+    for runner in runners:
+        row = rows[runner] = Row(runner)
+        log(f"[{name}] preparing {runner}")
+        torch._dynamo.reset()
+        try:
+            model = build(name)
+            model.load_state_dict(state)
+            start = time.perf_counter()
+            model = RUNNERS[runner](model)
+            with torch.no_grad():  # every call the timing makes, so that all graphs compile
+                for ids in prompts.values():
+                    generate(model, ids, 1)
+                    generate(model, ids, NEW_TOKENS + 1)
+                generate(model, long_prompt, 1)
+                got = generate(model, prompts[1], NEW_TOKENS)
+            row.compile_s = time.perf_counter() - start
+            same = (got[0, PROMPT:] == expected[0, PROMPT:]).float().mean().item()
+            row.agrees = f"{same:.0%}"
+            row.bytes_per_token = weight_bytes_per_token(model)
+            models[runner] = model
+        except Exception as err:  # a runner that fails is a row with the reason
+            row.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            log(f"[{name}] {runner} failed: {row.error}")
+        gc.collect()
+    order = list(models)
+    shuffle = random.Random(0).shuffle
+    counters = torch._dynamo.utils.counters
+    compiled_before = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), StolenTime() as stolen:
+        for r in range(rounds):
+            shuffle(order)
+            for runner in order:
+                model, row = models[runner], rows[runner]
+                for batch, ids in prompts.items():
+                    one = _timed(functools.partial(generate, model, ids, 1))
+                    many = _timed(functools.partial(generate, model, ids, NEW_TOKENS + 1))
+                    row.decode_ms.setdefault(batch, []).append((many - one) * 1e3 / NEW_TOKENS)
+                    log(f"[{name}] {runner} b{batch}: 1 token {one:.3f} s, "
+                        f"{NEW_TOKENS + 1} tokens {many:.3f} s")  # fmt: skip
+                prefill = _timed(functools.partial(generate, model, long_prompt, 1))
+                row.prefill_ms.append(prefill * 1e3)
+            log(f"[{name}] round {r + 1}/{rounds} done")
+    recompiled = counters["stats"]["unique_graphs"] - compiled_before
+    return {"rows": rows, "stolen": stolen.share, "recompiled": recompiled}
+
+
+def _vm_hwm_mb() -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux: clear_refs 5), after returning the
+    freed heap to the OS."""
+    from graphopt.compiler import _return_freed_memory
+
+    gc.collect()
+    _return_freed_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_memory(name: str, runner: str) -> tuple[float, float]:
+    """(peak MB of the whole run, peak MB once the model is built, and quantized for the
+    graphopt-int runners) of building `name`, setting up `runner` and generating."""
+    model = build(name)
+    mode = {"graphopt-int8": "int8_weight_only", "graphopt-int4": "int4_weight_only"}.get(runner)
+    if mode is not None:
+        graphopt.quantize_weights_(model, mode, group_size=128)
+        runner = "graphopt"
+    whole = _vm_hwm_mb()
+    _reset_peak()
+    model = RUNNERS[runner](model)
+    ids = torch.randint(3, 32000, (1, PROMPT))
+    with torch.no_grad():
+        generate(model, ids, NEW_TOKENS)
+    serving = _vm_hwm_mb()
+    return max(whole, serving), serving
+
+
+def peak_memory(name: str, runner: str) -> tuple[float, float]:
+    """`measure_memory` in a fresh process (nan, nan if it fails)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.llm", "--memory", name, runner],
+        cwd=HERE.parent,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    try:
+        whole, serving = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return math.nan, math.nan
+    return whole, serving
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+def kernel_table(name: str, rounds: int) -> str:
+    """Every distinct linear shape of the model at batch 1: fp32 and weight-only kernels."""
+    from graphopt import quantized_linear
+
+    quantized_linear.load_kernels()
+    model = build(name)
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear})
+    del model
+    lines = [
+        "| weight [out, in] | fp32 matmul us | graphopt int8 us | torch int8pack us |"
+        " graphopt int4 us | torch int4pack us | int8 GB/s | int4 GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, k in shapes:
+        w = torch.randn(n, k)
+        x = torch.randn(1, k)
+        q8, s8 = quantized_linear.quantize_int8(w)
+        q4, s4, z4 = quantized_linear.quantize_int4(w, 128)
+        wt = w.t().contiguous()
+        ops = torch.ops.graphopt
+        calls = {
+            "fp32": functools.partial(torch.mm, x, wt),
+            "int8": functools.partial(ops.linear_int8_weight, x, q8, s8, None),
+            "int8pack": functools.partial(torch._weight_int8pack_mm, x, q8, s8),
+            "int4": functools.partial(ops.linear_int4_weight, x, q4, s4, z4, 128, None),
+        }
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (n, k), dtype=torch.int32), 1
+            )
+            sz = torch.randn(k // 128, n, 2)
+            calls["int4pack"] = functools.partial(
+                torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, 128, sz
+            )
+        except (RuntimeError, AttributeError):
+            pass
+        us = {}
+        for key, fn in calls.items():
+            for _ in range(5):
+                fn()
+            samples = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                samples.append((time.perf_counter() - start) / 20 * 1e6)
+            us[key] = statistics.median(samples)
+        gbs8 = (q8.numel() + 4 * s8.numel()) / us["int8"] / 1e3
+        gbs4 = (q4.numel() + 4 * (s4.numel() + z4.numel())) / us["int4"] / 1e3
+        cells = [f"{us.get(key, math.nan):.1f}" for key in calls] + ["-"] * (5 - len(calls))
+        lines.append(f"| [{n}, {k}] | " + " | ".join(cells) + f" | {gbs8:.1f} | {gbs4:.1f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def model_table(result: dict, bandwidth: float, eager_peak: float) -> str:
+    rows: dict[str, Row] = result["rows"]
+    fastest_fp32 = min(
+        (_median(r.decode_ms.get(1, [])) for n, r in rows.items() if n in FP32 and r.decode_ms),
+        default=math.nan,
+    )
+    header = (
+        "| runner | decode tok/s b1 | b8 | vs fastest fp32 (b1) | share of its bandwidth limit"
+        " | prefill 128 ms | weights read/token MB | peak MB (eager's) | peak after build MB"
+        " | tokens = eager | compile s | note |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows.values():
+        if row.error:
+            lines.append(f"| {row.runner} |" + " - |" * 10 + f" {row.error} |")
+            continue
+        b1, b8 = _median(row.decode_ms.get(1, [])), _median(row.decode_ms.get(8, []))
+        tps1, tps8 = 1e3 / b1, 8e3 / b8
+        limit = bandwidth * 1e9 / row.bytes_per_token
+        peak = f"{row.peak_mb:.0f} ({eager_peak:.0f})" if not math.isnan(row.peak_mb) else "-"
+        lines.append(
+            f"| {row.runner} | {tps1:.1f} | {tps8:.1f} | {fastest_fp32 / b1:.2f}x "
+            f"| {tps1 / limit:.0%} of {limit:.0f} | {_median(row.prefill_ms):.0f} "
+            f"| {row.bytes_per_token / 1e6:.0f} | {peak} | {row.serving_mb:.0f} | {row.agrees} "
+            f"| {row.compile_s:.0f} | |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--runners", default=",".join(RUNNERS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-process peaks")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-llm.md")
+    parser.add_argument("--memory", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory:
+        torch._inductor.config.freezing = True
+        print(json.dumps(measure_memory(*args.memory)))
+        return 0
+    models, runners = args.models.split(","), args.runners.split(",")
+    unknown = sorted(set(runners) - set(RUNNERS)) + sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown {unknown}; runners: {list(RUNNERS)}, models: {list(MODELS)}")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    command = "python -m benchmarks.llm " + " ".join(argv if argv is not None else sys.argv[1:])
+    sections = [
+        "# Decoder LLMs: decode, prefill, memory (`benchmarks/llm.py`)",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Date: {datetime.date.today()}, host: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "",
+        "Model sizes: " + json.dumps(SIZES) + ". Greedy `generate()` with a static cache "
+        f"(max_cache_len {CACHE_LEN}); decode = (t({NEW_TOKENS + 1} new) - t(1 new)) / "
+        f"{NEW_TOKENS} from a {PROMPT}-token prompt; prefill = time to the first token of a "
+        f"{PREFILL}-token prompt; medians of {args.rounds} interleaved rounds. llama.cpp: not "
+        "run (llama-cpp-python builds llama.cpp from source, and a GGUF of a random model needs "
+        "a tokenizer its converter accepts; not attempted here).",
+        "",
+    ]
+    read, copied = bandwidth()
+    sections.append(
+        f"Memory bandwidth: {read:.1f} GB/s read (a sum over a 512 MB tensor), {copied:.1f} "
+        "GB/s copied (read + written). A runner's bandwidth limit is the read bandwidth over "
+        "the bytes of weights one decode step reads.\n"
+    )
+    for name in models:
+        result = run_model(name, runners, args.rounds, log)
+        peaks = {}
+        if not args.no_memory:
+            for runner in runners:
+                if not result["rows"][runner].error:
+                    log(f"[{name}] peak memory of {runner}")
+                    whole, serving = peak_memory(name, runner)
+                    peaks[runner] = whole
+                    result["rows"][runner].peak_mb = whole
+                    result["rows"][runner].serving_mb = serving
+        eager_peak = peaks.get("eager", math.nan)
+        stolen = result["stolen"]
+        sections += [
+            f"## {name}",
+            "",
+            model_table(result, read, eager_peak),
+            "",
+            f"Hypervisor's stolen share while timing: {stolen:.1%}"
+            + (" (suspect)" if stolen >= 0.02 else "")
+            + f". Graphs compiled while timing: {result['recompiled']}"
+            + (" (timings include compiles: suspect)" if result["recompiled"] else "."),
+            "",
+        ]
+        gc.collect()
+    if not args.no_kernels:
+        log("kernels")
+        sections += [
+            "## Kernels at batch 1 (llama's linear shapes)",
+            "",
+            kernel_table(models[0], rounds=max(5, args.rounds * 3)),
+            "",
+        ]
+    args.out.write_text("\n".join(sections))
+    print("\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
