@@ -1,12 +1,13 @@
-"""Weight-only int8/int4 on a language model trained on real text: what it costs in perplexity.
+"""Quantized LLM layers on a language model trained on real text: what each mode costs.
 
 Trains a small byte-level Llama (transformers config, 4 layers, hidden 128) on Python's own
 standard-library sources, then measures perplexity on other standard-library modules it never
-saw: in float32, and with each weight-only mode through graphopt. Ends by generating a few
-lines through `torch.compile(model.forward, backend="graphopt")` from the int8 model.
+saw: in float32, and with each of graphopt's modes for linear layers (weight-only int8 and
+int4, dynamic int8 with and without SmoothQuant). Ends by generating a few lines through
+`torch.compile(model.forward, backend="graphopt")` from the int8 model.
 
-    python examples/llm_weight_only.py                  # ~2 min on 2 cores
-    python examples/llm_weight_only.py --steps 600 --generate 200
+    python examples/llm_quantize.py                  # ~3 min on 2 cores
+    python examples/llm_quantize.py --steps 1500 --generate 200
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import torch
 import graphopt
 
 SEQ = 128
-MODES = ("int8_weight_only", "int4_weight_only")
+STEPS = 800
+# (row name, graphopt options): every mode for linear layers
+MODES = {
+    "int8_weight_only": {"quantize": "int8_weight_only"},
+    "int4_weight_only (group 128)": {"quantize": "int4_weight_only", "group_size": 128},
+    "int8_dynamic": {"quantize": "int8_dynamic"},
+    "int8_dynamic + SmoothQuant 0.5": {"quantize": "int8_dynamic", "smoothquant": 0.5},
+}
 # Modules to train on and to measure on: disjoint, fixed, in every CPython 3.10+.
 TRAIN_MODULES = (
     "argparse", "collections/__init__", "dataclasses", "enum", "functools", "inspect",
@@ -51,7 +59,7 @@ def make_model() -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def train(steps: int = 400, batch: int = 16, log: bool = True) -> torch.nn.Module:
+def train(steps: int = STEPS, batch: int = 16, log: bool = True) -> torch.nn.Module:
     """A byte-level Llama trained on TRAIN_MODULES (seeded: the same weights every run)."""
     data = stdlib_bytes(TRAIN_MODULES)
     model = make_model().train()
@@ -93,14 +101,22 @@ def perplexity(model: torch.nn.Module, chunks: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
+def calibration_batches(count: int = 4) -> list[tuple[torch.Tensor]]:
+    """SmoothQuant's calibration data: windows of the training text, one per batch."""
+    data = stdlib_bytes(TRAIN_MODULES)
+    starts = torch.linspace(0, len(data) - SEQ - 1, count).long()
+    return [(data[i : i + SEQ][None],) for i in starts.tolist()]
+
+
 def perplexity_table(model: torch.nn.Module, chunks: torch.Tensor) -> dict[str, float]:
-    """Perplexity in float32 (eager and through graphopt) and with each weight-only mode."""
+    """Perplexity in float32 (eager and through graphopt) and with each of MODES."""
     example = (chunks[0][None],)
     result = {"float32 (eager)": perplexity(model, chunks)}
     result["float32 (graphopt)"] = perplexity(graphopt.optimize(model, example), chunks)
-    for mode in MODES:
-        optimized = graphopt.optimize(model, example, quantize=mode, group_size=128)
-        result[mode] = perplexity(optimized, chunks)
+    for name, options in MODES.items():
+        if "smoothquant" in options:
+            options = {**options, "calibration": calibration_batches()}
+        result[name] = perplexity(graphopt.optimize(model, example, **options), chunks)
     return result
 
 
@@ -114,7 +130,7 @@ def format_table(result: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="training steps")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps")
     parser.add_argument("--generate", type=int, default=120, help="bytes to generate at the end")
     args = parser.parse_args()
     model = train(args.steps)
