@@ -40,11 +40,13 @@ Loss = Callable[[Callable[..., Any]], torch.Tensor]  # (the callable model) -> s
 
 
 class EncoderWithHead(nn.Module):
-    """The model of the issue that found the bug: one `nn.TransformerEncoderLayer` and a head."""
+    """The model of the issue that found the bug: `nn.TransformerEncoderLayer`s and a head
+    (one 64-wide layer in the report, two 256-wide ones in its larger version)."""
 
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 64, layers: int = 1):
         super().__init__()
-        self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.layer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +83,7 @@ def _llama() -> tuple[Model, Loss]:
 CASES: dict[str, Callable[[], tuple[Model, Loss]]] = {
     "residual_cnn": lambda: _classifier(ResidualCNN, (8, 3, 16, 16)),
     "encoder_layer": lambda: _classifier(EncoderWithHead, (8, 12, 64)),
+    "encoder_wide": lambda: _classifier(lambda: EncoderWithHead(256, layers=2), (8, 12, 256)),
     "vit": lambda: _classifier(TinyViT, (4, 3, 16, 16)),
     "bert": _bert,
     "llama": _llama,
