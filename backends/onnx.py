@@ -1,7 +1,9 @@
 """target="onnx": the optimized graph exported to ONNX and run by onnxruntime (CPU).
 
 The whole graph goes through torch.export and torch.onnx's translator (int8 graphs become
-QuantizeLinear/DequantizeLinear, which onnxruntime fuses into its integer kernels). Dims that
+QuantizeLinear/DequantizeLinear, which onnxruntime fuses into its integer kernels; weight-only
+int8/int4 linear layers become onnxruntime's `com.microsoft.MatMulNBits`, see
+`weight_only_to_matmul_nbits`). Dims that
 are dynamic in a torch.export graph stay dynamic; under torch.compile, a graph with dynamic
 sizes (SymInt inputs) is not taken. A graph the exporter cannot take runs in PyTorch instead,
 named in the report (lowering's fallback).
@@ -9,6 +11,7 @@ named in the report (lowering's fallback).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,12 +44,168 @@ def export_onnx(
         for node in module.graph.nodes:  # traced metadata belongs to another fake mode: re-trace
             node.meta = {}
         dynamic = _dynamic_shapes(example_inputs, dim_names or {})
+        weight_only_to_matmul_nbits(module)
         exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
-        program = torch.onnx.export(exported, args, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            exported,
+            args,
+            dynamo=True,
+            verbose=False,
+            custom_translation_table={torch.ops.graphopt.matmul_nbits.default: _matmul_nbits},
+        )
         proto = program.model_proto
         if dim_names:
             _rename_dims(proto, example_inputs, dim_names)
         return proto.SerializeToString()
+
+
+# ------------------------------------------------------------------ weight-only linear layers
+
+_LIBRARY = torch.library.Library("graphopt", "FRAGMENT")  # noqa: TOR901 - lives with the process
+_LIBRARY.define(
+    "matmul_nbits(Tensor x, Tensor b, Tensor scales, Tensor zero_points, Tensor? bias, int k, "
+    "int n, int bits, int block_size) -> Tensor"
+)
+INT8_BLOCK = 128  # K per scale block of an int8 layer in MatMulNBits (its scale is per row)
+
+
+@torch.library.impl(_LIBRARY, "matmul_nbits", "CompositeExplicitAutograd")
+def _matmul_nbits_reference(x, b, scales, zero_points, bias, k, n, bits, block_size):
+    """onnxruntime's MatMulNBits: y = x @ ((code - zero_point) * scale)[:, :k].T + bias, codes
+    packed low nibble first along K in blocks of `block_size`."""
+    codes = b if bits == 8 else torch.stack([b & 15, b >> 4], dim=-1).flatten(-2)
+    zero = zero_points.float().view(n, -1, 1)
+    weight = ((codes.float() - zero) * scales.view(n, -1, 1)).reshape(n, -1)[:, :k]
+    y = x @ weight.T
+    return y + bias if bias is not None else y
+
+
+@torch.library.register_fake("graphopt::matmul_nbits")
+def _matmul_nbits_fake(x, b, scales, zero_points, bias, k, n, bits, block_size):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _matmul_nbits(x, b, scales, zero_points, bias, k: int, n: int, bits: int, block_size: int):
+    """The ONNX translation of graphopt::matmul_nbits (torch.onnx custom_translation_table)."""
+    from onnxscript import opset18 as op
+    from onnxscript.values import Op, Opset
+
+    matmul_nbits = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
+    y = matmul_nbits(x, b, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size)
+    return y if bias is None else op.Add(y, bias)
+
+
+@functools.cache
+def _matmul_nbits_schema() -> Any:
+    """The part of onnxruntime's MatMulNBits schema graphopt writes (onnx itself has no schemas
+    of onnxruntime's contrib ops, and onnxscript needs one to emit a node)."""
+    from onnx.defs import OpSchema
+
+    def param(name: str, types: str, optional: bool = False) -> OpSchema.FormalParameter:
+        option = OpSchema.FormalParameterOption
+        return OpSchema.FormalParameter(
+            name, types, param_option=option.Optional if optional else option.Single
+        )
+
+    return OpSchema(
+        "MatMulNBits",
+        "com.microsoft",
+        1,
+        inputs=[
+            param("A", "T1"),
+            param("B", "T2"),
+            param("scales", "T1"),
+            param("zero_points", "T3", True),
+        ],
+        outputs=[param("Y", "T1")],
+        type_constraints=[
+            ("T1", ["tensor(float)"], ""),
+            ("T2", ["tensor(uint8)"], ""),
+            ("T3", ["tensor(uint8)", "tensor(float)"], ""),
+        ],
+        attributes=[
+            OpSchema.Attribute(name, OpSchema.AttrType.INT, "")
+            for name in ("K", "N", "bits", "block_size")
+        ],
+    )
+
+
+def matmul_nbits_tensors(op: Any, args: Sequence[Any]) -> tuple[dict[str, torch.Tensor], int]:
+    """(MatMulNBits' b, scales and zero_points, block_size) for a graphopt weight-only call's
+    constant tensors (`args` as the op takes them).
+
+    int4: each group of graphopt's layout becomes a block: codes repacked low nibble first,
+    its float scale and zero point as they are (the same numbers graphopt computes with).
+    int8: symmetric codes shifted to uint8 around a zero point of 128, the row's scale repeated
+    for each block of `INT8_BLOCK` channels (K padded with zero codes to whole blocks)."""
+    from graphopt import quantized_linear
+
+    if op is torch.ops.graphopt.linear_int4_weight.default:
+        _, packed, scale, zero, group_size, _ = args
+        codes = quantized_linear.unpack_int4(packed)
+        n, k = codes.shape
+        blocks = codes.view(n, k // group_size, group_size // 2, 2)
+        b = (blocks[..., 0] | (blocks[..., 1] << 4)).contiguous()
+        return {"b": b, "scales": scale.float(), "zero_points": zero.float()}, group_size
+    _, weight, scale, _ = args
+    n, k = weight.shape
+    blocks = -(-k // INT8_BLOCK)
+    codes = torch.full((n, blocks * INT8_BLOCK), 128, dtype=torch.uint8)
+    codes[:, :k] = (weight.to(torch.int16) + 128).to(torch.uint8)
+    tensors = {
+        "b": codes.view(n, blocks, INT8_BLOCK),
+        "scales": scale.float()[:, None].expand(n, blocks).contiguous(),
+        "zero_points": torch.full((n, blocks), 128, dtype=torch.uint8),
+    }
+    return tensors, INT8_BLOCK
+
+
+def weight_only_to_matmul_nbits(gm: torch.fx.GraphModule) -> int:
+    """Rewrite gm's weight-only linear calls (`graphopt::linear_int8_weight`,
+    `linear_int4_weight`) whose weights are constants into `graphopt::matmul_nbits`, which the
+    ONNX export writes as onnxruntime's MatMulNBits. Returns how many were rewritten."""
+    from graphopt.passes.base import add_constant, get_attr_value
+
+    ops = {torch.ops.graphopt.linear_int8_weight.default: 8}
+    ops[torch.ops.graphopt.linear_int4_weight.default] = 4
+    done = 0
+    for node in list(gm.graph.nodes):
+        bits = ops.get(node.target) if node.op == "call_function" else None
+        constants = node.args[1:4] if bits == 4 else node.args[1:3]
+        if bits is None or not all(
+            isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in constants
+        ):
+            continue
+        values = [
+            get_attr_value(gm, a) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a
+            for a in node.args
+        ]
+        tensors, block_size = matmul_nbits_tensors(node.target, values)
+        weight = values[1]
+        n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
+        with gm.graph.inserting_before(node):
+            inputs = [
+                gm.graph.get_attr(add_constant(gm, t, f"nbits_{name}"))
+                for name, t in tensors.items()
+            ]
+            bias = node.args[-1]
+            new = gm.graph.call_function(
+                torch.ops.graphopt.matmul_nbits.default,
+                (node.args[0], *inputs, bias, k, n, bits, block_size),
+            )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.graph.eliminate_dead_code()
+        used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, _ in list(gm.named_buffers()):  # the graphopt layouts' constants
+            if name not in used and "." not in name:
+                delattr(gm, name)
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 def _rename_dims(proto: Any, example_inputs: Sequence[Any], dim_names: dict[str, str]) -> None:

@@ -200,7 +200,7 @@ class LinearQuantSummary:
         how = f" ({', '.join(detail)})" if detail else ""
         lines = [
             f"{self.mode}{how}: "
-            f"{len(self.layers)} linear layers, {self.float_bytes / 1e6:.1f} MB -> "
+            f"{len(self.layers)} layers, {self.float_bytes / 1e6:.1f} MB -> "
             f"{self.quantized_bytes / 1e6:.1f} MB of weights ({ratio:.2f}x smaller)"
         ]
         lines += [f"  kept float: {why}" for why in self.kept_float]
@@ -211,18 +211,26 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+# Rows of a weight quantized at a time: the float temporaries of quantizing stay a few MB
+# however large the layer (a whole [32000, 4096] lm_head would take four 0.5 GB copies).
+QUANTIZE_ROWS = 2048
+
+
 def quantize_linear_weight(
     weight: torch.Tensor, mode: str, group_size: int = 128, act_mul: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """The tensors `mode`'s op reads besides x and the bias, by argument name, for a float
-    [N, K] weight (with SmoothQuant's `act_mul`, the weight is scaled by its inverse first)."""
-    if mode == "int4_weight_only":
-        packed, scale, zero = quantize_int4(weight, group_size)
-        return {"weight": packed, "scale": scale, "zero": zero}
-    if act_mul is not None:
-        weight = weight / act_mul
-    q, scale = quantize_int8(weight)
-    out = {"weight": q, "scale": scale}
+    [N, K] weight (with SmoothQuant's `act_mul`, the weight is scaled by its inverse first).
+    Every scale is per output channel or per group within one, so the weight is quantized
+    `QUANTIZE_ROWS` rows at a time."""
+    blocks = []
+    for rows in weight.detach().split(QUANTIZE_ROWS):
+        if mode == "int4_weight_only":
+            blocks.append(dict(zip(("weight", "scale", "zero"), quantize_int4(rows, group_size))))
+        else:
+            rows = rows / act_mul if act_mul is not None else rows
+            blocks.append(dict(zip(("weight", "scale"), quantize_int8(rows))))
+    out = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
     if mode == "int8_dynamic":
         out["act_mul"] = act_mul
     return out
@@ -242,21 +250,38 @@ def quantized_linear_call(
     return ops.linear_int8_dynamic.default, (x, t["weight"], t["scale"], t.get("act_mul"), bias)
 
 
+def linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The [out, in] weight of a linear layer: `nn.Linear`, or transformers' `Conv1D` (GPT-2's
+    layers, which hold it as [in, out]); None for any other module."""
+    if type(module) is torch.nn.Linear:
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils
+        return module.weight.t()
+    return None
+
+
 class QuantizedLinear(torch.nn.Module):
     """A linear layer in one of `MODES` (see the module docstring): what `quantize_weights_`
-    puts in place of `nn.Linear`. Holds only the quantized weight, its scales and the bias."""
+    puts in place of `nn.Linear` (or transformers' `Conv1D`). Holds only the quantized weight,
+    its scales and the bias. `tensors`: the quantized weight and scales, when already made
+    (a tied weight quantized once for its embedding and its output layer)."""
 
     def __init__(
         self,
-        linear: torch.nn.Linear,
+        linear: torch.nn.Module,
         mode: str,
         group_size: int = 128,
         act_mul: torch.Tensor | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear_weight(linear)
+        if weight is None:
+            raise TypeError(f"QuantizedLinear takes nn.Linear or Conv1D, got {type(linear)}")
+        self.out_features, self.in_features = weight.shape
         self.mode, self.group_size = mode, group_size
-        tensors = quantize_linear_weight(linear.weight.detach(), mode, group_size, act_mul)
+        if tensors is None:
+            tensors = quantize_linear_weight(weight.detach(), mode, group_size, act_mul)
         for name in ("weight", "scale", "zero", "act_mul"):
             value = tensors.get(name)
             self.register_buffer(name, value.contiguous() if value is not None else None)
@@ -274,6 +299,65 @@ class QuantizedLinear(torch.nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.mode}{group}"
 
 
+class QuantizedEmbedding(torch.nn.Module):
+    """An `nn.Embedding` whose table is int8 with one scale per row: a lookup reads the rows it
+    needs and widens them (what `quantize_weights_` does to embeddings; a 32000 x 4096 table
+    shrinks from 524 MB to 131 MB). Rows come out in the table's float dtype."""
+
+    def __init__(self, embedding: torch.nn.Embedding, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        self.dtype = embedding.weight.dtype
+        self.register_buffer("weight", tensors["weight"].contiguous())
+        self.register_buffer("scale", tensors["scale"].contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids].to(torch.float32) * self.scale[ids].unsqueeze(-1)
+        return rows.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+def _quantized_layer(
+    name: str,
+    module: torch.nn.Module,
+    weight: torch.Tensor,
+    mode: str,
+    group_size: int,
+    exclude: tuple[str, ...],
+    summary: LinearQuantSummary,
+    shared: dict[str, torch.Tensor] | None,
+) -> QuantizedLinear | QuantizedEmbedding | None:
+    """The quantized replacement of one layer of `quantize_weights_` (None: it stays float, and
+    the summary says why). `shared`: the int8 tensors of the same weight, already quantized
+    for another layer that uses it (tied embeddings)."""
+    import fnmatch
+
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+        summary.kept_float.append(f"{name} (excluded)")
+        return None
+    if isinstance(module, torch.nn.Embedding):
+        return QuantizedEmbedding(
+            module, shared or quantize_linear_weight(weight, "int8_weight_only")
+        )
+    if mode == "int4_weight_only":
+        if weight.shape[1] % group_size:
+            summary.kept_float.append(
+                f"{name} ({weight.shape[1]} input channels, not whole groups of {group_size})"
+            )
+            return None
+        shared = None  # the table's int8 rows are no int4 groups
+    return QuantizedLinear(module, mode, group_size, tensors=shared)
+
+
+def _plain_embedding(module: torch.nn.Module) -> bool:
+    """An `nn.Embedding` whose forward is a plain lookup (no max_norm renormalization, which
+    writes to the table)."""
+    return type(module) is torch.nn.Embedding and module.max_norm is None
+
+
 def check_mode(mode: str, group_size: int) -> None:
     if mode not in MODES:
         raise ValueError(f"quantize mode {mode!r}: accepted values: {list(MODES)}")
@@ -289,13 +373,17 @@ def quantize_weights_(
     *,
     group_size: int = 128,
     exclude: tuple[str, ...] = (),
+    embeddings: bool = True,
 ) -> LinearQuantSummary:
-    """Replace every `nn.Linear` of `model` by a `QuantizedLinear`, in place.
+    """Replace every linear layer of `model` (`nn.Linear`, transformers' `Conv1D`) by a
+    `QuantizedLinear`, and every `nn.Embedding` by a `QuantizedEmbedding`, in place.
 
-    The float weights are dropped (what is kept is 1 or 0.5 byte per weight plus scales), so
-    a model quantized before `torch.compile(model.forward, backend="graphopt")` or
-    `generate()` never holds its float weights again. Layers whose input channels do not
-    fill whole int4 groups, and those matching `exclude` (glob patterns of module names),
+    The float weights are dropped as each layer is quantized (what is kept is 1 or 0.5 byte
+    per weight plus scales), so the process never holds a second copy of the model, and a
+    model quantized before `torch.compile(model.forward, backend="graphopt")` or `generate()`
+    never holds its float weights again. A weight shared by an embedding and an output layer
+    (tied embeddings) is quantized once when both are int8. Layers whose input channels do
+    not fill whole int4 groups, and those matching `exclude` (glob patterns of module names),
     stay float and are listed in the summary.
 
     Args:
@@ -303,35 +391,65 @@ def quantize_weights_(
             calibration data: use the `quantize="int8_dynamic", smoothquant=...` option).
         group_size: input channels per int4 scale (32, 64 or 128).
         exclude: glob patterns of module names to leave in float (e.g. "lm_head").
+        embeddings: store embedding tables as int8 rows (every mode); False keeps them float.
     Returns:
         A `LinearQuantSummary`: bytes per layer before and after.
     """
-    import fnmatch
+    import collections
 
     check_mode(mode, group_size)
     load_kernels()
     summary = LinearQuantSummary(mode, group_size if mode == "int4_weight_only" else None)
-    for name, module in list(model.named_modules()):
-        if type(module) is not torch.nn.Linear:
-            continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
-            summary.kept_float.append(f"{name} (excluded)")
-            continue
-        if mode == "int4_weight_only" and module.in_features % group_size:
-            summary.kept_float.append(
-                f"{name} ({module.in_features} input channels, not whole groups of {group_size})"
+
+    def float_weight(module: torch.nn.Module) -> torch.Tensor | None:
+        if embeddings and _plain_embedding(module):
+            return module.weight
+        return linear_weight(module)
+
+    # Names only: holding the modules would keep every float weight alive to the end. A weight
+    # is known by id() only while a layer still holds it (`users` counts them down).
+    names = [name for name, module in model.named_modules() if float_weight(module) is not None]
+    users = collections.Counter(id(model.get_submodule(name).weight) for name in names)
+    int8_of: dict[int, dict[str, torch.Tensor]] = {}  # id(tied float weight) -> int8 tensors
+    counted: set[int] = set()  # ids of the tensors the summary has counted (all still alive)
+    for name in [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]:
+        if embeddings and name not in names:
+            kind = type(model.get_submodule(name)).__name__
+            summary.kept_float.append(f"{name} ({kind}: not a plain nn.Embedding lookup)")
+    for name in names:
+        module = model.get_submodule(name)
+        if not name:
+            raise TypeError(
+                f"quantize_weights_ swaps the layers inside a model in place; got a bare "
+                f"{type(module).__name__}: wrap it in a module (e.g. nn.Sequential)"
             )
-            continue
-        quantized = QuantizedLinear(module, mode, group_size)
-        summary.layers.append(
-            LayerBytes(
-                name,
-                (module.out_features, module.in_features),
-                nbytes(module.weight, module.bias),
-                nbytes(*quantized.buffers()),
-            )
+        weight, key = float_weight(module), id(module.weight)
+        users[key] -= 1
+        quantized = _quantized_layer(
+            name, module, weight, mode, group_size, exclude, summary, int8_of.get(key)
         )
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, quantized)
+        if quantized is not None:
+            int8_rows = getattr(quantized, "mode", "int8") != "int4_weight_only"
+            if int8_rows and users[key]:  # tied: the next user shares the int8 tensors
+                int8_of[key] = {"weight": quantized.weight, "scale": quantized.scale}
+            new = [t for t in quantized.buffers() if id(t) not in counted]
+            old = [t for t in (module.weight, getattr(module, "bias", None)) if t is not None]
+            summary.layers.append(
+                LayerBytes(
+                    name,
+                    tuple(weight.shape),
+                    nbytes(*(t for t in old if id(t) not in counted)),
+                    nbytes(*new),
+                )
+            )
+            counted.update(id(t) for t in new)
+            if users[key]:
+                counted.add(key)  # still alive: held by its next user
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, quantized)
+        if not users[key]:
+            int8_of.pop(key, None)
+            counted.discard(key)
+        del module, weight, quantized
     log.info("graphopt: %s", summary)
     return summary

@@ -219,14 +219,14 @@ def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
         if node.target is aten.convolution.default:
             transposed = node.args[6]
             site = Site(node, "conv2d", 0, 1, layer_name(node))
-            ok = not transposed and _weight_dim(gm, site.weight) == 4
+            ok = not transposed and constant_dim(gm, site.weight) == 4
         elif node.target is aten.mm.default:
             site = Site(node, "linear", 0, 1, layer_name(node))
-            ok = _weight_dim(gm, site.weight) == 2
+            ok = constant_dim(gm, site.weight) == 2
         elif node.target is aten.addmm.default:
             site = Site(node, "linear", 1, 2, layer_name(node))
             ok = (
-                _weight_dim(gm, site.weight) == 2
+                constant_dim(gm, site.weight) == 2
                 and node.kwargs.get("beta", 1) == 1
                 and node.kwargs.get("alpha", 1) == 1
             )
@@ -244,7 +244,8 @@ def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
     return sites
 
 
-def _weight_dim(gm: torch.fx.GraphModule, node: Any) -> int | None:
+def constant_dim(gm: torch.fx.GraphModule, node: Any) -> int | None:
+    """The number of dims of the float32 constant `node` reads (None: not one)."""
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
         return None
     value = get_attr_value(gm, node)

@@ -10,6 +10,8 @@ Each matmul by a constant float32 weight becomes one call of the mode's op:
     channel j is divided by s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) (activation maxima from
     the calibration batches) and the weight multiplied by it, moving outliers into the weights.
 No calibration data is needed but for SmoothQuant. The float weight is dropped by DCE.
+Embedding tables (in every mode) become int8 with a scale per row: a lookup widens the rows
+it reads.
 
     addmm(bias, x, W^T)  =>  graphopt.linear_int8_weight(x, int8(W), scale, bias)
     mm(x, W^T)           =>  graphopt.linear_int4_weight(x, packed(W), scale, zero, 128, None)
@@ -29,10 +31,12 @@ from graphopt.passes.base import (
     Emitter,
     PassResult,
     Site,
+    constant_dim,
     fake_mode_of,
     find_sites,
     get_attr_value,
     insert_constant,
+    layer_name,
 )
 
 MODES = quantized_linear.MODES
@@ -101,6 +105,8 @@ def quantize_weights(
                 quantized_linear.nbytes(*tensors.values()),
             )
         )
+    for node in _embedding_lookups(gm):
+        _quantize_embedding(gm, node, fake_mode, summary)
     if not summary.layers:
         return PassResult(gm, False, {"kept_float": len(summary.kept_float)})
     gm.graph.lint()
@@ -112,6 +118,47 @@ def quantize_weights(
         "weight_bytes_saved": summary.float_bytes - summary.quantized_bytes,
     }
     return PassResult(gm, True, stats)
+
+
+def _embedding_lookups(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """`aten.embedding` nodes reading a constant float32 table (2-D)."""
+    return [
+        node
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+        and node.target is torch.ops.aten.embedding.default
+        and constant_dim(gm, node.args[0]) == 2
+    ]
+
+
+def _quantize_embedding(
+    gm: torch.fx.GraphModule,
+    node: torch.fx.Node,
+    fake_mode: Any,
+    summary: quantized_linear.LinearQuantSummary,
+) -> None:
+    """embedding(table, ids) => embedding(int8 table, ids) * embedding(row scales, ids), as
+    `quantized_linear.QuantizedEmbedding` does (every mode: a lookup reads a few rows)."""
+    aten = torch.ops.aten
+    table, ids = get_attr_value(gm, node.args[0]), node.args[1]
+    tensors = quantized_linear.quantize_linear_weight(table, "int8_weight_only")
+    name = layer_name(node)
+    q = insert_constant(gm, tensors["weight"], f"{name}_weight", node)
+    scale = insert_constant(gm, tensors["scale"][:, None].contiguous(), f"{name}_scale", node)
+    emit = Emitter(gm, node, fake_mode)
+    rows = emit(aten._to_copy.default, emit(aten.embedding.default, q, ids), dtype=torch.float32)
+    new = emit(aten.mul.Tensor, rows, emit(aten.embedding.default, scale, ids))
+    new.meta["stack_trace"] = node.meta.get("stack_trace")
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    summary.layers.append(
+        quantized_linear.LayerBytes(
+            name,
+            tuple(table.shape),
+            quantized_linear.nbytes(table),
+            quantized_linear.nbytes(*tensors.values()),
+        )
+    )
 
 
 def _smoothing(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:

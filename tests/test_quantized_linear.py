@@ -1,4 +1,5 @@
-"""Quantized linear layers (weight-only int8/int4, dynamic int8): kernels, packing, pass, swap."""
+"""Quantized linear layers (weight-only int8/int4, dynamic int8) and int8 embedding tables:
+kernels, packing, pass, swap."""
 
 from __future__ import annotations
 
@@ -111,13 +112,19 @@ def test_pass_quantizes_every_linear_of_a_decoder(mode, limit, smaller):
         expected, got = model(ids).logits, optimized(ids).logits
     assert relative_error(expected, got) < limit
     summary = optimized.report.quantization
-    assert len(summary.layers) == 15 and not summary.kept_float  # 7 per layer + lm_head
+    assert len(summary.layers) == 16 and not summary.kept_float  # 7 per layer, lm_head, table
+    assert summary.layers[-1].shape == (128, 64)  # the embedding table
     assert summary.float_bytes / summary.quantized_bytes > smaller
     (partition,) = optimized.report.partitions
     op = f"graphopt.linear_{'int8' if mode.startswith('int8') else 'int4'}_weight.default"
     assert partition.ops[op] == 15
     assert not {"aten.mm.default", "aten.addmm.default"} & set(partition.ops)
     assert mode in str(optimized.report)
+    assert not [
+        n
+        for n, t in optimized.graph_module.named_buffers()
+        if t.dtype == torch.float32 and t.numel() >= 64 * 64
+    ], "a float weight or table was kept"
 
 
 def test_int4_keeps_layers_with_partial_groups_in_float():
@@ -130,17 +137,23 @@ def test_int4_keeps_layers_with_partial_groups_in_float():
         assert relative_error(model(x), optimized(x)) < 0.2
 
 
+def _model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors, a tensor shared by two layers counted once."""
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in unique)
+
+
 def test_module_swap_drops_the_float_weights_and_compiles():
     model = tiny_decoder("qwen2")
     ids = torch.randint(1, 128, (1, 9))
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False)
-    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    before = _model_bytes(model)
     summary = graphopt.quantize_weights_(model, "int8_weight_only")
-    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    assert len(summary.layers) == 15
-    assert before - after > 0.7 * (summary.float_bytes - summary.quantized_bytes)
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    after = _model_bytes(model)
+    assert len(summary.layers) == 16  # 15 linear layers and the embedding table
+    assert before - after == summary.float_bytes - summary.quantized_bytes
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in model.modules())
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=6, do_sample=False)
         model.forward = torch.compile(model.forward, backend="graphopt")
@@ -185,7 +198,7 @@ def test_dynamic_int8_through_torch_compile_and_smoothquant():
         )
         for optimized in (plain, smooth):
             assert relative_error(expected, optimized(ids).logits) < 0.05
-            assert len(optimized.report.quantization.layers) == 15  # o_proj too, at batch 2
+            assert len(optimized.report.quantization.layers) == 16  # o_proj too, at batch 2
         assert "SmoothQuant alpha 0.5" in str(smooth.report)
         compiled = torch.compile(model, backend="graphopt", options={"quantize": "int8_dynamic"})
         assert relative_error(expected, compiled(ids).logits) < 0.05
@@ -198,3 +211,97 @@ def test_smoothquant_option_is_checked():
         graphopt.Config(quantize="int8_dynamic", smoothquant=1.5)
     assert graphopt.Config(quantize="int8_dynamic", smoothquant=0.5).needs_calibration
     assert not graphopt.Config(quantize="int8_dynamic").needs_calibration
+
+
+def test_quantizing_in_row_blocks_is_quantizing_at_once(monkeypatch):
+    """Large weights are quantized a few rows at a time (the temporaries stay small): every
+    scale is per row or per group within one, so the result is the same."""
+    w = torch.randn(37, 128)
+    whole = {
+        "int8_weight_only": dict(zip(("weight", "scale"), quantized_linear.quantize_int8(w))),
+        "int4_weight_only": dict(
+            zip(("weight", "scale", "zero"), quantized_linear.quantize_int4(w, 64))
+        ),
+    }
+    monkeypatch.setattr(quantized_linear, "QUANTIZE_ROWS", 5)
+    for mode, expected in whole.items():
+        got = quantized_linear.quantize_linear_weight(w, mode, 64)
+        assert {k: got[k] for k in expected}.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), (mode, name)
+
+
+def test_gpt2_conv1d_layers_and_a_tied_table_are_quantized_once():
+    """GPT-2's layers are transformers' Conv1D ([in, out] weights); its output layer shares the
+    token table: one int8 copy serves both, and the summary counts it once."""
+    model = tiny_decoder("gpt2")
+    ids = torch.randint(1, 128, (1, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+    before = _model_bytes(model)
+    summary = graphopt.quantize_weights_(model, "int8_weight_only")
+    table = model.get_input_embeddings()
+    assert isinstance(table, quantized_linear.QuantizedEmbedding)
+    assert model.lm_head.weight is table.weight and model.lm_head.scale is table.scale
+    assert not any(type(m).__name__ == "Conv1D" for m in model.modules())
+    after = _model_bytes(model)
+    assert before - after == summary.float_bytes - summary.quantized_bytes
+    with torch.no_grad():
+        got = model(ids).logits
+        compiled = torch.compile(model, backend="graphopt")(ids).logits
+    assert relative_error(expected, got) < 0.02
+    assert_same_outputs(got, compiled)
+
+
+def test_embedding_rows_are_exact_to_half_a_step_and_subclasses_stay_float():
+    table = torch.nn.Embedding(50, 24)
+    model = torch.nn.Sequential(table)
+    ids = torch.randint(0, 50, (3, 7))
+    expected = table(ids)
+    summary = graphopt.quantize_weights_(model, "int4_weight_only", group_size=32)
+    rows = model[0]
+    step = rows.scale[ids].unsqueeze(-1)
+    assert ((model(ids) - expected).abs() <= step / 2 + 1e-7).all()
+    assert len(summary.layers) == 1
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2
+
+    scaled = torch.nn.Sequential(Scaled(50, 24))
+    summary = graphopt.quantize_weights_(scaled, "int8_weight_only")
+    assert (
+        not summary.layers and "0 (Scaled: not a plain nn.Embedding lookup)" in summary.kept_float
+    )
+    assert (
+        graphopt.quantize_weights_(
+            torch.nn.Sequential(torch.nn.Embedding(50, 24)), embeddings=False
+        ).layers
+        == []
+    )
+
+
+def test_a_bare_layer_is_refused_with_what_to_do():
+    with pytest.raises(TypeError, match="wrap it in a module"):
+        graphopt.quantize_weights_(torch.nn.Linear(4, 4))
+
+
+def test_a_tied_table_before_an_int4_output_layer_stays_int8_rows():
+    class Tied(torch.nn.Module):  # the output layer comes first in named_modules()
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(64, 40, bias=False)
+            self.table = torch.nn.Embedding(40, 64)
+            self.head.weight = self.table.weight
+
+        def forward(self, ids):
+            return self.head(self.table(ids))
+
+    model = Tied()
+    ids = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        expected = model(ids)
+    graphopt.quantize_weights_(model, "int4_weight_only", group_size=32)
+    assert model.table.weight.dtype == torch.int8 and model.head.weight.dtype == torch.uint8
+    with torch.no_grad():
+        assert relative_error(expected, model(ids)) < 0.2

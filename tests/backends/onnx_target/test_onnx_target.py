@@ -111,3 +111,37 @@ def test_onnxruntime_threads_stop_spinning_when_a_call_returns():
     cpu = time.process_time()
     time.sleep(0.3)
     assert time.process_time() - cpu < 0.02
+
+
+@pytest.mark.parametrize(("mode", "bits"), [("int8_weight_only", 8), ("int4_weight_only", 4)])
+def test_weight_only_decoder_exports_matmul_nbits_that_onnxruntime_runs(tmp_path, mode, bits):
+    """A weight-only decoder's linear layers become onnxruntime's MatMulNBits: the file holds
+    the packed weights (no float copy), and onnxruntime loading it gives graphopt's numbers."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from tests.models import tiny_decoder
+
+    model = tiny_decoder("llama", use_cache=False)
+    ids = torch.randint(1, 128, (1, 16))
+    options = dict(quantize=mode, group_size=32)
+    on_cpu = graphopt.optimize(model, (ids,), **options)
+    exported = graphopt.export(model, (ids,), tmp_path / "out", format="onnx", **options)
+    proto = onnx.load(str(exported.path / "model.onnx"))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 15 and {n.domain for n in nbits} == {"com.microsoft"}
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
+    big_floats = [
+        i.name
+        for i in proto.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64 * 64
+    ]
+    assert not big_floats, big_floats  # every weight and the embedding table are quantized
+    session = ort.InferenceSession(str(exported.path / "model.onnx"))
+    (logits, *_) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    with torch.no_grad():
+        expected = on_cpu(ids).logits
+        assert relative_error(expected, torch.from_numpy(logits)) < 1e-5
+        on_ort = graphopt.optimize(model, (ids,), target="onnx", **options)
+        assert relative_error(expected, on_ort(ids).logits) < 1e-5
+    assert [p.target for p in on_ort.report.partitions] == ["onnxruntime"]
