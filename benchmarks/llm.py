@@ -10,17 +10,22 @@ cache), side by side in interleaved rounds in one process:
   limit     the machine's read bandwidth / the bytes of weights one decode step reads: the most
             tokens/s any runner could reach; each runner's share of its own limit
   memory    each runner again in a fresh process: peak RSS while building, compiling and
-            generating, against eager's (`--memory` runs one)
+            generating, against eager's (`--memory` runs one; `--memory-models`, default llama)
+  breakdown where a decode token's time goes (profiled): linear kernels, the rest of the
+            compiled graphs, and outside them (generate loop, guards)
   kernels   every linear shape of the model at batch 1 through fp32 matmul and each weight-only
             kernel, GB/s of weights read
 
 Runners: eager; inductor (freezing); torchao 0.18 weight-only int8 and int4 + inductor;
 OpenVINO's torch.compile backend (if `openvino` imports); graphopt fp32 (`backend="graphopt"`),
-and graphopt int8/int4 weight-only (`graphopt.quantize_weights_` then `backend="graphopt"`).
-llama.cpp is not run: see the RESULTS file. Run nothing else meanwhile (2 cores: a second busy
-process makes every number wrong); the hypervisor's stolen share is reported.
+and graphopt int8/int4 weight-only (`graphopt.quantize_weights_` then `backend="graphopt"`);
+llama.cpp through llama-cpp-python (if `llama_cpp` imports; `pip install .[bench]`) on a GGUF
+that benchmarks/llama_cpp.py writes with the `gguf` package, f32 and llama.cpp's q8_0 / q4_0
+quantizations, greedy decoding of token ids, batch 1 only (b8 is '-'). Run nothing else
+meanwhile (2 cores: a second busy process makes every number wrong); the hypervisor's stolen
+share is reported.
 
-    python -m benchmarks.llm                       # everything, ~40 min on 2 cores
+    python -m benchmarks.llm                       # everything, ~1 hour on 2 cores
     python -m benchmarks.llm --models llama --runners eager,graphopt-int8 --rounds 2
 """
 
@@ -134,7 +139,18 @@ def _graphopt(mode: str | None) -> Callable[[torch.nn.Module], torch.nn.Module]:
     return setup
 
 
-RUNNERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+def _llama_cpp(outtype: str) -> Callable[[torch.nn.Module], Any]:
+    def setup(model: torch.nn.Module) -> Any:
+        from benchmarks.llama_cpp import LlamaCppRunner
+
+        return LlamaCppRunner(model, outtype, n_ctx=CACHE_LEN)
+
+    return setup
+
+
+# setup(model) -> a model to generate() with, or an object with generate(ids, new),
+# weight_bytes_per_token() and, if it only decodes batch 1, max_batch = 1 (llama.cpp).
+RUNNERS: dict[str, Callable[[torch.nn.Module], Any]] = {
     "eager": lambda model: model,
     "inductor": _inductor,
     "torchao-int8+inductor": _torchao(_torchao_int8),
@@ -143,14 +159,20 @@ RUNNERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
     "graphopt": _graphopt(None),
     "graphopt-int8": _graphopt("int8_weight_only"),
     "graphopt-int4": _graphopt("int4_weight_only"),
+    "llama.cpp-f32": _llama_cpp("f32"),
+    "llama.cpp-q8_0": _llama_cpp("q8_0"),
+    "llama.cpp-q4_0": _llama_cpp("q4_0"),
 }
-FP32 = ("eager", "inductor", "openvino", "graphopt")
+FP32 = ("eager", "inductor", "openvino", "graphopt", "llama.cpp-f32")
+BREAKDOWN = ("inductor", "graphopt", "graphopt-int8", "graphopt-int4")  # where time goes
 
 
 # ------------------------------------------------------------------------------ measurements
 
 
-def generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> torch.Tensor:
+def generate(model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
+    if not isinstance(model, torch.nn.Module):  # llama.cpp: its own greedy loop
+        return model.generate(ids, new)
     return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -163,10 +185,18 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> torch.Tenso
     )
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
+def weight_bytes_per_token(model: Any) -> int:
     """Bytes one decode step reads: every weight but the embedding table (one row of it)."""
-    embedding = model.get_input_embeddings()
-    skip = {id(t) for t in embedding.parameters()}
+    if not isinstance(model, torch.nn.Module):
+        return model.weight_bytes_per_token()
+    embedding = model.get_input_embeddings()  # graphopt's int8 table: buffers
+    skip = {id(t) for t in (*embedding.parameters(), *embedding.buffers())}
+    skip -= {
+        id(t)
+        for n, m in model.named_modules()
+        if m is not embedding
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+    }  # tied: read
     total = 0
     for t in (*model.parameters(), *model.buffers()):
         if id(t) not in skip and t.dtype != torch.bool:
@@ -208,6 +238,12 @@ class Row:
     error: str = ""
     peak_mb: float = math.nan
     serving_mb: float = math.nan  # peak once the model is built (and quantized)
+    note: str = ""
+
+
+def _batches(model: Any, prompts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The prompts of the batch sizes `model` decodes (llama.cpp's runner: batch 1 only)."""
+    return {b: ids for b, ids in prompts.items() if b <= getattr(model, "max_batch", b)}
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -230,7 +266,7 @@ def run_model(name: str, runners: list[str], rounds: int, log: Callable[[str], N
         expected = generate(base, prompts[1], NEW_TOKENS)
     del base
     rows: dict[str, Row] = {}
-    models: dict[str, torch.nn.Module] = {}
+    models: dict[str, Any] = {}
     for runner in runners:
         row = rows[runner] = Row(runner)
         log(f"[{name}] preparing {runner}")
@@ -241,7 +277,7 @@ def run_model(name: str, runners: list[str], rounds: int, log: Callable[[str], N
             start = time.perf_counter()
             model = RUNNERS[runner](model)
             with torch.no_grad():  # every call the timing makes, so that all graphs compile
-                for ids in prompts.values():
+                for ids in _batches(model, prompts).values():
                     generate(model, ids, 1)
                     generate(model, ids, NEW_TOKENS + 1)
                 generate(model, long_prompt, 1)
@@ -250,6 +286,7 @@ def run_model(name: str, runners: list[str], rounds: int, log: Callable[[str], N
             same = (got[0, PROMPT:] == expected[0, PROMPT:]).float().mean().item()
             row.agrees = f"{same:.0%}"
             row.bytes_per_token = weight_bytes_per_token(model)
+            row.note = getattr(model, "note", "")
             models[runner] = model
         except Exception as err:  # a runner that fails is a row with the reason
             row.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
@@ -264,7 +301,7 @@ def run_model(name: str, runners: list[str], rounds: int, log: Callable[[str], N
             shuffle(order)
             for runner in order:
                 model, row = models[runner], rows[runner]
-                for batch, ids in prompts.items():
+                for batch, ids in _batches(model, prompts).items():
                     one = _timed(functools.partial(generate, model, ids, 1))
                     many = _timed(functools.partial(generate, model, ids, NEW_TOKENS + 1))
                     row.decode_ms.setdefault(batch, []).append((many - one) * 1e3 / NEW_TOKENS)
@@ -274,7 +311,13 @@ def run_model(name: str, runners: list[str], rounds: int, log: Callable[[str], N
                 row.prefill_ms.append(prefill * 1e3)
             log(f"[{name}] round {r + 1}/{rounds} done")
     recompiled = counters["stats"]["unique_graphs"] - compiled_before
-    return {"rows": rows, "stolen": stolen.share, "recompiled": recompiled}
+    breakdown = {}
+    for runner in [r for r in BREAKDOWN if r in models]:
+        log(f"[{name}] where {runner}'s time goes")
+        breakdown[runner] = time_breakdown(models[runner], prompts[1])
+    return {
+        "rows": rows, "stolen": stolen.share, "recompiled": recompiled, "breakdown": breakdown
+    }  # fmt: skip
 
 
 def _vm_hwm_mb() -> float:
@@ -329,6 +372,44 @@ def peak_memory(name: str, runner: str) -> tuple[float, float]:
     except (ValueError, IndexError):
         return math.nan, math.nan
     return whole, serving
+
+
+# ------------------------------------------------------------------------- where time goes
+
+
+# The ops a compiled decode step runs its linear layers with: graphopt's quantized ones, and
+# the matmuls of fp32 graphs (inductor with freezing prepacks weights for oneDNN or MKL).
+LINEAR_OPS = (
+    "graphopt::linear_", "aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear"
+)  # fmt: skip
+
+
+def time_breakdown(model: Any, ids: torch.Tensor) -> dict[str, float]:
+    """ms per decode token by where it is spent, from torch.profiler over a generate() of
+    NEW_TOKENS + 1 tokens minus one of 1 token (the prefill cancels): the quantized linear
+    kernels (graphopt's ops), the rest of the compiled graphs (attention, norms, RoPE, cache
+    updates: inductor's code), and everything outside them (transformers' generate loop and
+    sampling, dynamo's guards, Python). The profiler's own cost inflates "outside"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def spent(new: int) -> dict[str, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            generate(model, ids, new)
+            wall = (time.perf_counter() - start) * 1e6
+        compiled = kernels = 0.0
+        for event in prof.key_averages():
+            if event.key.startswith("Torch-Compiled Region"):
+                compiled += event.cpu_time_total
+            elif event.key.startswith(LINEAR_OPS):
+                kernels += event.cpu_time_total
+        return {"linear kernels": kernels, "rest of compiled graphs": compiled - kernels,
+                "outside compiled graphs": wall - compiled, "total": wall}  # fmt: skip
+
+    with torch.no_grad():
+        generate(model, ids, NEW_TOKENS + 1)  # warm
+        one, many = spent(1), spent(NEW_TOKENS + 1)
+    return {key: (many[key] - one[key]) / NEW_TOKENS / 1e3 for key in many}
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -412,15 +493,27 @@ def model_table(result: dict, bandwidth: float, eager_peak: float) -> str:
             lines.append(f"| {row.runner} |" + " - |" * 10 + f" {row.error} |")
             continue
         b1, b8 = _median(row.decode_ms.get(1, [])), _median(row.decode_ms.get(8, []))
-        tps1, tps8 = 1e3 / b1, 8e3 / b8
+        tps1 = 1e3 / b1
+        tps8 = "-" if math.isnan(b8) else f"{8e3 / b8:.1f}"  # llama.cpp: batch 1 only
         limit = bandwidth * 1e9 / row.bytes_per_token
         peak = f"{row.peak_mb:.0f} ({eager_peak:.0f})" if not math.isnan(row.peak_mb) else "-"
         lines.append(
-            f"| {row.runner} | {tps1:.1f} | {tps8:.1f} | {fastest_fp32 / b1:.2f}x "
+            f"| {row.runner} | {tps1:.1f} | {tps8} | {fastest_fp32 / b1:.2f}x "
             f"| {tps1 / limit:.0%} of {limit:.0f} | {_median(row.prefill_ms):.0f} "
             f"| {row.bytes_per_token / 1e6:.0f} | {peak} | {row.serving_mb:.0f} | {row.agrees} "
-            f"| {row.compile_s:.0f} | |"
+            f"| {row.compile_s:.0f} | {row.note} |"
         )
+    return "\n".join(lines)
+
+
+def breakdown_table(breakdown: dict[str, dict[str, float]]) -> str:
+    keys = ["total", "linear kernels", "rest of compiled graphs", "outside compiled graphs"]
+    lines = ["| runner (batch 1, profiled) | " + " | ".join(f"{k} ms" for k in keys) + " |"]
+    lines.append("|---|" + "---:|" * len(keys))
+    for runner, ms in breakdown.items():
+        cells = [f"{ms[keys[0]]:.2f}"]
+        cells += [f"{ms[k]:.2f} ({ms[k] / ms['total']:.0%})" for k in keys[1:]]
+        lines.append(f"| {runner} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -430,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runners", default=",".join(RUNNERS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peaks")
+    parser.add_argument(
+        "--memory-models", default="llama", help="models whose per-process peaks are measured"
+    )
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-llm.md")
     parser.add_argument("--memory", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
@@ -457,9 +553,13 @@ def main(argv: list[str] | None = None) -> int:
         "Model sizes: " + json.dumps(SIZES) + ". Greedy `generate()` with a static cache "
         f"(max_cache_len {CACHE_LEN}); decode = (t({NEW_TOKENS + 1} new) - t(1 new)) / "
         f"{NEW_TOKENS} from a {PROMPT}-token prompt; prefill = time to the first token of a "
-        f"{PREFILL}-token prompt; medians of {args.rounds} interleaved rounds. llama.cpp: not "
-        "run (llama-cpp-python builds llama.cpp from source, and a GGUF of a random model needs "
-        "a tokenizer its converter accepts; not attempted here).",
+        f"{PREFILL}-token prompt; medians of {args.rounds} interleaved rounds. llama.cpp "
+        "rows: the model written to a GGUF by benchmarks/llama_cpp.py (`gguf` package, "
+        "placeholder vocabulary; f32, and q8_0 / q4_0 by llama.cpp's own quantizer with its "
+        "default mix of tensor types, listed in the note), run by llama-cpp-python (built from "
+        "source with -march=native) with greedy argmax over `Llama.eval` of token ids; batch 1 "
+        "only, as its `Llama` decodes one sequence; compile s = writing, quantizing and loading "
+        "the file.",
         "",
     ]
     read, copied = bandwidth()
@@ -471,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         result = run_model(name, runners, args.rounds, log)
         peaks = {}
-        if not args.no_memory:
+        if not args.no_memory and name in args.memory_models.split(","):
             for runner in runners:
                 if not result["rows"][runner].error:
                     log(f"[{name}] peak memory of {runner}")
@@ -492,6 +592,15 @@ def main(argv: list[str] | None = None) -> int:
             + (" (timings include compiles: suspect)" if result["recompiled"] else "."),
             "",
         ]
+        if result["breakdown"]:
+            sections += [
+                "Where a decode token's time goes (ms per token, `time_breakdown`: "
+                'torch.profiler, whose own cost lands in "outside"; linear kernels: '
+                "graphopt's quantized ops, or ATen's/oneDNN's matmuls in fp32):",
+                "",
+                breakdown_table(result["breakdown"]),
+                "",
+            ]
         gc.collect()
     if not args.no_kernels:
         log("kernels")
