@@ -18,7 +18,8 @@ cache), side by side in interleaved rounds in one process:
 
 Runners: eager; inductor (freezing); torchao 0.18 weight-only int8 and int4 + inductor;
 OpenVINO's torch.compile backend (if `openvino` imports); graphopt fp32 (`backend="graphopt"`),
-and graphopt int8/int4 weight-only (`graphopt.quantize_weights_` then `backend="graphopt"`);
+and graphopt int8/int4 weight-only and int8_dynamic (`graphopt.quantize_weights_` then
+`backend="graphopt"`);
 llama.cpp through llama-cpp-python (if `llama_cpp` imports; `pip install .[bench]`) on a GGUF
 that benchmarks/llama_cpp.py writes with the `gguf` package, f32 and llama.cpp's q8_0 / q4_0
 quantizations, greedy decoding of token ids, batch 1 only (b8 is '-'). Run nothing else
@@ -159,6 +160,7 @@ RUNNERS: dict[str, Callable[[torch.nn.Module], Any]] = {
     "graphopt": _graphopt(None),
     "graphopt-int8": _graphopt("int8_weight_only"),
     "graphopt-int4": _graphopt("int4_weight_only"),
+    "graphopt-int8-dynamic": _graphopt("int8_dynamic"),  # for prefill (compute-bound)
     "llama.cpp-f32": _llama_cpp("f32"),
     "llama.cpp-q8_0": _llama_cpp("q8_0"),
     "llama.cpp-q4_0": _llama_cpp("q4_0"),
@@ -344,7 +346,11 @@ def measure_memory(name: str, runner: str) -> tuple[float, float]:
     """(peak MB of the whole run, peak MB once the model is built, and quantized for the
     graphopt-int runners) of building `name`, setting up `runner` and generating."""
     model = build(name)
-    mode = {"graphopt-int8": "int8_weight_only", "graphopt-int4": "int4_weight_only"}.get(runner)
+    mode = {
+        "graphopt-int8": "int8_weight_only",
+        "graphopt-int4": "int4_weight_only",
+        "graphopt-int8-dynamic": "int8_dynamic",
+    }.get(runner)
     if mode is not None:
         graphopt.quantize_weights_(model, mode, group_size=128)
         runner = "graphopt"
