@@ -205,6 +205,7 @@ class LlamaCppRunner:
             n_threads=threads,
             n_threads_batch=threads,
             logits_all=False,
+            use_mmap=False,  # weights read into memory, not paged in from the file when timed
             verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()
