@@ -115,12 +115,19 @@ def _inference_compiler(
     context = TracingContext.try_get()
     placeholders = gm.graph.find_nodes(op="placeholder")
     frozen: list[int] = []
-    # aot_autograd's inputs are dynamo's, in order (with inlined nn.Modules no separate
-    # params are lifted). Anything else, we do not freeze rather than guess.
+    # aot_autograd's inputs are dynamo's, in order, after the parameters aot_autograd lifted
+    # itself: none with inlined nn.Modules, unless inductor's freezing is on (then dynamo keeps
+    # parameters as attributes of its graph and aot_autograd passes them first, `params_flat`).
+    # Anything else, we do not freeze rather than guess.
+    lifted = list(context.params_flat or []) if context is not None else []
+    if lifted and len(placeholders) == len(lifted) + len(real_inputs):
+        real_inputs = [*lifted, *real_inputs]
+        param_indices = [*range(len(lifted)), *(i + len(lifted) for i in param_indices)]
+        if calibration is not None:
+            calibration = [[*lifted, *batch] for batch in calibration]
     if (
         context is not None
         and context.fw_metadata is not None
-        and not context.params_flat
         and (len(placeholders) == len(real_inputs))
     ):
         meta = context.fw_metadata

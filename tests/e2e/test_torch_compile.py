@@ -199,6 +199,24 @@ def test_weights_changed_in_place_are_compiled_anew(target):
         assert len(graphopt.reports()) == 2
 
 
+def test_weights_are_frozen_when_inductors_freezing_is_on_globally():
+    """With `torch._inductor.config.freezing = True` (what inductor users set for inference)
+    dynamo hands the parameters over as attributes of its graph and aot_autograd passes them
+    first: graphopt still folds them into constants (it ran them as inputs, unfolded, before),
+    and an in-place update still compiles anew."""
+    model = ResidualCNN().eval()
+    x = torch.randn(1, 3, 16, 16)
+    compiled = torch.compile(model, backend="graphopt")
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        assert_same_outputs(model(x), compiled(x))
+        (report,) = graphopt.reports()
+        assert report.weight_bytes_before > 0, str(report)  # weights are constants
+        for p in model.parameters():
+            p.mul_(1.5)
+        assert_same_outputs(model(x), compiled(x))
+    assert len(graphopt.reports()) == 2
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_two_instances_get_their_own_weights(target):
     """dynamo reuses one graph for every instance of a class (it does not guard parameters):
