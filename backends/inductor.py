@@ -28,7 +28,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
-from graphopt.passes.base import mutates, storage_of
+from graphopt.passes.base import mutates, storage_of, written_arguments
 
 INDUCTOR = OpRegistry("inductor", supports_all=True)
 log = logging.getLogger("graphopt")
@@ -242,11 +242,14 @@ def _release_frozen_weights(fn: Callable[..., Any], gm: torch.fx.GraphModule) ->
 def _weights_stay_inputs(gm: torch.fx.GraphModule) -> bool:
     """Whether freezing may keep some of `gm`'s weights as inputs of the compiled code (as
     `replace_params_with_constants` does for a weight written in place or returned as an
-    output or a view of one), so that the list aot_autograd passes must keep them."""
-    if any(mutates(node) for node in gm.graph.nodes):
-        return True
-    weights = {storage_of(n) for n in gm.graph.find_nodes(op="get_attr")} - {None}
-    return any(storage_of(n) in weights for n in gm.graph.output_node().all_input_nodes)
+    output or a view of one), so that the list aot_autograd passes must keep them. Writes to
+    other tensors (a decoder's KV cache, an input) do not keep the weights."""
+    weights = {storage_of(n) for n in gm.graph.find_nodes(op="get_attr")}
+    if None in weights:  # a weight whose storage is unknown: it may be any of them
+        return any(mutates(n) for n in gm.graph.nodes) or bool(gm.graph.output_node().args)
+    written = (w for n in gm.graph.nodes for w in written_arguments(n))
+    outputs = gm.graph.output_node().all_input_nodes
+    return any(storage_of(n) in weights for n in (*written, *outputs))
 
 
 def _closure_variable(fn: Any, name: str) -> Any:

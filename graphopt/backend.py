@@ -148,7 +148,7 @@ def _inference_compiler(
     def build(values: list[Any], graph: torch.fx.GraphModule) -> Callable[..., Any]:
         report = new_report(cfg)
         report.capture_seconds = capture_seconds
-        freeze_placeholders(graph, {i: values[i] for i in frozen})  # leaves `kept`
+        freeze_placeholders(graph, {i: values[i] for i in frozen}, share=True)  # leaves `kept`
         return compile_graph(
             graph,
             [fake_inputs[i] for i in kept],

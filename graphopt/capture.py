@@ -61,8 +61,19 @@ def is_param_source(placeholder: torch.fx.Node) -> bool:
     return "._parameters[" in name or "._buffers[" in name
 
 
-def freeze_placeholders(gm: torch.fx.GraphModule, values: dict[int, torch.Tensor]) -> list[int]:
-    """Replace placeholder number i by a constant copy of `values[i]`, in place.
+def freeze_placeholders(
+    gm: torch.fx.GraphModule, values: dict[int, torch.Tensor], *, share: bool = False
+) -> list[int]:
+    """Replace placeholder number i by a constant holding `values[i]`, in place.
+
+    By default each constant is a copy: the graph is a snapshot of the weights (`optimize`
+    and `export` return one), and sharing storage would let a later in-place update reach
+    the layers that read a weight directly but not those whose weights were folded into new
+    constants. `share=True` keeps the caller's tensors where their in-place updates can be
+    detected (they carry a version counter, which inference tensors lack): torch.compile's
+    graphs check the versions on every call and compile anew after an update, so a copy per
+    graph would only cost memory (a decoder compiles several graphs: each held a copy of
+    every weight).
 
     Returns the indices of the placeholders that remain (the runtime inputs).
     """
@@ -75,9 +86,10 @@ def freeze_placeholders(gm: torch.fx.GraphModule, values: dict[int, torch.Tensor
             if i not in values:
                 kept.append(i)
                 continue
-            # A copy: the graph is a snapshot of the weights. Sharing storage would let later
-            # in-place updates reach some layers but not the ones folded into new constants.
-            name = add_constant(gm, values[i].detach().clone(), node.name)
+            value = values[i].detach()
+            if not (share and isinstance(value, torch.Tensor) and not value.is_inference()):
+                value = value.clone()
+            name = add_constant(gm, value, node.name)
             with gm.graph.inserting_before(node):
                 const = gm.graph.get_attr(name)
             const.meta.update(node.meta)

@@ -133,6 +133,20 @@ def mutates(node: torch.fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
 
 
+def written_arguments(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The argument nodes a call writes to in place (its schema's `Tensor(a!)` arguments)."""
+    if not mutates(node):
+        return []
+    written: list[torch.fx.Node] = []
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        values = value if isinstance(value, list | tuple) else [value]
+        written += [v for v in values if isinstance(v, torch.fx.Node)]
+    return written
+
+
 def named_args(node: torch.fx.Node) -> dict[str, Any]:
     """A call's arguments by schema name with defaults filled in (`self` is called `input`)."""
     from torch.fx.operator_schemas import normalize_function

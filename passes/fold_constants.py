@@ -103,8 +103,10 @@ def fold_constants(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
             if isinstance(get_attr_value(gm, n), torch.Tensor)
         }
         for node, value in replacements.items():
-            if value.untyped_storage().data_ptr() in storages or value._is_view():
-                value = value.clone()  # own memory: a view would pin (or alias) its base
+            if value._is_view() and value.untyped_storage().data_ptr() not in storages:
+                value = value.clone()  # own memory: a view would pin a larger intermediate
+            # A view of a constant (w.t(), a reshape) stays one: a copy would hold every
+            # weight twice while the backend packs it (and after, where it keeps the original).
             const = insert_constant(gm, value, node.name, before=node)
             node.replace_all_uses_with(const)
     calls_before = count_call_nodes(gm)

@@ -48,3 +48,28 @@ def test_inference_table_decomposes_attention_to_core_aten():
     targets = {node.target for node in gm.graph.nodes if node.op == "call_function"}
     assert FLASH not in targets and aten.bmm.default in targets
     assert_same_outputs(_attention(q, k, v), gm(q, k, v))
+
+
+def test_frozen_weights_are_shared_only_where_updates_are_detected():
+    """torch.compile's graphs keep the caller's weights (a version check on every call
+    compiles anew after an in-place update); export's are a snapshot; inference tensors,
+    which carry no version counter, are copied either way."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt.capture import freeze_placeholders
+    from graphopt.passes.base import get_attr_value
+
+    def frozen(weight, **kwargs):
+        gm = make_fx(lambda x, w: x @ w)(torch.randn(2, 3), torch.randn(3, 4))
+        freeze_placeholders(gm, {1: weight}, **kwargs)
+        (node,) = gm.graph.find_nodes(op="get_attr")
+        return get_attr_value(gm, node)
+
+    weight = torch.randn(3, 4)
+    assert frozen(weight, share=True).untyped_storage().data_ptr() == weight.data_ptr()
+    assert frozen(weight).untyped_storage().data_ptr() != weight.data_ptr()
+    with torch.inference_mode():
+        inference = torch.randn(3, 4)
+    copy = frozen(inference, share=True)
+    assert copy.untyped_storage().data_ptr() != inference.data_ptr()
+    assert torch.equal(copy, inference)

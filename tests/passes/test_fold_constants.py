@@ -2,7 +2,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from graphopt.passes.base import fake_mode_of
+from graphopt.passes.base import fake_mode_of, get_attr_value
 from graphopt.passes.fold_constants import SMALL_NUMEL, fold_constants
 from tests.passes.conftest import CFG, assert_matches_eager, assert_noop, batch_dim, capture, ops
 
@@ -136,3 +136,26 @@ def test_symbolic_batch():
     assert result.modified and ops(gm)[aten.permute.default] == 0
     for batch in (2, 9):
         assert_matches_eager(model, gm, torch.randn(batch, 8))
+
+
+def test_a_folded_view_of_a_weight_shares_its_memory():
+    """x @ w.t(): the transposed weight stays a view of w, not a copy (a copy held every
+    weight twice while the backend packed it)."""
+
+    class Linearish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 8))
+
+        def forward(self, x):
+            return x @ self.w.t()
+
+    model = Linearish()
+    gm, inputs = capture(model, torch.randn(3, 8))
+    (weight,) = (get_attr_value(gm, n) for n in gm.graph.find_nodes(op="get_attr"))
+    fold_constants(gm, CFG)
+    (mm,) = (n for n in gm.graph.nodes if n.target == aten.mm.default)
+    folded = get_attr_value(gm, mm.args[1])
+    assert folded.shape == (8, 5)
+    assert folded.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    assert_matches_eager(model, gm, *inputs)

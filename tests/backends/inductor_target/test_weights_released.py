@@ -123,3 +123,28 @@ def test_compiling_hands_the_heap_it_freed_back_to_the_os(monkeypatch):
     monkeypatch.setattr(compiler, "_malloc_trim", lambda: calls.append)
     graphopt.optimize(_convnet(), (torch.randn(1, 3, 16, 16),))
     assert calls == [0]
+
+
+def test_a_graph_that_writes_into_an_input_still_frees_its_weights(compiled_weights):
+    """A decoder's static KV cache is an input written in place on every call: the weights,
+    which nothing writes, are freed all the same (each graph held a copy of them before)."""
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = _convnet()
+
+        def forward(self, x, cache):
+            y = self.conv(x)
+            cache.copy_(y)
+            return y + 1
+
+    model, x, cache = Cached(), torch.randn(1, 3, 16, 16), torch.zeros(1, 8, 16, 16)
+    run = torch.compile(model, backend="graphopt")
+    with torch.no_grad():
+        got = run(x, cache)
+        gc.collect()
+        assert len(compiled_weights) == 2
+        assert all(ref() is None for ref in compiled_weights)
+        assert_same_outputs(model.conv(x), cache)
+        assert_same_outputs(model.conv(x) + 1, got)
