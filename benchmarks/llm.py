@@ -131,11 +131,15 @@ def _openvino(model: torch.nn.Module) -> torch.nn.Module:
     return _compile(model, "openvino")
 
 
-def _graphopt(mode: str | None) -> Callable[[torch.nn.Module], torch.nn.Module]:
+def _graphopt(
+    mode: str | None, dtype: str = "float32"
+) -> Callable[[torch.nn.Module], torch.nn.Module]:
     def setup(model: torch.nn.Module) -> torch.nn.Module:
         if mode is not None:
             graphopt.quantize_weights_(model, mode, group_size=128)
-        return _compile(model, "graphopt")
+        # Its matmuls read 16-bit copies of the weights (norm weights, a few KB, stay fp32).
+        model.bench_bytes_per_weight_scale = 0.5 if dtype != "float32" else 1.0
+        return _compile(model, "graphopt", options={"dtype": dtype})
 
     return setup
 
@@ -161,6 +165,7 @@ RUNNERS: dict[str, Callable[[torch.nn.Module], Any]] = {
     "graphopt-int8": _graphopt("int8_weight_only"),
     "graphopt-int4": _graphopt("int4_weight_only"),
     "graphopt-int8-dynamic": _graphopt("int8_dynamic"),  # for prefill (compute-bound)
+    "graphopt-bf16": _graphopt(None, "bfloat16"),
     "llama.cpp-f32": _llama_cpp("f32"),
     "llama.cpp-q8_0": _llama_cpp("q8_0"),
     "llama.cpp-q4_0": _llama_cpp("q4_0"),
@@ -207,7 +212,7 @@ def weight_bytes_per_token(model: Any) -> int:
                 total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
             else:
                 total += t.numel() * t.element_size()
-    return total
+    return int(total * getattr(model, "bench_bytes_per_weight_scale", 1.0))
 
 
 def bandwidth(megabytes: int = 512, rounds: int = 10) -> tuple[float, float]:
@@ -535,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory-models", default="llama", help="models whose per-process peaks are measured"
     )
+    parser.add_argument(
+        "--memory-runners", default=None, help="runners whose per-process peaks are measured "
+        "(default: all that ran)"
+    )  # fmt: skip
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-llm.md")
     parser.add_argument("--memory", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
@@ -581,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_model(name, runners, args.rounds, log)
         peaks = {}
         if not args.no_memory and name in args.memory_models.split(","):
-            for runner in runners:
+            measured = args.memory_runners.split(",") if args.memory_runners else runners
+            for runner in [r for r in runners if r in measured]:
                 if not result["rows"][runner].error:
                     log(f"[{name}] peak memory of {runner}")
                     whole, serving = peak_memory(name, runner)

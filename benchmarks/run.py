@@ -41,6 +41,8 @@ from benchmarks.models import CALIBRATION_BATCHES, FULL, MODELS, TINY, BenchMode
 from benchmarks.runners import (  # noqa: E402
     ANCHORS,
     CUDA_RUNNERS,
+    HALF_ANCHOR,
+    HALF_RUNNERS,
     INT8_ANCHORS,
     INT8_RUNNERS,
     PRUNED_RUNNERS,
@@ -76,6 +78,7 @@ class RunnerResult:
     note: str = ""
     failed: bool = False
     params_kept: float = math.nan  # pruned runners: conv/linear weights kept / dense
+    top1: float = math.nan  # 16-bit runners: argmax over the last dim = eager's, on other inputs
 
 
 @dataclass
@@ -164,6 +167,20 @@ def _max_error(ref, got) -> float:
     return max(errors, default=0.0)
 
 
+def _top1_agreement(model: torch.nn.Module, fn: Callable, batches: Sequence[Batch]) -> float:
+    """Share of positions where `fn`'s argmax over the output's last dim (the class, or the
+    hidden feature of each token) equals eager fp32's, over `batches` (drawn like the input
+    with other seeds)."""
+    same = total = 0
+    with torch.no_grad():
+        for batch in batches:
+            ref, got = model(*batch), fn(*batch)
+            ref, got = pytree.tree_leaves(ref)[0], pytree.tree_leaves(got)[0]
+            agree = ref.argmax(-1) == got.reshape(ref.shape).argmax(-1)
+            same, total = same + int(agree.sum()), total + agree.numel()
+    return same / total if total else math.nan
+
+
 def _graphopt_note(new_reports: list[graphopt.Report]) -> str:
     fallbacks = [f.op for r in new_reports for f in r.fallbacks]
     note = f"{len(new_reports)} graphs" if len(new_reports) != 1 else ""
@@ -222,6 +239,8 @@ def compile_runner(
         result.params_kept = _params_kept(graphopt.reports()[reports_before:])
     result.note = _join(result.note, getattr(fn, "note", ""))
     result.params_kept = getattr(fn, "params_kept", result.params_kept)
+    if name in HALF_RUNNERS and calibration:
+        result.top1 = _top1_agreement(model, fn, calibration)
     if name in INT8_RUNNERS and not result.rel_error <= INT8_REL_ERROR_TOLERANCE:
         result.note = _join(
             f"SUSPECT: rel L2 err over the {INT8_REL_ERROR_TOLERANCE:.0%} int8 tolerance",
@@ -326,6 +345,29 @@ def run_suite(
         )
         for m in model_names
     ]
+
+
+def format_half_summary(results: Sequence[ModelResult]) -> str:
+    """16-bit runners on each model: speed vs OpenVINO's runtime in its default precision and
+    vs graphopt fp32, error and top-1 agreement with eager fp32."""
+    lines = [
+        f"| model | runner | median ms | speed vs {HALF_ANCHOR} | speed vs {FP32_BASELINE} "
+        "| rel L2 err | top-1 = eager fp32 | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for res in results:
+        ms = {t.name: t.median_ms for t in res.timings if not math.isnan(t.median_ms)}
+        for r in res.runners:
+            if r.name not in HALF_RUNNERS:
+                continue
+            if r.name not in ms:
+                lines.append(f"| {res.model} | {r.name} | - | - | - | - | - | {r.note} |")
+                continue
+            cells = [res.model, r.name, f"{ms[r.name]:.2f}", _speed(ms, HALF_ANCHOR, r.name)]
+            cells += [_speed(ms, FP32_BASELINE, r.name), _cell(r.rel_error, ".1e")]
+            cells += [_cell(r.top1 * 100, ".1f") + "%" if not math.isnan(r.top1) else "-", r.note]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _has_int8(result: ModelResult) -> bool:
@@ -494,6 +536,17 @@ def format_report(results: Sequence[ModelResult], machine: str, settings: str) -
             "||out - eager|| / ||eager|| on the timed input; a few percent is expected, over "
             f"{INT8_REL_ERROR_TOLERANCE:.0%} the runner's note says SUSPECT.",
             int8,
+        ]
+    half = format_half_summary(results)
+    if half:
+        parts += [
+            "## 16-bit: speed vs OpenVINO's runtime in its default precision",
+            f"`{HALF_ANCHOR}`: OpenVINO's runtime on `ov.convert_model`, in the precision it "
+            "picks for this CPU (bf16 where the CPU computes it natively); `openvino-f32` forced "
+            "to f32. `top-1 = eager fp32`: argmax over the output's last dim (the class; for "
+            f"BERT each token's hidden feature) equal to eager's on {CALIBRATION_BATCHES} other "
+            "inputs drawn like the timed one.",
+            half,
         ]
     pruned = format_prune_summary(results)
     if pruned:

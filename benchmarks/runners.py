@@ -311,6 +311,45 @@ def torch_pruning(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: s
     return runner
 
 
+def inductor_autocast(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
+    """inductor with freezing under `torch.autocast("cpu", torch.bfloat16)`: what a PyTorch
+    user writes for bfloat16 on a CPU."""
+    runner = inductor_freezing(model, inputs, workdir)
+
+    def run(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return runner(*args).float()
+
+    return run
+
+
+def openvino_runtime(precision: str | None) -> Builder:
+    """OpenVINO's runtime on its own conversion (`ov.convert_model` of the PyTorch model),
+    latency hint, as many threads as torch. precision None: its default on this CPU (bf16
+    where the CPU has AVX512_BF16 or AMX), else e.g. "f32" (INFERENCE_PRECISION_HINT)."""
+
+    def build(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
+        import openvino as ov
+
+        converted = ov.convert_model(model, example_input=inputs)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        compiled = ov.Core().compile_model(converted, "CPU", config)
+        request = compiled.create_infer_request()
+
+        def run(*args):
+            request.infer([a.numpy() for a in args], share_inputs=True)
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+        used = compiled.get_property("INFERENCE_PRECISION_HINT")
+        version = ov.__version__.split("-")[0]
+        run.note = f"openvino {version}, precision {getattr(used, 'get_type_name', used.__str__)()}"
+        return run
+
+    return build
+
+
 # Name -> builder, in table order. "eager" first: every ratio is against it.
 RUNNERS: dict[str, Builder] = {
     "eager": eager,
@@ -333,6 +372,10 @@ RUNNERS: dict[str, Builder] = {
     "graphopt-onnx-pruned-int8": graphopt_int8("onnx", **PRUNE),
     "torch-pruning": torch_pruning,
     "graphopt-cuda": graphopt("cuda"),
+    "graphopt-cpu-bf16": graphopt("cpu", dtype="bfloat16"),
+    "inductor-autocast-bf16": inductor_autocast,
+    "openvino": openvino_runtime(None),
+    "openvino-f32": openvino_runtime("f32"),
 }
 # The fastest of these is the bar graphopt has to beat: fp32 runners against ANCHORS, int8
 # runners against INT8_ANCHORS (and against graphopt-cpu, the fp32 graphopt they replace).
@@ -344,6 +387,10 @@ INT8_RUNNERS = (
     "graphopt-onnx-int8",
     *INT8_ANCHORS,
 )
+# 16-bit runners, measured against OpenVINO's runtime in its default precision (bf16 on a CPU
+# with AVX512_BF16 or AMX) and for top-1 agreement with eager fp32.
+HALF_RUNNERS = ("graphopt-cpu-bf16", "inductor-autocast-bf16", "openvino", "openvino-f32")
+HALF_ANCHOR = "openvino"
 # What runs with `--device cuda` (model and inputs on the GPU): the rest are CPU engines.
 CUDA_RUNNERS = ("eager", "inductor", "graphopt-cuda")
 PRUNED_RUNNERS = (

@@ -75,6 +75,12 @@ def compile_dynamo_graph(
                 "or with parameters that do not require grad); this training graph stays float",
                 cfg.quantize,
             )
+        if cfg.dtype != "float32":
+            log.warning(
+                "graphopt: dtype=%r applies to inference graphs; this training graph stays "
+                "float32 (for mixed-precision training, run the step under torch.autocast)",
+                cfg.dtype,
+            )
         fw = functools.partial(_training_compiler, cfg=cfg, mode="training-forward", start=start)
         bw = functools.partial(_training_compiler, cfg=cfg, mode="training-backward", start=None)
         options, context = training_capture(cfg.target, example_inputs)

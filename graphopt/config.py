@@ -12,6 +12,7 @@ import torch
 TARGETS = ("cpu", "llvm", "aarch64", "cuda", "hls", "onnx")
 QUANTIZE = (None, "int8", "int8_weight_only", "int4_weight_only", "int8_dynamic")
 GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float32", "bfloat16", "float16")
 FALLBACKS = ("eager", "error")
 OBSERVERS = ("minmax", "percentile")
 PRUNE_SCOPES = ("layer", "global")
@@ -34,6 +35,11 @@ class Config:
             memory-bound layers such as an LLM's decode step; no calibration data).
             "int8_dynamic": int8 weights, activations quantized per token at run time,
             integer matmuls (compute-bound layers: prefill, batched serving).
+        dtype: the precision of matmuls and convolutions: "float32" (default), "bfloat16" or
+            "float16" (their weights stored and multiplied in 16 bits; softmax, norms and
+            reductions stay float32; outputs keep their dtypes). Applied where the CPU computes
+            the dtype natively (bfloat16: AVX512_BF16 or AMX), else the graph stays float32 and
+            the report says why. target="cpu" only, inference graphs only.
         group_size: with quantize="int4_weight_only", input channels per scale and zero
             point: 32, 64 or 128 (default 128).
         smoothquant: with quantize="int8_dynamic", SmoothQuant's alpha in [0, 1] (e.g. 0.5):
@@ -73,6 +79,7 @@ class Config:
 
     target: str = "cpu"
     quantize: str | None = None
+    dtype: str = "float32"
     group_size: int = 128
     smoothquant: float | None = None
     calibration: tuple | int | None = field(default=None, compare=False, repr=False)
@@ -93,6 +100,18 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("target", self.target, TARGETS)
         _check_choice("quantize", self.quantize, QUANTIZE)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.dtype != "float32" and self.target != "cpu":
+            raise ValueError(
+                f"graphopt option dtype={self.dtype!r} is implemented for target='cpu' (inductor); "
+                f"got target={self.target!r}: use dtype='float32' there"
+            )
+        if self.dtype != "float32" and self.quantize is not None:
+            raise ValueError(
+                f"graphopt options dtype={self.dtype!r} and quantize={self.quantize!r} do not "
+                "combine yet: choose one (quantize for memory-bound layers, a 16-bit dtype for "
+                "compute-bound ones)"
+            )
         if self.smoothquant is not None and (
             isinstance(self.smoothquant, bool)
             or not isinstance(self.smoothquant, int | float)

@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from graphopt.config import Config
 from graphopt.errors import VerificationError
 from graphopt.passes.base import PassResult, count_call_nodes
+from graphopt.passes.cast_precision import cast_precision
 from graphopt.passes.cse import eliminate_common_subexpressions
 from graphopt.passes.dce import eliminate_dead_code
 from graphopt.passes.decompose_fused_ops import decompose_fused_ops
@@ -96,6 +97,15 @@ PIPELINE: list[Step] = [
         "before quantize, which calibrates the pruned graph",
         training=False,
         applies=lambda cfg: cfg.sparsity > 0,
+        lossy=True,
+    ),
+    Step(
+        "cast_precision",
+        cast_precision,
+        "after folding and pruning (each weight is one final constant, converted once); its "
+        "float32 original is then dropped by DCE",
+        training=False,
+        applies=lambda cfg: cfg.dtype != "float32",
         lossy=True,
     ),
     Step(

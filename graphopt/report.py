@@ -68,6 +68,7 @@ class Report:
     # graphopt.quantized_linear.WeightOnlySummary (the weight-only modes)
     quantization: Any = None
     pruning: Any = None  # a graphopt.passes.prune.PruneSummary when sparsity > 0
+    precision: Any = None  # a graphopt.passes.cast_precision.PrecisionSummary with dtype=
     calibration_pending: int | None = None  # int8 calibration calls still to come
     stages: str | None = None  # with devices=[...]: the pipeline stages and their imbalance
     stages_svg: str | None = None  # with devices=[...]: the split graph as an SVG picture
@@ -97,6 +98,8 @@ class Report:
             lines.append(f"  {part.name:<20}{part.target:<14}{part.nodes:>6}  {ops}{more}{note}")
         lines.extend(self._pruning_lines())
         lines.extend(self._quantization_lines())
+        if self.precision is not None:
+            lines.extend(f"  {line}" for line in str(self.precision).splitlines())
         if self.stages:
             lines.extend(f"  {line}" for line in self.stages.splitlines())
         if self.stages_svg:

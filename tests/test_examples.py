@@ -23,6 +23,13 @@ def test_quickstart_prints_passes_and_speed():
     assert "fold_batchnorm" in out and "speed vs eager" in out
 
 
+def test_quickstart_in_bfloat16_reports_what_ran_in_it():
+    out = _run("examples/quickstart.py", "--dtype", "bfloat16", "--rounds", "2")
+    # Where the CPU has no native bfloat16 the report says why the graph stayed float32.
+    assert re.search(r"bfloat16: (\d+ matmuls/convolutions in bfloat16|not applied)", out), out
+    assert "relative error vs eager fp32" in out and "speed vs eager" in out
+
+
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_int8_digits_prints_accuracy_report_and_speed(model):
     out = _run("examples/int8_digits.py", "--model", model, "--rounds", "2")

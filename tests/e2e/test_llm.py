@@ -83,3 +83,34 @@ def test_capturing_a_decoder_with_its_cache_says_what_to_pass(entry, tmp_path):
     optimized = graphopt.optimize(model, (ids,))
     with torch.no_grad():
         torch.testing.assert_close(optimized(ids).logits, model(ids).logits)
+
+
+def test_generate_in_bfloat16_with_the_static_cache(monkeypatch):
+    """dtype="bfloat16" on a decoder: the matmuls run in bf16, the KV cache writes, softmax and
+    RMSNorm as traced (fp32); logits stay close to eager's and as many graphs compile as in
+    fp32. (The pass runs whatever this CPU has: emulated bf16 computes the same numbers.)"""
+    import functools
+
+    from graphopt.passes import cast_precision
+
+    monkeypatch.setattr(cast_precision, "native", lambda dtype: True)
+    model = tiny_decoder("llama")
+    prompt = torch.randint(1, 128, (1, 9))
+    kwargs = dict(
+        max_new_tokens=12, cache_implementation="static", max_cache_len=32,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    (expected,), _ = _generate(model, [prompt], **kwargs)
+    graphopt.clear_reports()
+    (fp32,), fp32_graphs = _generate(model, [prompt], graphopt_backend, **kwargs)
+    bf16_backend = functools.partial(graphopt_backend, options={"dtype": "bfloat16"})
+    graphopt.clear_reports()
+    (got,), graphs = _generate(model, [prompt], bf16_backend, **kwargs)
+    assert graphs == fp32_graphs
+    reports = graphopt.reports()
+    assert reports and all(r.precision is not None and r.precision.applied for r in reports)
+    assert all(r.precision.low_ops.get("mm", 0) >= 14 for r in reports)  # 7 per layer, 2 layers
+    # Greedy tokens may part where two logits are within bf16's rounding; the first step's
+    # logits (the prompt, before any token differs) are compared.
+    first_expected, first_got = expected.logits[0], got.logits[0]
+    assert 0 < graphopt.testing.relative_error(first_expected, first_got) < 2e-2
