@@ -32,7 +32,14 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from graphopt.config import Config
-from graphopt.passes.base import PassResult, add_constant, fake_like, fake_mode_of, fake_value
+from graphopt.passes.base import (
+    PassResult,
+    add_constant,
+    fake_like,
+    fake_mode_of,
+    fake_value,
+    get_attr_value,
+)
 
 aten = torch.ops.aten
 log = logging.getLogger("graphopt")
@@ -240,7 +247,7 @@ class _Rewriter:
                 return arg
             changed = True
             if arg.op == "get_attr":
-                return self._low_constant(arg, node)
+                return self._low_constant(arg)
             return self._cast(arg, self.dtype, node)
 
         node.args = map_arg(node.args, cast)
@@ -278,10 +285,10 @@ class _Rewriter:
             self.casts += 1
         return self.cast_cache[key]
 
-    def _low_constant(self, arg: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
+    def _low_constant(self, arg: torch.fx.Node) -> torch.fx.Node:
         """A get_attr node for the constant `arg` reads, converted to the low dtype once."""
         if arg.target not in self.constant_cache:
-            value = getattr(self.gm, arg.target)
+            value = get_attr_value(self.gm, arg)
             low = value.to(self.dtype)
             hint = f"{arg.target.removeprefix('_graphopt_')}_{str(self.dtype).split('.')[-1]}"
             name = add_constant(self.gm, low, hint)
