@@ -17,9 +17,9 @@ cache), side by side in interleaved rounds in one process:
             kernel, GB/s of weights read
 
 Runners: eager; inductor (freezing); torchao 0.18 weight-only int8 and int4 + inductor;
-OpenVINO's torch.compile backend (if `openvino` imports); graphopt fp32 (`backend="graphopt"`),
-and graphopt int8/int4 weight-only and int8_dynamic (`graphopt.quantize_weights_` then
-`backend="graphopt"`);
+OpenVINO's torch.compile backend (if `openvino` imports); graphopt fp32 (`backend="graphopt"`)
+and bf16 (`options={"dtype": "bfloat16"}`), and graphopt int8/int4 weight-only and int8_dynamic
+(`graphopt.quantize_weights_` then `backend="graphopt"`);
 llama.cpp through llama-cpp-python (if `llama_cpp` imports; `pip install .[bench]`) on a GGUF
 that benchmarks/llama_cpp.py writes with the `gguf` package, f32 and llama.cpp's q8_0 / q4_0
 quantizations, greedy decoding of token ids, batch 1 only (b8 is '-'). Run nothing else

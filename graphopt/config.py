@@ -36,10 +36,10 @@ class Config:
             "int8_dynamic": int8 weights, activations quantized per token at run time,
             integer matmuls (compute-bound layers: prefill, batched serving).
         dtype: the precision of matmuls and convolutions: "float32" (default), "bfloat16" or
-            "float16" (their weights stored and multiplied in 16 bits; softmax, norms and
-            reductions stay float32; outputs keep their dtypes). Applied where the CPU computes
-            the dtype natively (bfloat16: AVX512_BF16 or AMX), else the graph stays float32 and
-            the report says why. target="cpu" only, inference graphs only.
+            "float16" (or the torch dtype): their weights stored and multiplied in 16 bits;
+            softmax, norms and reductions stay float32; outputs keep their dtypes. Applied
+            where the CPU computes the dtype natively (bfloat16: AVX512_BF16 or AMX), else the
+            graph stays float32 and the report says why. target="cpu" only, inference only.
         group_size: with quantize="int4_weight_only", input channels per scale and zero
             point: 32, 64 or 128 (default 128).
         smoothquant: with quantize="int8_dynamic", SmoothQuant's alpha in [0, 1] (e.g. 0.5):
@@ -100,6 +100,8 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("target", self.target, TARGETS)
         _check_choice("quantize", self.quantize, QUANTIZE)
+        if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 reads as "bfloat16"
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         _check_choice("dtype", self.dtype, DTYPES)
         if self.dtype != "float32" and self.target != "cpu":
             raise ValueError(

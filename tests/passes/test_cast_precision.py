@@ -142,6 +142,10 @@ def test_float32_is_a_no_op():
     assert "graphopt.precision" not in gm.meta
 
 
+def test_a_torch_dtype_is_taken_by_its_name():
+    assert Config(dtype=torch.bfloat16) == Config(dtype="bfloat16")
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
