@@ -245,8 +245,9 @@ def _weights_stay_inputs(gm: torch.fx.GraphModule) -> bool:
     output or a view of one), so that the list aot_autograd passes must keep them. Writes to
     other tensors (a decoder's KV cache, an input) do not keep the weights."""
     weights = {storage_of(n) for n in gm.graph.find_nodes(op="get_attr")}
-    if None in weights:  # a weight whose storage is unknown: it may be any of them
-        return any(mutates(n) for n in gm.graph.nodes) or bool(gm.graph.output_node().args)
+    if None in weights and any(mutates(n) for n in gm.graph.nodes):
+        return True  # a weight whose storage is unknown may be the one written
+    weights.discard(None)
     written = (w for n in gm.graph.nodes for w in written_arguments(n))
     outputs = gm.graph.output_node().all_input_nodes
     return any(storage_of(n) in weights for n in (*written, *outputs))

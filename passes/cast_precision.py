@@ -44,7 +44,8 @@ from graphopt.passes.base import (
 aten = torch.ops.aten
 log = logging.getLogger("graphopt")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config.dtype names -> torch dtypes ("float32" is not here: nothing to do)
+_LOW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Where the FLOPs are: every floating input of these is cast to the low-precision dtype.
 LOW = frozenset(
@@ -168,7 +169,7 @@ def cast_precision(gm: torch.fx.GraphModule, cfg: Config) -> PassResult:
         PassResult with stats {"low_precision_ops", "casts", "kept_float32"}; the summary
         (a PrecisionSummary) in gm.meta["graphopt.precision"].
     """
-    dtype = DTYPES.get(cfg.dtype)
+    dtype = _LOW_DTYPES.get(cfg.dtype)
     if dtype is None:
         return PassResult(gm, False)
     summary = PrecisionSummary(cfg.dtype, applied=False)
