@@ -26,6 +26,7 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from graphopt import quantized_linear
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
 from graphopt.passes.base import mutates, storage_of, written_arguments
@@ -55,6 +56,7 @@ def compile_inductor(
 
     if training:
         return _compile_training_graph(gm, example_inputs, backward=backward)
+    quantized_linear.tile_int8_weights(gm)  # the layout graphopt's int8 GEMV streams fastest
     fake_mode = detect_fake_mode(list(example_inputs))
     stack = contextlib.ExitStack()
     with stack:

@@ -148,6 +148,7 @@ def matmul_nbits_tensors(op: Any, args: Sequence[Any]) -> tuple[dict[str, torch.
         b = (blocks[..., 0] | (blocks[..., 1] << 4)).contiguous()
         return {"b": b, "scales": scale.float(), "zero_points": zero.float()}, group_size
     _, weight, scale, _ = args
+    weight = quantized_linear.untile_int8(weight)
     n, k = weight.shape
     blocks = -(-k // INT8_BLOCK)
     codes = torch.full((n, blocks * INT8_BLOCK), 128, dtype=torch.uint8)
@@ -164,6 +165,7 @@ def weight_only_to_matmul_nbits(gm: torch.fx.GraphModule) -> int:
     """Rewrite gm's weight-only linear calls (`graphopt::linear_int8_weight`,
     `linear_int4_weight`) whose weights are constants into `graphopt::matmul_nbits`, which the
     ONNX export writes as onnxruntime's MatMulNBits. Returns how many were rewritten."""
+    from graphopt import quantized_linear
     from graphopt.passes.base import add_constant, get_attr_value
 
     ops = {torch.ops.graphopt.linear_int8_weight.default: 8}
@@ -181,7 +183,7 @@ def weight_only_to_matmul_nbits(gm: torch.fx.GraphModule) -> int:
             for a in node.args
         ]
         tensors, block_size = matmul_nbits_tensors(node.target, values)
-        weight = values[1]
+        weight = values[1] if bits == 4 else quantized_linear.untile_int8(values[1])
         n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
         with gm.graph.inserting_before(node):
             inputs = [

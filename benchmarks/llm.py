@@ -14,7 +14,8 @@ cache), side by side in interleaved rounds in one process:
   breakdown where a decode token's time goes (profiled): linear kernels, the rest of the
             compiled graphs, and outside them (generate loop, guards)
   kernels   every linear shape of the model at batch 1 through fp32 matmul and each weight-only
-            kernel, GB/s of weights read
+            kernel (int8 in both its layouts), GB/s of weights read from memory
+            (`--kernels-only`: this table alone, to RESULTS-llm-kernels.md)
 
 Runners: eager; inductor (freezing); torchao 0.18 weight-only int8 and int4 + inductor;
 OpenVINO's torch.compile backend (if `openvino` imports); graphopt fp32 (`backend="graphopt"`)
@@ -28,6 +29,7 @@ share is reported.
 
     python -m benchmarks.llm                       # everything, ~1 hour on 2 cores
     python -m benchmarks.llm --models llama --runners eager,graphopt-int8 --rounds 2
+    python -m benchmarks.llm --kernels-only         # the kernel table, ~2 minutes
 """
 
 from __future__ import annotations
@@ -427,57 +429,84 @@ def time_breakdown(model: Any, ids: torch.Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ kernels
 
 
+# Each kernel is timed over distinct copies of its weight adding up to this many bytes, more
+# than any CPU's last-level cache: every call reads its weight from memory, as a decode step
+# (which reads each weight once per token) does. Timing one weight over and over would time
+# the cache instead.
+STREAM_BYTES = 160e6
+
+
+def _time_streamed(fn: Callable[..., Any], args: Any, rounds: int) -> float:
+    """Median us a call of fn over `args` (per-copy arguments), each copy called in turn."""
+    for a in args:
+        fn(*a)
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for a in args:
+            fn(*a)
+        samples.append((time.perf_counter() - start) / len(args) * 1e6)
+    return statistics.median(samples)
+
+
 def kernel_table(name: str, rounds: int) -> str:
-    """Every distinct linear shape of the model at batch 1: fp32 and weight-only kernels."""
+    """Every distinct linear shape of the model at batch 1: fp32 matmul and the weight-only
+    kernels, each reading its weights from memory (`STREAM_BYTES`)."""
     from graphopt import quantized_linear
 
     quantized_linear.load_kernels()
     model = build(name)
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear})
     del model
+    kinds = ["fp32 matmul", "graphopt int8", "graphopt int8 tiled", "torch int8pack",
+             "graphopt int4", "torch int4pack"]  # fmt: skip
     lines = [
-        "| weight [out, in] | fp32 matmul us | graphopt int8 us | torch int8pack us |"
-        " graphopt int4 us | torch int4pack us | int8 GB/s | int4 GB/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        "| weight [out, in] | " + " | ".join(f"{kind} us" for kind in kinds)
+        + " | int8 GB/s | int8 tiled GB/s | int4 GB/s |",
+        "|---|" + "---:|" * (len(kinds) + 3),
+    ]  # fmt: skip
+    ops = torch.ops.graphopt
     for n, k in shapes:
         w = torch.randn(n, k)
         x = torch.randn(1, k)
         q8, s8 = quantized_linear.quantize_int8(w)
         q4, s4, z4 = quantized_linear.quantize_int4(w, 128)
-        wt = w.t().contiguous()
-        ops = torch.ops.graphopt
-        calls = {
-            "fp32": functools.partial(torch.mm, x, wt),
-            "int8": functools.partial(ops.linear_int8_weight, x, q8, s8, None),
-            "int8pack": functools.partial(torch._weight_int8pack_mm, x, q8, s8),
-            "int4": functools.partial(ops.linear_int4_weight, x, q4, s4, z4, 128, None),
-        }
+        tiles = quantized_linear.tile_int8(q8) if quantized_linear.tileable_int8(q8) else None
         try:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 torch.randint(0, 16, (n, k), dtype=torch.int32), 1
             )
             sz = torch.randn(k // 128, n, 2)
-            calls["int4pack"] = functools.partial(
-                torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, 128, sz
-            )
         except (RuntimeError, AttributeError):
-            pass
+            packed = None
+        calls = {
+            "fp32 matmul": (torch.mm, lambda: (x, w.t().contiguous())),
+            "graphopt int8": (ops.linear_int8_weight, lambda: (x, q8.clone(), s8, None)),
+            "graphopt int8 tiled": (ops.linear_int8_weight, lambda: (x, tiles.clone(), s8, None)),
+            "torch int8pack": (torch._weight_int8pack_mm, lambda: (x, q8.clone(), s8)),
+            "graphopt int4": (ops.linear_int4_weight, lambda: (x, q4.clone(), s4, z4, 128, None)),
+            "torch int4pack": (
+                torch.ops.aten._weight_int4pack_mm_for_cpu, lambda: (x, packed.clone(), 128, sz)
+            ),
+        }
+        if tiles is None:
+            del calls["graphopt int8 tiled"]
+        if packed is None:
+            del calls["torch int4pack"]
         us = {}
-        for key, fn in calls.items():
-            for _ in range(5):
-                fn()
-            samples = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                for _ in range(20):
-                    fn()
-                samples.append((time.perf_counter() - start) / 20 * 1e6)
-            us[key] = statistics.median(samples)
-        gbs8 = (q8.numel() + 4 * s8.numel()) / us["int8"] / 1e3
-        gbs4 = (q4.numel() + 4 * (s4.numel() + z4.numel())) / us["int4"] / 1e3
-        cells = [f"{us.get(key, math.nan):.1f}" for key in calls] + ["-"] * (5 - len(calls))
-        lines.append(f"| [{n}, {k}] | " + " | ".join(cells) + f" | {gbs8:.1f} | {gbs4:.1f} |")
+        for kind, (fn, make) in calls.items():
+            first = make()
+            weight_bytes = first[1].numel() * first[1].element_size()
+            copies = [first] + [make() for _ in range(math.ceil(STREAM_BYTES / weight_bytes) - 1)]
+            us[kind] = _time_streamed(fn, copies, rounds)
+            del copies, first
+            gc.collect()
+        bytes8 = q8.numel() + 4 * s8.numel()
+        gbs = [bytes8 / us["graphopt int8"], bytes8 / us.get("graphopt int8 tiled", math.nan)]
+        gbs.append((q4.numel() + 4 * (s4.numel() + z4.numel())) / us["graphopt int4"])
+        cells = [f"{us.get(kind, math.nan):.1f}" for kind in kinds]
+        cells += [f"{value / 1e3:.1f}" for value in gbs]
+        lines.append(f"| [{n}, {k}] | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -543,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         "(default: all that ran)"
     )  # fmt: skip
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
+    parser.add_argument(
+        "--kernels-only", action="store_true",
+        help="only the kernel table, written to benchmarks/RESULTS-llm-kernels.md",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-llm.md")
     parser.add_argument("--memory", nargs=2, metavar=("MODEL", "RUNNER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -551,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_memory(*args.memory)))
         return 0
     models, runners = args.models.split(","), args.runners.split(",")
+    if args.kernels_only:
+        return write_kernel_table(models[0], args.rounds, argv)
     unknown = sorted(set(runners) - set(RUNNERS)) + sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown {unknown}; runners: {list(RUNNERS)}, models: {list(MODELS)}")
@@ -630,6 +665,30 @@ def main(argv: list[str] | None = None) -> int:
         ]
     args.out.write_text("\n".join(sections))
     print("\n".join(sections))
+    return 0
+
+
+def write_kernel_table(model: str, rounds: int, argv: list[str] | None) -> int:
+    command = "python -m benchmarks.llm " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        "# Weight-only kernels at batch 1 (`benchmarks/llm.py --kernels-only`)",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Date: {datetime.date.today()}, host: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "",
+        f"Every distinct linear shape of {model}, x of one row. Each kernel is timed over copies "
+        f"of its weight adding up to {STREAM_BYTES / 1e6:.0f} MB, so every call reads its weight "
+        "from memory as a decode step does; medians of "
+        f"{max(5, rounds * 3)} passes. GB/s: bytes of weights and scales read per second.",
+        "",
+        f"Memory bandwidth: {bandwidth()[0]:.1f} GB/s read (a sum over a 512 MB tensor).",
+        "",
+        kernel_table(model, rounds=max(5, rounds * 3)),
+        "",
+    ])  # fmt: skip
+    (HERE / "RESULTS-llm-kernels.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -5,6 +5,7 @@ module swap `quantize_weights_`, inductor's generated code, PyTorch fallbacks):
 
     graphopt::linear_int8_weight(x, weight int8 [N, K], scale [N], bias?)
         y = x @ (weight * scale[:, None]).T + bias
+        (the weight may also come tiled, [N/4, K/64, 4, 64]: see `tile_int8`)
     graphopt::linear_int4_weight(x, weight uint8 [N, K/2], scale [N, K/g], zero [N, K/g], g, bias?)
         y = x @ ((q - zero) * scale).T + bias, q the 4-bit values, g the group size
     graphopt::linear_int8_dynamic(x, weight int8 [N, K], scale [N], act_mul [K]?, bias?)
@@ -54,8 +55,40 @@ _LIBRARY.define(
 MODES = ("int8_weight_only", "int4_weight_only", "int8_dynamic")
 
 
+INT8_TILE = (4, 64)  # the tiled int8 layout: rows x input channels per tile
+
+
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return weight.float() * scale.float()[:, None]
+    return untile_int8(weight).float() * scale.float()[:, None]
+
+
+def tileable_int8(weight: torch.Tensor) -> bool:
+    rows, channels = INT8_TILE
+    return weight.dim() == 2 and weight.shape[0] % rows == 0 and weight.shape[1] % channels == 0
+
+
+def tile_int8(weight: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [N/4, K/64, 4, 64]: each tile holds 4 rows' 64 channels, the tiles of a
+    group of 4 rows one after another. The CPU kernel's GEMV then reads the whole weight as
+    one sequential stream (reading 4 rows of [N, K] at once is 4 streams, which the hardware
+    prefetchers serve at about half the bandwidth; `python -m benchmarks.llm --kernels-only`
+    times both). N must be a multiple of 4 and K of 64 (`tileable_int8`)."""
+    rows, channels = INT8_TILE
+    n, k = weight.shape
+    tiles = weight.view(n // rows, rows, k // channels, channels)
+    return tiles.transpose(1, 2).contiguous()
+
+
+def untile_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The [N, K] view of an int8 weight in either layout (a copy for a tiled one)."""
+    if weight.dim() == 2:
+        return weight
+    groups, chunks, rows, channels = weight.shape
+    return weight.transpose(1, 2).reshape(groups * rows, chunks * channels)
+
+
+def int8_out_features(weight: torch.Tensor) -> int:
+    return weight.shape[0] * weight.shape[2] if weight.dim() == 4 else weight.shape[0]
 
 
 def dequantize_int4(
@@ -95,7 +128,7 @@ def _linear_int8_dynamic(x, weight, scale, act_mul=None, bias=None):
 
 @torch.library.register_fake("graphopt::linear_int8_weight", lib=_LIBRARY)
 def _linear_int8_fake(x, weight, scale, bias=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], int8_out_features(weight)))
 
 
 @torch.library.register_fake("graphopt::linear_int4_weight", lib=_LIBRARY)
@@ -111,7 +144,7 @@ def _register_flops() -> None:
 
     @register_flop_formula(torch.ops.graphopt.linear_int8_weight)
     def _int8(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * prod(x_shape) * w_shape[0]
+        return 2 * prod(x_shape) * (w_shape[0] * w_shape[2] if len(w_shape) == 4 else w_shape[0])
 
     @register_flop_formula(torch.ops.graphopt.linear_int4_weight)
     def _int4(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
@@ -119,6 +152,42 @@ def _register_flops() -> None:
 
 
 _register_flops()
+
+
+def tile_int8_weights(gm: torch.fx.GraphModule) -> int:
+    """Rewrite the constant int8 weights of gm's `linear_int8_weight` calls into the tiled
+    layout of the CPU kernels (`tile_int8`), freeing the [N, K] copy where nothing else reads
+    it. What the x86 lowering does before inductor compiles the graph, as inductor prepacks
+    float weights for oneDNN: the graph the passes produced, the report and every export keep
+    the [N, K] layout. Returns how many weights were tiled."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from graphopt.passes.base import get_attr_value, insert_constant
+
+    op = torch.ops.graphopt.linear_int8_weight.default
+    tiled: dict[torch.fx.Node, torch.fx.Node] = {}  # a weight two calls read is tiled once
+    for node in list(gm.graph.find_nodes(op="call_function", target=op)):
+        weight = node.args[1]
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            continue
+        if weight not in tiled:
+            value = get_attr_value(gm, weight)
+            if not tileable_int8(value):
+                continue
+            with unset_fake_temporarily():  # the constants are real tensors, inside a compile
+                tiles = tile_int8(value)
+                tiled[weight] = insert_constant(gm, tiles, f"{weight.target}_tiles", node)
+        node.replace_input_with(weight, tiled[weight])
+        if not weight.users:
+            gm.graph.erase_node(weight)
+            if "." not in weight.target and not any(
+                n.op == "get_attr" and n.target == weight.target for n in gm.graph.nodes
+            ):
+                delattr(gm, weight.target)
+    if tiled:
+        gm.graph.lint()
+        gm.recompile()
+    return len(tiled)
 
 
 def load_kernels() -> bool:
@@ -263,7 +332,8 @@ def linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
 class QuantizedLinear(torch.nn.Module):
     """A linear layer in one of `MODES` (see the module docstring): what `quantize_weights_`
     puts in place of `nn.Linear` (or transformers' `Conv1D`). Holds only the quantized weight,
-    its scales and the bias. `tensors`: the quantized weight and scales, when already made
+    its scales and the bias; an int8 weight-only weight in the kernels' tiled layout where its
+    shape allows (`tile_int8`). `tensors`: the quantized weight and scales, when already made
     (a tied weight quantized once for its embedding and its output layer)."""
 
     def __init__(
@@ -282,6 +352,8 @@ class QuantizedLinear(torch.nn.Module):
         self.mode, self.group_size = mode, group_size
         if tensors is None:
             tensors = quantize_linear_weight(weight.detach(), mode, group_size, act_mul)
+        if mode == "int8_weight_only" and tileable_int8(tensors["weight"]):
+            tensors = {**tensors, "weight": tile_int8(tensors["weight"])}  # the kernels' layout
         for name in ("weight", "scale", "zero", "act_mul"):
             value = tensors.get(name)
             self.register_buffer(name, value.contiguous() if value is not None else None)
@@ -302,18 +374,31 @@ class QuantizedLinear(torch.nn.Module):
 class QuantizedEmbedding(torch.nn.Module):
     """An `nn.Embedding` whose table is int8 with one scale per row: a lookup reads the rows it
     needs and widens them (what `quantize_weights_` does to embeddings; a 32000 x 4096 table
-    shrinks from 524 MB to 131 MB). Rows come out in the table's float dtype."""
+    shrinks from 524 MB to 131 MB). Rows come out in the table's float dtype. `tiled`: store
+    the table in the tiled layout of the int8 weight-only kernels (`tile_int8`), so that a
+    tied output layer reads the same tensor."""
 
-    def __init__(self, embedding: torch.nn.Embedding, tensors: dict[str, torch.Tensor]):
+    def __init__(
+        self, embedding: torch.nn.Embedding, tensors: dict[str, torch.Tensor], tiled: bool = False
+    ):
         super().__init__()
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
         self.padding_idx = embedding.padding_idx
         self.dtype = embedding.weight.dtype
-        self.register_buffer("weight", tensors["weight"].contiguous())
+        weight = tensors["weight"]
+        if tiled and tileable_int8(weight):
+            weight = tile_int8(weight)
+        self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", tensors["scale"].contiguous())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[ids].to(torch.float32) * self.scale[ids].unsqueeze(-1)
+        if self.weight.dim() == 4:  # tiled (shared with a tied int8 output layer): row n is
+            rows_per_tile = self.weight.shape[2]  # tile row n % 4 of tile group n // 4
+            picked = self.weight[ids // rows_per_tile, :, ids % rows_per_tile]
+            int8_rows = picked.reshape(*ids.shape, self.embedding_dim)
+        else:
+            int8_rows = self.weight[ids]
+        rows = int8_rows.to(torch.float32) * self.scale[ids].unsqueeze(-1)
         return rows.to(self.dtype)
 
     def extra_repr(self) -> str:
@@ -340,7 +425,9 @@ def _quantized_layer(
         return None
     if isinstance(module, torch.nn.Embedding):
         return QuantizedEmbedding(
-            module, shared or quantize_linear_weight(weight, "int8_weight_only")
+            module,
+            shared or quantize_linear_weight(weight, "int8_weight_only"),
+            tiled=mode == "int8_weight_only",
         )
     if mode == "int4_weight_only":
         if weight.shape[1] % group_size:

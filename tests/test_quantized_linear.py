@@ -40,6 +40,64 @@ def test_int8_kernel_matches_reference(m, k, n, bias):
     assert relative_error(x @ w.T, simulated) < 0.02
 
 
+TILED_SHAPES = [(1, 64, 4), (2, 128, 40), (3, 192, 8), (4, 64, 68), (7, 128, 12), (33, 256, 24)]
+
+
+@pytest.mark.parametrize(("m", "k", "n"), TILED_SHAPES)
+def test_tiled_int8_kernel_matches_the_row_layout(m, k, n):
+    """The tiled layout gives the [N, K] layout's outputs: x rows by fours over the tiles
+    (1..4, 7 = 4 + 3), and the dequantizing GEMM above 32 rows."""
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    q, scale = quantized_linear.quantize_int8(w)
+    tiles = quantized_linear.tile_int8(q)
+    assert tiles.shape == (n // 4, k // 64, 4, 64)
+    assert torch.equal(quantized_linear.untile_int8(tiles), q)
+    assert torch.equal(tiles[1, 0, 2], q[6, :64]) if n >= 8 else True
+    b = torch.randn(n)
+    expected = quantized_linear._linear_int8_reference(x, q, scale, b)
+    assert_same_outputs(expected, torch.ops.graphopt.linear_int8_weight(x, tiles, scale, b))
+    assert_same_outputs(expected, quantized_linear._linear_int8_reference(x, tiles, scale, b))
+
+
+def test_tiled_int8_kernel_rejects_other_4d_shapes():
+    with pytest.raises(RuntimeError, match=r"\[N/4, K/64, 4, 64\]"):
+        torch.ops.graphopt.linear_int8_weight(
+            torch.randn(1, 64), torch.zeros(2, 2, 2, 16, dtype=torch.int8), torch.ones(4), None
+        )
+
+
+def test_tile_int8_weights_rewrites_the_graph_and_frees_the_row_layout():
+    """What the x86 lowering does: each tileable int8 weight replaced by its tiles (a weight
+    two calls read, once), the [N, K] copy dropped, an untileable one left as it is."""
+    import torch.fx
+
+    from graphopt.passes.base import add_constant
+
+    op = torch.ops.graphopt.linear_int8_weight.default
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    x = gm.graph.placeholder("x")
+    weights = {}
+    for name, n in (("shared", 8), ("odd", 6)):
+        q, s = quantized_linear.quantize_int8(torch.randn(n, 64))
+        weights[name] = (q, s)
+        w_node = gm.graph.get_attr(add_constant(gm, q, name))
+        s_node = gm.graph.get_attr(add_constant(gm, s, f"{name}_scale"))
+        weights[name] += (w_node, s_node)
+    q, s, w_node, s_node = weights["shared"]
+    y1 = gm.graph.call_function(op, (x, w_node, s_node, None))
+    y2 = gm.graph.call_function(op, (x, w_node, s_node, None))
+    y3 = gm.graph.call_function(op, (x, weights["odd"][2], weights["odd"][3], None))
+    gm.graph.output((y1, y2, y3))
+    gm.recompile()
+    inputs = torch.randn(3, 64)
+    expected = gm(inputs)
+    assert quantized_linear.tile_int8_weights(gm) == 1
+    buffers = dict(gm.named_buffers())
+    assert "_graphopt_shared" not in buffers and "_graphopt_odd" in buffers
+    assert [b.dim() for name, b in buffers.items() if b.dtype == torch.int8] == [2, 4]
+    assert_same_outputs(expected, gm(inputs))
+
+
 @pytest.mark.parametrize("group", quantized_linear.GROUP_SIZES)
 @pytest.mark.parametrize(("m", "k", "n"), SHAPES)
 def test_int4_kernel_matches_reference(m, k, n, group):
@@ -116,6 +174,7 @@ def test_pass_quantizes_every_linear_of_a_decoder(mode, limit, smaller):
     assert summary.layers[-1].shape == (128, 64)  # the embedding table
     assert summary.float_bytes / summary.quantized_bytes > smaller
     (partition,) = optimized.report.partitions
+    assert partition.target == "inductor" and not optimized.report.fallbacks
     op = f"graphopt.linear_{'int8' if mode.startswith('int8') else 'int4'}_weight.default"
     assert partition.ops[op] == 15
     assert not {"aten.mm.default", "aten.addmm.default"} & set(partition.ops)
@@ -154,6 +213,8 @@ def test_module_swap_drops_the_float_weights_and_compiles():
     assert len(summary.layers) == 16  # 15 linear layers and the embedding table
     assert before - after == summary.float_bytes - summary.quantized_bytes
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, quantized_linear.QuantizedLinear)]
+    assert all(m.weight.dim() == 4 for m in layers)  # every shape here tiles
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=6, do_sample=False)
         model.forward = torch.compile(model.forward, backend="graphopt")
@@ -169,6 +230,33 @@ def test_bad_options_name_the_accepted_values():
         graphopt.Config(quantize="int3")
     with pytest.raises(ValueError, match="accepted values"):
         graphopt.quantize_weights_(torch.nn.Linear(4, 4), "int2_weight_only")
+
+
+def test_the_quantize_option_under_torch_compile_tiles_the_weights_it_made():
+    """The x86 lowering tiles the int8 constants the pass made (real tensors, inside the fake
+    mode of torch.compile) and the graph compiles with no fallback."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    x = torch.randn(3, 64)
+    compiled = torch.compile(
+        model.eval(), backend="graphopt", options={"quantize": "int8_weight_only"}
+    )
+    with torch.no_grad():
+        got = compiled(x)
+    report = graphopt.reports()[-1]
+    assert not report.fallbacks and [p.target for p in report.partitions] == ["inductor"]
+    reference = torch.nn.Sequential(*model)
+    graphopt.quantize_weights_(reference, "int8_weight_only")
+    with torch.no_grad():
+        assert_same_outputs(reference(x), got)
+
+
+def test_only_int8_weight_only_tiles_and_odd_shapes_keep_rows():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(8, 6))
+    graphopt.quantize_weights_(model, "int8_weight_only")
+    assert [model[0].weight.dim(), model[1].weight.dim()] == [4, 2]  # [6, 8] does not tile
+    dynamic = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    graphopt.quantize_weights_(dynamic, "int8_dynamic")
+    assert dynamic[0].weight.dim() == 2  # torch._int_mm reads [N, K]
 
 
 def test_dynamic_int8_multiplies_in_integers():
@@ -243,6 +331,9 @@ def test_gpt2_conv1d_layers_and_a_tied_table_are_quantized_once():
     table = model.get_input_embeddings()
     assert isinstance(table, quantized_linear.QuantizedEmbedding)
     assert model.lm_head.weight is table.weight and model.lm_head.scale is table.scale
+    assert table.weight.dim() == 4  # in the kernels' tiled layout, which the lookup reads
+    rows = quantized_linear.untile_int8(table.weight)
+    assert torch.equal(table(ids), rows[ids].float() * table.scale[ids, None])
     assert not any(type(m).__name__ == "Conv1D" for m in model.modules())
     after = _model_bytes(model)
     assert before - after == summary.float_bytes - summary.quantized_bytes

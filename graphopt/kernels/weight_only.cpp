@@ -8,9 +8,14 @@
 // simd` reductions). Built with -O3 -march=native for this CPU; rows of the weight are split
 // across threads with ATen's pool.
 //
-// Layouts (graphopt/weight_only.py makes them; the reference implementation there is the
+// Layouts (graphopt/quantized_linear.py makes them; the reference implementation there is the
 // definition these kernels are tested against):
-//   int8: w int8 [N, K], scale float32 [N].
+//   int8: w int8 [N, K], scale float32 [N];
+//         or tiled, w int8 [N / 4, K / 64, 4, 64]: four rows' chunks of 64 input channels one
+//         after another (`tile_int8`), so that a GEMV reads the weight as one sequential stream.
+//         Reading four rows side by side from the [N, K] layout is four streams a row apart,
+//         which the hardware prefetchers follow at about half the bandwidth one stream gets
+//         (`python -m benchmarks.llm --kernels-only` times both).
 //   int4: w uint8 [N, K / 2]; each block of 32 input channels k0..k0+31 is 16 bytes, byte j
 //         holding channel k0 + j in its low nibble and k0 + 16 + j in its high one;
 //         scale, zero float32 [N, K / group]: w[n, k] = (q - zero) * scale of k's group.
@@ -35,14 +40,16 @@ constexpr int64_t kBatchChunk = 8;     // chunks of this many rows of x (their a
 constexpr int64_t kRowBlock = 64;      // fill the registers), over blocks of this many weight
                                        // rows (they stay in cache from one chunk to the next)
 constexpr int64_t kDequantRows = 256; // above it: dequantize this many weight rows per GEMM
+constexpr int64_t kTileRows = 4;      // the tiled int8 layout: 4 rows x 64 input channels
+constexpr int64_t kTileK = 64;
 
 #if defined(__AVX512F__)
 // AVX-512 GEMV kernels, one template per batch size M (1..8) so the accumulators stay in
 // registers: R weight rows at a time, each 16 weights widened to float32 once and multiplied
 // into all M rows of x. Two accumulators per (row, m) for the two halves of a 32-channel step.
-// Each row's bytes are prefetched kPrefetch ahead: the int4 kernel streamed the 32000 x 1024
-// output layer of a Llama at 12 GB/s without, 24 GB/s with (int8: 15 and 16 GB/s; one-off
-// sweep of 256..4096 bytes, benchmarks/llm.py's kernel table has the kept one).
+// Each row's bytes are prefetched kPrefetch ahead: with four rows read side by side, the
+// hardware prefetchers alone leave the int4 kernel well short of the memory's bandwidth
+// (`python -m benchmarks.llm --kernels-only` times the kernels on weights read from memory).
 constexpr int64_t kPrefetch = 256;
 
 template <int M, int R>
@@ -78,6 +85,42 @@ void gemv_int8_avx512(const float* x, const int8_t* w, const float* scale, float
     }
   }
   if (n < n1) gemv_int8_avx512<M, 1>(x, w, scale, y, k_count, n_count, n, n1);
+}
+
+// Tiled int8 (see the layouts above): each 64-byte load is one tile row's 64 channels; the
+// tile's four rows are multiplied into M rows of x (M <= 4) as the weight streams by.
+// Two accumulators per (row, m) at M = 1 keep eight multiply-adds in flight.
+template <int M>
+void gemv_int8_tiles_avx512(const float* x, const int8_t* w, const float* scale, float* y,
+                            int64_t k_count, int64_t n_count, int64_t n0, int64_t n1) {
+  constexpr int A = M == 1 ? 2 : 1;
+  for (int64_t n = n0; n < n1; n += kTileRows) {
+    __m512 acc[kTileRows][M][A];
+    for (int r = 0; r < kTileRows; ++r)
+      for (int m = 0; m < M; ++m)
+        for (int a = 0; a < A; ++a) acc[r][m][a] = _mm512_setzero_ps();
+    const int8_t* wt = w + n * k_count;
+    for (int64_t k = 0; k < k_count; k += kTileK, wt += kTileRows * kTileK) {
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m512i v = _mm512_loadu_si512(wt + r * kTileK);
+        __m512 q[4];
+        q[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v)));
+        q[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1)));
+        q[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 2)));
+        q[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 3)));
+        for (int m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j)
+            acc[r][m][j % A] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * k_count + k + 16 * j), q[j],
+                                               acc[r][m][j % A]);
+      }
+    }
+    for (int r = 0; r < kTileRows; ++r)
+      for (int m = 0; m < M; ++m) {
+        __m512 sum = acc[r][m][0];
+        if (A == 2) sum = _mm512_add_ps(sum, acc[r][m][A - 1]);
+        y[m * n_count + n + r] = _mm512_reduce_add_ps(sum) * scale[n + r];
+      }
+  }
 }
 
 // int4: a 16-byte load is 32 channels (low nibbles, then high ones). Within a group the dot
@@ -148,7 +191,7 @@ void gemv_int4_avx512(const float* x, const float* xsum, const uint8_t* w, const
 void check_common(const at::Tensor& x, const at::Tensor& w, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), name, ": weight must be 2-d and contiguous");
+  TORCH_CHECK(w.is_contiguous(), name, ": the weight must be contiguous");
 }
 
 at::Tensor output_for(const at::Tensor& x, int64_t n) {
@@ -197,6 +240,28 @@ void gemv_int8(const float* x, const int8_t* w, const float* scale, float* y, in
   }
 }
 
+// Tiled int8 without AVX-512: the same order of reads, loops for the compiler to vectorize.
+void gemv_int8_tiles(const float* x, const int8_t* w, const float* scale, float* y,
+                     int64_t m_count, int64_t k_count, int64_t n_count, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kTileRows) {
+    for (int64_t m = 0; m < m_count; ++m) {
+      const float* xm = x + m * k_count;
+      float acc[kTileRows] = {0.f, 0.f, 0.f, 0.f};
+      const int8_t* wt = w + n * k_count;
+      for (int64_t k = 0; k < k_count; k += kTileK, wt += kTileRows * kTileK) {
+        for (int r = 0; r < kTileRows; ++r) {
+          const int8_t* wr = wt + r * kTileK;
+          float a = 0.f;
+#pragma omp simd reduction(+ : a)
+          for (int64_t j = 0; j < kTileK; ++j) a += xm[k + j] * static_cast<float>(wr[j]);
+          acc[r] += a;
+        }
+      }
+      for (int r = 0; r < kTileRows; ++r) y[m * n_count + n + r] = acc[r] * scale[n + r];
+    }
+  }
+}
+
 // One int4 row's dot products with x, group by group: sum over groups of
 // scale_g * (sum_k x_k q_k - zero_g * sum_k x_k), with sum_k x_k per group precomputed.
 inline float dot_int4_row(const float* xm, const float* xsum, const uint8_t* wn,
@@ -233,9 +298,14 @@ void gemv_int4(const float* x, const float* xsum, const uint8_t* w, const float*
   }
 }
 
+// Rows n0..n1 of an int8 weight in float32, from either layout (tiled: n0, n1 whole tiles).
 at::Tensor dequantize_int8_rows(const at::Tensor& w, const at::Tensor& scale, int64_t n0,
                                 int64_t n1) {
-  return w.slice(0, n0, n1).to(at::kFloat).mul_(scale.slice(0, n0, n1).unsqueeze(1));
+  auto rows = w.dim() == 2 ? w.slice(0, n0, n1)
+                           : w.slice(0, n0 / kTileRows, (n1 + kTileRows - 1) / kTileRows)
+                                 .permute({0, 2, 1, 3})
+                                 .reshape({n1 - n0, -1});
+  return rows.to(at::kFloat).mul_(scale.slice(0, n0, n1).unsqueeze(1));
 }
 
 at::Tensor dequantize_int4_rows(const at::Tensor& w, const at::Tensor& scale,
@@ -275,7 +345,12 @@ at::Tensor linear_int8_weight(const at::Tensor& x, const at::Tensor& w, const at
                               const c10::optional<at::Tensor>& bias) {
   check_common(x, w, "graphopt::linear_int8_weight");
   TORCH_CHECK(w.scalar_type() == at::kChar, "linear_int8_weight: weight must be int8");
-  const int64_t n_count = w.size(0), k_count = w.size(1);
+  const bool tiled = w.dim() == 4;
+  TORCH_CHECK(w.dim() == 2 || (tiled && w.size(2) == kTileRows && w.size(3) == kTileK),
+              "linear_int8_weight: weight must be [N, K] or tiled [N/4, K/64, 4, 64], got ",
+              w.sizes());
+  const int64_t n_count = tiled ? w.size(0) * kTileRows : w.size(0);
+  const int64_t k_count = tiled ? w.size(1) * kTileK : w.size(1);
   TORCH_CHECK(x.size(-1) == k_count, "linear_int8_weight: x has ", x.size(-1),
               " input channels, the weight ", k_count);
   auto xc = x.contiguous();
@@ -293,10 +368,27 @@ at::Tensor linear_int8_weight(const at::Tensor& x, const at::Tensor& w, const at
       const float* xm = xp + m0 * k_count;
       float* ym = yp + m0 * n_count;
 #if defined(__AVX512F__)
+      if (tiled) {
+        for (int64_t c = 0; c < mb; c += 4) {  // x rows by fours over the same (cached) tiles
+          const float* xc4 = xm + c * k_count;
+          float* yc4 = ym + c * n_count;
+          switch (std::min<int64_t>(4, mb - c)) {
+            case 1: gemv_int8_tiles_avx512<1>(xc4, wp, sp, yc4, k_count, n_count, n0, n1); break;
+            case 2: gemv_int8_tiles_avx512<2>(xc4, wp, sp, yc4, k_count, n_count, n0, n1); break;
+            case 3: gemv_int8_tiles_avx512<3>(xc4, wp, sp, yc4, k_count, n_count, n0, n1); break;
+            default: gemv_int8_tiles_avx512<4>(xc4, wp, sp, yc4, k_count, n_count, n0, n1);
+          }
+        }
+        return;
+      }
 #define GRAPHOPT_INT8(M, R) gemv_int8_avx512<M, R>(xm, wp, sp, ym, k_count, n_count, n0, n1)
       GRAPHOPT_BY_BATCH(GRAPHOPT_INT8)
 #undef GRAPHOPT_INT8
 #else
+      if (tiled) {
+        gemv_int8_tiles(xm, wp, sp, ym, mb, k_count, n_count, n0, n1);
+        return;
+      }
       gemv_int8(xm, wp, sp, ym, mb, k_count, n_count, n0, n1);
 #endif
     });
@@ -312,7 +404,9 @@ at::Tensor linear_int4_weight(const at::Tensor& x, const at::Tensor& w, const at
                               const at::Tensor& zero, int64_t group,
                               const c10::optional<at::Tensor>& bias) {
   check_common(x, w, "graphopt::linear_int4_weight");
-  TORCH_CHECK(w.scalar_type() == at::kByte, "linear_int4_weight: weight must be uint8 (packed)");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2,
+              "linear_int4_weight: weight must be uint8 [N, K/2] (packed), got ", w.scalar_type(),
+              " ", w.sizes());
   const int64_t n_count = w.size(0), k_count = w.size(1) * 2;
   TORCH_CHECK(group % 32 == 0 && k_count % group == 0,
               "linear_int4_weight: group size must be a multiple of 32 dividing ", k_count);
