@@ -120,7 +120,12 @@ def _linear_int8_dynamic(x, weight, scale, act_mul=None, bias=None):
     row_scale = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
     q = torch.round(x2 / row_scale).clamp(-127, 127).to(torch.int8)
     acc = torch._int_mm(q, weight.t())
-    y = acc.float() * row_scale * scale.float()
+    # One multiply by the outer product of the scales, not two: inductor's freezing rewrites
+    # _int_mm -> mul(row scale) -> mul(channel scale) (torchao's SmoothQuant pattern) into
+    # oneDNN's qlinear, which ran this case (int8 activations, symmetric) a thousand times
+    # slower than _int_mm on an AMD Zen 4 with VNNI: a 128 x 1024 x 2816 layer took seconds
+    # (tests/test_quantized_linear.py::test_dynamic_int8_stays_on_int_mm checks the op run).
+    y = acc.float() * (row_scale * scale.float())
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], weight.shape[0]).to(x.dtype)

@@ -274,6 +274,25 @@ def test_dynamic_int8_multiplies_in_integers():
     assert relative_error((x * act_mul) @ w.T, got) < 0.02
 
 
+def test_dynamic_int8_stays_on_int_mm():
+    """Inductor's freezing must not turn int8_dynamic's decomposition into oneDNN's qlinear
+    (torchao's SmoothQuant pattern), which runs it orders of magnitude slower on some CPUs:
+    inductor lowers the `_int_mm` (its lowering counts each) and matches no qlinear pattern."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48)).eval()
+    graphopt.quantize_weights_(model, "int8_dynamic")
+    x = torch.randn(32, 64)
+    counters.clear()
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
+        got = torch.compile(model, backend="graphopt")(x)
+        expected = model(x)
+    assert any(key.startswith("aten._int_mm") for key in counters["aten_mm_info"])
+    assert not [key for key in counters["inductor"] if "qlinear" in key]
+    assert_same_outputs(expected, got)
+
+
 def test_dynamic_int8_through_torch_compile_and_smoothquant():
     model = tiny_decoder("llama", use_cache=False)
     ids = torch.randint(1, 128, (2, 16))
