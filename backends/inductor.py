@@ -6,8 +6,8 @@ graph is never split. Frozen weights are buffers of the graph module, so inducto
 
 Inference graphs get inductor's C++ wrapper (`cpp_wrapper`): the code that allocates buffers
 and calls each kernel is compiled C++ instead of Python, which takes the per-kernel Python
-overhead off every call (MobileNetV2 through graphopt.optimize, 52 oneDNN convs: 14.1 -> 10.4
-ms a call on 2 cores) for a longer first compile (a few seconds: g++ builds the wrapper).
+overhead off every call (it counts in a model of many small kernels, such as MobileNetV2's
+52 convolutions) for a longer first compile (a few seconds: g++ builds the wrapper).
 
 Inductor packs every fp32 linear for MKL's GEMM on x86; `_LinearGemm` moves each to oneDNN's
 packed GEMM where that is faster on the host for its shape (timed when compiling).

@@ -277,12 +277,9 @@ def session_options() -> Any:
     all graph optimizations; the intra-op threads spin between the ops of a Run() and stop
     spinning when it returns (`session.force_spinning_stop`).
 
-    By default they also spin after Run() returns (about 0.05 CPU-seconds here), on the cores
-    PyTorch's ops need next. Not spinning at all costs onnxruntime between its ops instead:
-    MobileNetV2 at batch 1 on the 2-core host of benchmarks/, medians of 100 calls each made
-    50 ms after the last, four runs: 6.3 / 6.7 / 6.0 / 5.5 ms spinning in Run() against
-    7.2 / 8.2 / 6.8 / 6.5 ms not spinning (ResNet-18: 2% apart). A PyTorch call made at once
-    after it returns runs about 3% slower than after a session that never spins."""
+    By default they also spin after Run() returns, on the cores PyTorch's ops need next (a
+    graph split between onnxruntime and PyTorch pays for it on every call). Not spinning at
+    all costs onnxruntime between its own ops instead, so they spin inside Run() only."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

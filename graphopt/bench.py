@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 # Seconds between timed calls. Thread pools spin for a while after a call before they sleep
-# (OpenMP's in torch, onnxruntime's, TVM's), and on 2 cores a call timed while another engine's
-# threads spin runs on one core: MobileNetV2 through TVM took 9.3 ms back to back and about
-# 21 ms right after a 512x512 torch matmul (one-off script, this VM).
+# (OpenMP's in torch, onnxruntime's, TVM's), and on a 2-core host a call timed while another
+# engine's threads still spin runs on one core: the pause lets them go to sleep first.
 SETTLE_S = 0.05
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch.utils._python_dispatch import _disable_current_modes
 
+from graphopt.calibration import fit_batches
 from graphopt.config import DEFAULT_CALIBRATION_CALLS, Config
 from graphopt.errors import VerificationError
 from graphopt.lowering import lower
@@ -60,9 +61,12 @@ def compile_graph(
     verify = cfg.verify and real_inputs is not None
     record_captured(gm, report)
     if calibration is not None:
-        problem = _calibration_mismatch(example_inputs, calibration)
-        if problem is not None:
-            log.warning("graphopt: %s: %s", report.graph_id, problem)
+        try:
+            calibration = fit_batches(example_inputs, calibration)
+        except ValueError as err:
+            log.warning(
+                "graphopt: %s: %s; calibrating on the first calls instead", report.graph_id, err
+            )
             calibration = None
     quantizing = cfg.needs_calibration and not training
     if quantizing and calibration is None:
@@ -140,34 +144,6 @@ def record_captured(gm: torch.fx.GraphModule, report: Report) -> None:
     """Record in `report` the params, FLOPs and bytes of the graph before the passes."""
     report.params_before, report.flops_before = count_params(gm), count_flops(gm)
     report.weight_bytes_before = count_weight_bytes(gm)
-
-
-def _calibration_mismatch(
-    example_inputs: Sequence[Any], calibration: list[list[Any]]
-) -> str | None:
-    """Why the calibration batches cannot run through a graph traced for `example_inputs`."""
-    for b, batch in enumerate(calibration):
-        if len(batch) != len(example_inputs):
-            return (
-                f"calibration batch {b} has {len(batch)} inputs, the graph takes "
-                f"{len(example_inputs)}"
-            )
-        for i, (got, want) in enumerate(zip(batch, example_inputs)):
-            if not isinstance(want, torch.Tensor):
-                continue
-            static = [d if isinstance(d, int) else None for d in want.shape]
-            if (
-                not isinstance(got, torch.Tensor)
-                or got.dim() != len(static)
-                or any(s is not None and s != d for s, d in zip(static, got.shape))
-            ):
-                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                return (
-                    f"calibration batch {b} input {i} {shape} does not match the graph's "
-                    f"input {tuple(want.shape)} (static shapes: give batches shaped like the "
-                    "calls, or compile with dynamic=True); calibrating on the first calls instead"
-                )
-    return None
 
 
 def _finish(
@@ -274,8 +250,9 @@ class _CalibrateOnCalls:
 
 def _return_freed_memory() -> None:
     """Give the heap that compiling used and freed back to the OS. glibc's malloc keeps it
-    for reuse: GPT-2 through graphopt.optimize left the process 1,037 MB above the model's
-    own footprint, 794 MB once trimmed here (one-off script, /proc/self/statm; 26 ms)."""
+    for reuse, so a process that compiled a large model would otherwise stay hundreds of MB
+    above what it holds (benchmarks/llm.py's "peak after build" column measures a server's
+    footprint after compiling)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

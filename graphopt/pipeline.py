@@ -173,6 +173,17 @@ def run_graph(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
         return gm(*inputs)
 
 
+def _fitted(gm: torch.fx.GraphModule, calibration: list[list[Any]]) -> list[list[Any]]:
+    """The calibration batches re-batched for gm's traced input shapes (as they are where a
+    placeholder has no traced value to compare with)."""
+    from graphopt.calibration import fit_batches
+
+    traced = [node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder")]
+    if any(value is None for value in traced):
+        return calibration
+    return fit_batches(traced, calibration)
+
+
 def run_pipeline(
     gm: torch.fx.GraphModule,
     cfg: Config,
@@ -188,9 +199,12 @@ def run_pipeline(
     Args:
         real_inputs: real values for gm's placeholders; needed by `cfg.verify`.
         training: run only the passes that are safe when weights are graph inputs.
-        calibration: batches of real values for gm's placeholders (for `calibrated` steps).
+        calibration: batches of real values for gm's placeholders (for `calibrated` steps),
+            of any batch size: re-batched to the graph's (`graphopt.calibration`).
         steps: a slice of PIPELINE to run (default: all of it).
     """
+    if calibration is not None:
+        calibration = _fitted(gm, calibration)
     dump = _Dumper(report.graph_id)
     dump("captured", gm)
     reference = None

@@ -122,8 +122,8 @@ def _linear_int8_dynamic(x, weight, scale, act_mul=None, bias=None):
     acc = torch._int_mm(q, weight.t())
     # One multiply by the outer product of the scales, not two: inductor's freezing rewrites
     # _int_mm -> mul(row scale) -> mul(channel scale) (torchao's SmoothQuant pattern) into
-    # oneDNN's qlinear, which ran this case (int8 activations, symmetric) a thousand times
-    # slower than _int_mm on an AMD Zen 4 with VNNI: a 128 x 1024 x 2816 layer took seconds
+    # oneDNN's qlinear, whose path for this case (symmetric int8 activations) is orders of
+    # magnitude slower than _int_mm on some x86 CPUs (AMD Zen 4 here)
     # (tests/test_quantized_linear.py::test_dynamic_int8_stays_on_int_mm checks the op run).
     y = acc.float() * (row_scale * scale.float())
     if bias is not None:

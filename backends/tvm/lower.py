@@ -49,8 +49,8 @@ DEFAULT_CUDA_ARCH = "sm_80"
 def size_thread_pool() -> None:
     """Size TVM's CPU thread pool like torch's: `torch.get_num_threads()` threads, unless
     TVM_NUM_THREADS or OMP_NUM_THREADS is set (then TVM reads that). Left alone, TVM gives x86
-    kernels half the CPUs, as if every core were hyper-threaded: one thread on this 2-core VM,
-    where BERT-base ran in 320 ms against 225 ms with two (`benchmarks.run`). Set in the
+    kernels half the CPUs, as if every core were hyper-threaded: one thread on a 2-core host
+    without hyper-threads, where every kernel then runs on half the machine. Set in the
     environment, which TVM reads when it starts its pool, at this module's import: before any
     graphopt kernel runs, and inherited by the tuner's measuring processes."""
     if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
@@ -314,8 +314,8 @@ def target_for(cfg: Config) -> tvm.target.Target:
 
 
 def _erf(x: te.Tensor) -> te.Tensor:
-    """float32 erf as topi's rational approximation, which vectorizes (libm's `erff` does not:
-    BERT's GELU went from 7.5 to 0.4 ms). Its error is at most 3.3e-7 against float64 over
+    """float32 erf as topi's rational approximation, which vectorizes (libm's `erff` is a
+    scalar call per element, the bulk of BERT's GELU time). Its error is at most 3.3e-7 against float64 over
     [-20, 20] (torch's float32 erf: 6e-8; `tests/backends/tvm/test_rules.py` checks). topi
     clamps x to [-4, 4] with max/min, which turns NaN into 1; NaN stays NaN here."""
     return topi.where(topi.isnan(x), x, topi.fast_erf(x))

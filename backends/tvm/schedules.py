@@ -55,16 +55,14 @@ from tvm.target.codegen import llvm_get_vector_width, target_has_features
 log = logging.getLogger(__name__)
 
 # Accumulator registers a tile may use (x86-64 AVX2 and aarch64 NEON have 16 and 32 vector
-# registers; the loaded vector and the broadcast operand need a few of the rest). Tiles of one
-# vector by up to 12 rows ran ResNet-18's convs in 49 ms in all, against 87 ms for two
-# vectors by 4 (this VM, AVX2; kernel by kernel, unpacked weights).
+# registers; the loaded vector and the broadcast operand need a few of the rest): tiles of one
+# vector by up to 12 rows keep more independent accumulators in flight than two vectors by 4.
 ACCUMULATOR_REGISTERS = 12
 TILE_VECTORS = 1  # vectors along the output's last axis per tile (maybe one partial vector)
 # Most vectors of output channels per packed-weight tile (`_packed_tile_vectors`); each vector
-# is its own unrolled op (one 24-lane op ran 8x slower: LLVM splits it badly). Summed over the
-# model with call counts, kernel by kernel (this VM, AVX2, 2 threads), up to 3 ran BERT-base's
-# dense kernels in 158 ms against 172 ms for up to 2, and MobileNetV2's convs in 13.6 ms
-# against 14.4 ms; ResNet-18's convs take 2 either way (30 ms; 4 vectors by 2 columns: 37 ms).
+# is its own unrolled op (a single wider op is split badly by LLVM). Three suit BERT's dense
+# layers and MobileNetV2's convs; ResNet-18's convs pick 2 either way (`python -m
+# benchmarks.run` times the models with these schedules).
 PACKED_TILE_VECTORS = 3
 # A kernel with no axis to unroll (depthwise conv) is tiled only when each output sums at
 # least this many products: MobileNetV2's 3x3 depthwise convs ran 2-5x slower tiled than
@@ -203,9 +201,9 @@ class TiledReduction(_Rule):
             else 1
         )
 
-        # An extent with no divisor near a vector (GPT-2's 50257-word head: 1174 ms with scalar
-        # tiles, 226 ms padded, 2470 ms with a predicated vector): computed padded to whole
-        # vectors; the padded copies of its operands and the trimmed copy of the output run
+        # An extent with no divisor near a vector (GPT-2's 50257-word head) would leave scalar
+        # tiles or a predicated vector, both far slower: computed padded to whole vectors; the
+        # padded copies of its operands and the trimmed copy of the output run
         # as their own parallel loops, and the elementwise tail stays with the trim.
         padded = 2 * vec_inner < lanes < extents[vec]
         if padded:
@@ -398,8 +396,7 @@ def _parallel_vectorized(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, la
 
 
 # dlight's cpu.Reduction is left out: it computed NaN for aten._safe_softmax's fully masked
-# rows (tests/opinfo), and it did not speed up BERT's softmax or layer norm (0.87 -> 0.85 ms,
-# 0.24 -> 0.25 ms a call).
+# rows (tests/opinfo), and it did not speed up BERT's softmax or layer norm.
 DEFAULT_CPU_RULES = (
     TiledReduction(),
     dlight.cpu.GEMV(),

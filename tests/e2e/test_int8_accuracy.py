@@ -84,20 +84,6 @@ def test_without_calibration_data_first_calls_calibrate_then_int8(digits, caplog
     assert accuracy(compiled, test) >= accuracy(model, test) - 1.0
 
 
-def test_calibration_batches_of_another_shape_fall_back_to_calls(digits, caplog):
-    models, calibration, test = digits
-    model = models["mlp"]
-    small = [(c[0][:10],) for c in calibration]  # the model is called with 100 images
-    compiled = torch.compile(
-        model, backend="graphopt", options={"quantize": "int8", "calibration": small}
-    )
-    x = test[0][:BATCH]
-    with torch.no_grad(), caplog.at_level("WARNING", logger="graphopt"):
-        compiled(x)
-    assert "does not match" in caplog.text
-    assert graphopt.reports()[-1].calibration_pending == 3
-
-
 def test_training_graph_stays_float_and_says_so(caplog):
     model = DigitsMLP()
     x = torch.randn(8, 1, 8, 8)
