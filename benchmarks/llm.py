@@ -478,28 +478,27 @@ def kernel_table(name: str, rounds: int) -> str:
             )
             sz = torch.randn(k // 128, n, 2)
         except (RuntimeError, AttributeError):
-            packed = None
+            packed = sz = None
+        # kind -> (op, its arguments); the weight is argument 1, copied for each stream copy
         calls = {
-            "fp32 matmul": (torch.mm, lambda: (x, w.t().contiguous())),
-            "graphopt int8": (ops.linear_int8_weight, lambda: (x, q8.clone(), s8, None)),
-            "graphopt int8 tiled": (ops.linear_int8_weight, lambda: (x, tiles.clone(), s8, None)),
-            "torch int8pack": (torch._weight_int8pack_mm, lambda: (x, q8.clone(), s8)),
-            "graphopt int4": (ops.linear_int4_weight, lambda: (x, q4.clone(), s4, z4, 128, None)),
-            "torch int4pack": (
-                torch.ops.aten._weight_int4pack_mm_for_cpu, lambda: (x, packed.clone(), 128, sz)
-            ),
+            "fp32 matmul": (torch.mm, (x, w.t().contiguous())),
+            "graphopt int8": (ops.linear_int8_weight, (x, q8, s8, None)),
+            "graphopt int8 tiled": (ops.linear_int8_weight, (x, tiles, s8, None)),
+            "torch int8pack": (torch._weight_int8pack_mm, (x, q8, s8)),
+            "graphopt int4": (ops.linear_int4_weight, (x, q4, s4, z4, 128, None)),
+            "torch int4pack": (torch.ops.aten._weight_int4pack_mm_for_cpu, (x, packed, 128, sz)),
         }
         if tiles is None:
             del calls["graphopt int8 tiled"]
         if packed is None:
             del calls["torch int4pack"]
         us = {}
-        for kind, (fn, make) in calls.items():
-            first = make()
-            weight_bytes = first[1].numel() * first[1].element_size()
-            copies = [first] + [make() for _ in range(math.ceil(STREAM_BYTES / weight_bytes) - 1)]
+        for kind, (fn, args) in calls.items():
+            weight_bytes = args[1].numel() * args[1].element_size()
+            count = math.ceil(STREAM_BYTES / weight_bytes)
+            copies = [args] + [(args[0], args[1].clone(), *args[2:]) for _ in range(count - 1)]
             us[kind] = _time_streamed(fn, copies, rounds)
-            del copies, first
+            del copies
             gc.collect()
         bytes8 = q8.numel() + 4 * s8.numel()
         gbs = [bytes8 / us["graphopt int8"], bytes8 / us.get("graphopt int8 tiled", math.nan)]

@@ -315,9 +315,10 @@ def target_for(cfg: Config) -> tvm.target.Target:
 
 def _erf(x: te.Tensor) -> te.Tensor:
     """float32 erf as topi's rational approximation, which vectorizes (libm's `erff` is a
-    scalar call per element, the bulk of BERT's GELU time). Its error is at most 3.3e-7 against float64 over
-    [-20, 20] (torch's float32 erf: 6e-8; `tests/backends/tvm/test_rules.py` checks). topi
-    clamps x to [-4, 4] with max/min, which turns NaN into 1; NaN stays NaN here."""
+    scalar call per element, the bulk of BERT's GELU time). Its error is at most 3.3e-7
+    against float64 over [-20, 20] (torch's float32 erf: 6e-8; `tests/backends/tvm/
+    test_rules.py` checks). topi clamps x to [-4, 4] with max/min, which turns NaN into 1;
+    NaN stays NaN here."""
     return topi.where(topi.isnan(x), x, topi.fast_erf(x))
 
 
