@@ -183,8 +183,8 @@ def weight_only_to_matmul_nbits(gm: torch.fx.GraphModule) -> int:
             for a in node.args
         ]
         tensors, block_size = matmul_nbits_tensors(node.target, values)
-        weight = values[1] if bits == 4 else quantized_linear.untile_int8(values[1])
-        n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
+        shape = values[1].shape  # int4: [N, K/2] packed; int8: either layout
+        n, k = (shape[0], shape[1] * 2) if bits == 4 else quantized_linear.int8_shape(shape)
         with gm.graph.inserting_before(node):
             inputs = [
                 gm.graph.get_attr(add_constant(gm, t, f"nbits_{name}"))

@@ -592,14 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    command = "python -m benchmarks.llm " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = [
-        "# Decoder LLMs: decode, prefill, memory (`benchmarks/llm.py`)",
-        "",
-        f"Command: `{command.strip()}`  ",
-        f"Date: {datetime.date.today()}, host: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "",
+        *_header("Decoder LLMs: decode, prefill, memory (`benchmarks/llm.py`)", argv),
         "Model sizes: " + json.dumps(SIZES) + ". Greedy `generate()` with a static cache "
         f"(max_cache_len {CACHE_LEN}); decode = (t({NEW_TOKENS + 1} new) - t(1 new)) / "
         f"{NEW_TOKENS} from a {PROMPT}-token prompt; prefill = time to the first token of a "
@@ -667,15 +661,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_kernel_table(model: str, rounds: int, argv: list[str] | None) -> int:
+def _header(title: str, argv: list[str] | None) -> list[str]:
+    """A RESULTS file's title, the command that wrote it, and the host."""
     command = "python -m benchmarks.llm " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join([
-        "# Weight-only kernels at batch 1 (`benchmarks/llm.py --kernels-only`)",
+    return [
+        f"# {title}",
         "",
         f"Command: `{command.strip()}`  ",
         f"Date: {datetime.date.today()}, host: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "",
+    ]
+
+
+def write_kernel_table(model: str, rounds: int, argv: list[str] | None) -> int:
+    text = "\n".join([
+        *_header("Weight-only kernels at batch 1 (`benchmarks/llm.py --kernels-only`)", argv),
         f"Every distinct linear shape of {model}, x of one row. Each kernel is timed over copies "
         f"of its weight adding up to {STREAM_BYTES / 1e6:.0f} MB, so every call reads its weight "
         "from memory as a decode step does; medians of "

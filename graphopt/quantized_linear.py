@@ -30,6 +30,7 @@ static int8 path). int4: per group of `group_size` input channels, an asymmetric
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +88,17 @@ def untile_int8(weight: torch.Tensor) -> torch.Tensor:
     return weight.transpose(1, 2).reshape(groups * rows, chunks * channels)
 
 
-def int8_out_features(weight: torch.Tensor) -> int:
-    return weight.shape[0] * weight.shape[2] if weight.dim() == 4 else weight.shape[0]
+def int8_kernel_layout(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 [N, K] weight in the CPU kernels' tiled layout where its shape tiles, else as
+    it is (also a weight already tiled)."""
+    return tile_int8(weight) if tileable_int8(weight) else weight
+
+
+def int8_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(N, K) of an int8 weight of `shape`, in either layout."""
+    if len(shape) == 4:
+        return shape[0] * shape[2], shape[1] * shape[3]
+    return shape[0], shape[1]
 
 
 def dequantize_int4(
@@ -133,7 +143,7 @@ def _linear_int8_dynamic(x, weight, scale, act_mul=None, bias=None):
 
 @torch.library.register_fake("graphopt::linear_int8_weight", lib=_LIBRARY)
 def _linear_int8_fake(x, weight, scale, bias=None):
-    return x.new_empty((*x.shape[:-1], int8_out_features(weight)))
+    return x.new_empty((*x.shape[:-1], int8_shape(weight.shape)[0]))
 
 
 @torch.library.register_fake("graphopt::linear_int4_weight", lib=_LIBRARY)
@@ -149,7 +159,7 @@ def _register_flops() -> None:
 
     @register_flop_formula(torch.ops.graphopt.linear_int8_weight)
     def _int8(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * prod(x_shape) * (w_shape[0] * w_shape[2] if len(w_shape) == 4 else w_shape[0])
+        return 2 * prod(x_shape) * int8_shape(w_shape)[0]
 
     @register_flop_formula(torch.ops.graphopt.linear_int4_weight)
     def _int4(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
@@ -177,10 +187,10 @@ def tile_int8_weights(gm: torch.fx.GraphModule) -> int:
             continue
         if weight not in tiled:
             value = get_attr_value(gm, weight)
-            if not tileable_int8(value):
-                continue
             with unset_fake_temporarily():  # the constants are real tensors, inside a compile
-                tiles = tile_int8(value)
+                tiles = int8_kernel_layout(value)
+                if tiles is value:
+                    continue
                 tiled[weight] = insert_constant(gm, tiles, f"{weight.target}_tiles", node)
         node.replace_input_with(weight, tiled[weight])
         if not weight.users:
@@ -357,8 +367,8 @@ class QuantizedLinear(torch.nn.Module):
         self.mode, self.group_size = mode, group_size
         if tensors is None:
             tensors = quantize_linear_weight(weight.detach(), mode, group_size, act_mul)
-        if mode == "int8_weight_only" and tileable_int8(tensors["weight"]):
-            tensors = {**tensors, "weight": tile_int8(tensors["weight"])}  # the kernels' layout
+        if mode == "int8_weight_only":
+            tensors = {**tensors, "weight": int8_kernel_layout(tensors["weight"])}
         for name in ("weight", "scale", "zero", "act_mul"):
             value = tensors.get(name)
             self.register_buffer(name, value.contiguous() if value is not None else None)
@@ -390,9 +400,7 @@ class QuantizedEmbedding(torch.nn.Module):
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
         self.padding_idx = embedding.padding_idx
         self.dtype = embedding.weight.dtype
-        weight = tensors["weight"]
-        if tiled and tileable_int8(weight):
-            weight = tile_int8(weight)
+        weight = int8_kernel_layout(tensors["weight"]) if tiled else tensors["weight"]
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", tensors["scale"].contiguous())
 
