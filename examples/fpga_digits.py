@@ -18,7 +18,8 @@ import time
 import torch
 
 import graphopt
-from graphopt.backends.hls import int8_program, run_program
+from graphopt import int8_program
+from graphopt.backends.hls import run_program
 
 try:
     from examples.int8_digits import BATCH, DigitsCNN, DigitsMLP, load_digits_split, train

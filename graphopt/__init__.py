@@ -7,11 +7,12 @@ pruned = graphopt.prune(model, example_inputs, sparsity=0.5, structured=True)
 graphopt.recover(pruned, teacher=model, data=batches, steps=300)
 graphopt.tune(model, example_inputs, budget_s=600)  # TVM schedules for target="llvm"
 graphopt.export(model, example_inputs, "out/", format="onnx"); run = graphopt.load("out/")
+program = graphopt.int8_program(model, example_inputs, batches)  # the FPGA's integer program
 graphopt.quantize_weights_(llm, "int4_weight_only", group_size=128)  # in place, no float copy
 """
 
 from graphopt import testing
-from graphopt.api import OptimizedModule, optimize, prune, tune
+from graphopt.api import OptimizedModule, int8_program, optimize, prune, tune
 from graphopt.artifact import Artifact, Exported, export, load
 from graphopt.backend import graphopt_backend
 from graphopt.compiler import REPORTS
@@ -20,8 +21,7 @@ from graphopt.errors import UnsupportedOpError, VerificationError
 from graphopt.quantized_linear import QuantizedLinear, quantize_weights_
 from graphopt.recover import Recovery, recover
 from graphopt.report import Report
-
-__version__ = "0.1.0"
+from graphopt.version import __version__
 
 
 def reports() -> list[Report]:
@@ -45,6 +45,7 @@ __all__ = [
     "clear_reports",
     "export",
     "graphopt_backend",
+    "int8_program",
     "load",
     "optimize",
     "prune",

@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from graphopt.capture import CapturedGraph, capture_export
-from graphopt.compiler import compile_graph, new_report, optimized_graph
+from graphopt.capture import CapturedGraph
+from graphopt.compiler import compile_graph, new_report
 from graphopt.config import Config
 from graphopt.errors import VerificationError
+from graphopt.frontend import calibration_batches, capture, optimized_graph
 from graphopt.passes.base import make_trainable
 from graphopt.pipeline import lossy
 from graphopt.report import Report
@@ -67,16 +67,12 @@ def optimize(
     """
     cfg = Config.from_options(options)
     report = new_report(cfg)
-    start = time.perf_counter()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-    report.capture_seconds = time.perf_counter() - start
+    captured = capture(model, example_inputs, report, dynamic_shapes=dynamic_shapes, cfg=cfg)
     # Lower for the traced (fake, possibly symbolic) inputs so dynamic dims stay dynamic.
     traced_inputs = [n.meta["val"] for n in captured.gm.graph.find_nodes(op="placeholder")]
-    calibration = None
-    if cfg.needs_calibration and isinstance(cfg.calibration, tuple):
-        calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
+    calibration = calibration_batches(captured, cfg)
     compiled = compile_graph(
         captured.gm,
         traced_inputs,
@@ -129,10 +125,10 @@ def tune(
         raise ValueError(
             f"graphopt.tune tunes target='llvm' (this x86 host), not target={cfg.target!r}"
         )
-    from graphopt.backends.tvm import lower
+    from graphopt.backends.tvm import build
     from graphopt.backends.tvm import tune as tvm_tune
 
-    with lower.collect_kernels() as mods:
+    with build.collect_kernels() as mods:
         optimize(model, example_inputs, dynamic_shapes=dynamic_shapes, **options)
     if not mods:
         raise ValueError(
@@ -141,7 +137,7 @@ def tune(
         )
     return tvm_tune.tune_kernels(
         mods,
-        lower.target_for(cfg),
+        build.target_for(cfg),
         budget_s=budget_s,
         max_trials=max_trials,
         progress=progress,
@@ -205,3 +201,21 @@ def _batch_dim_auto(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(
         {0: auto} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
     )
+
+
+def int8_program(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    calibration: Sequence[Sequence[torch.Tensor]],
+    *,
+    dynamic_shapes: Any = None,
+) -> Any:
+    """The integer program `graphopt.export(model, ..., format="hls", quantize="int8",
+    calibration=calibration)` writes, without writing or compiling anything:
+    `graphopt.backends.hls.run_program(program, [x])` is graphopt's int8 reference, which the
+    C simulation equals."""
+    from graphopt.backends.hls import build_program
+
+    cfg = Config(target="hls", quantize="int8", calibration=tuple(calibration))
+    _, gm = optimized_graph(model, example_inputs, cfg, dynamic_shapes=dynamic_shapes)
+    return build_program(gm)

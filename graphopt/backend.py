@@ -24,7 +24,6 @@ import torch
 import torch.fx
 
 from graphopt.capture import (
-    concrete,
     decomposition_table,
     freeze_placeholders,
     is_param_source,
@@ -33,6 +32,7 @@ from graphopt.capture import (
 from graphopt.compiler import compile_graph, new_report
 from graphopt.config import Config
 from graphopt.passes.base import copy_graph_module
+from graphopt.shapes import concrete
 
 log = logging.getLogger("graphopt")
 

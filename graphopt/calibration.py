@@ -7,7 +7,8 @@ that differs is re-batched: each calibration batch is cut into pieces of the gra
 size along dim 0, the last piece filled up with rows from the batch's start, so every row is
 seen and nothing is dropped. Any other static dim that differs (a sequence length, an image
 size) cannot be fixed without changing what is computed: `fit_batches` raises a ValueError
-that names the batch, the input, both shapes and what to do.
+that names the batch, the input, both shapes and what to do. (The torch.export entry points
+avoid that for lengths: `graphopt.frontend.capture` traces such dims dynamic.)
 """
 
 from __future__ import annotations

@@ -239,13 +239,3 @@ def _cache_in_output(err: RuntimeError) -> str | None:
     if found is None or "Cache" not in found.group(1):
         return None
     return found.group(1).rsplit(".", 1)[-1]
-
-
-def concrete(value: Any) -> Any:
-    """A SymInt/SymFloat replaced by its hint (the value seen while tracing); others unchanged."""
-    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-        from torch.fx.experimental.symbolic_shapes import guard_scalar
-
-        node = value.node
-        return node.hint if node.hint is not None else guard_scalar(value)
-    return value

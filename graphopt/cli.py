@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from graphopt import targets
 from graphopt.errors import VerificationError
 
 
@@ -220,19 +221,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
-    from graphopt.lowering import backend_for
+    from graphopt import targets
 
-    backend = backend_for(args.target)
+    backend = targets.backend(args.target)
     if backend.registry.supports_all:
-        print(f"target={args.target!r} ({backend.name}) takes the whole graph")
-        if args.target == "onnx":
-            print(
-                "(as far as torch.onnx can translate it: a graph it cannot export runs in "
-                "PyTorch, named in the report)"
-            )
+        print(
+            f"target={args.target!r} ({backend.label}) takes the whole graph (a graph it "
+            "fails to compile runs in PyTorch, named in the report)"
+        )
         return 0
     ops = backend.registry.ops()
-    print(f"target={args.target!r} ({backend.name}): {len(ops)} ops with lowering rules")
+    print(f"target={args.target!r} ({backend.label}): {len(ops)} ops with lowering rules")
     for op in ops:
         print(f"  {op}")
     return 0
@@ -252,12 +251,26 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", action="append", default=[], help="Config field, key=value")
 
 
+def _runnable() -> list[str]:
+    return [t.name for t in targets.TARGETS.values() if t.runs_here]
+
+
+def _targets_help() -> str:
+    return "; ".join(f"{t.name}: {t.summary}" for t in targets.TARGETS.values())
+
+
+def _formats_help() -> str:
+    return "; ".join(
+        f"{f}: target {' or '.join(targets.targets_of_format(f))}" for f in targets.FORMATS
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="graphopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="compile a model with graphopt and time it against eager")
     _model_arguments(bench)
-    bench.add_argument("--target", default="cpu")
+    bench.add_argument("--target", default="cpu", choices=_runnable(), help=_targets_help())
     bench.add_argument("--rounds", type=int, default=20)
     bench.set_defaults(func=cmd_bench)
     export = sub.add_parser(
@@ -265,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     _model_arguments(export)
     export.add_argument("out_dir", help="the folder to write (must not exist, see --overwrite)")
-    export.add_argument("--format", default="onnx", help="onnx (default), tvm or hls (FPGA C++)")
-    export.add_argument("--target", help="format=tvm: llvm (x86, default), aarch64 or cuda")
+    export.add_argument("--format", default="onnx", choices=targets.FORMATS, help=_formats_help())
+    export.add_argument("--target", help="the format's target (default: its first), see --format")
     export.add_argument(
         "--calibration",
         help="int8 calibration data: 'file.py:batches' (a function returning input tuples) or "
@@ -300,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     tune.set_defaults(func=cmd_tune)
     ops = sub.add_parser("ops", help="list the ops a target lowers (its capability list)")
-    ops.add_argument("--target", default="llvm")
+    ops.add_argument(
+        "--target", default="llvm", choices=list(targets.TARGETS), help=_targets_help()
+    )
     ops.set_defaults(func=cmd_ops)
     args = parser.parse_args(argv)
     try:

@@ -1,4 +1,5 @@
-"""compile_graph: the one path from a frozen ATen graph to a callable, for both capture routes."""
+"""compile_graph: the one path from a frozen ATen graph to a callable, for both capture routes
+(torch.compile's dynamo graphs and `graphopt.frontend`'s torch.export graphs)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from graphopt.errors import VerificationError
 from graphopt.lowering import lower
 from graphopt.pipeline import PIPELINE, lossy, run_graph, run_pipeline
 from graphopt.report import Report, count_flops, count_params, count_weight_bytes
+from graphopt.stages import lower_stages
 from graphopt.testing import compare_outputs
 
 log = logging.getLogger("graphopt")
@@ -107,34 +109,6 @@ def compile_graph(
     return compiled
 
 
-def optimized_graph(
-    model: torch.nn.Module,
-    example_inputs: Sequence[Any],
-    cfg: Config,
-    *,
-    dynamic_shapes: Any = None,
-    report: Report | None = None,
-) -> tuple[Any, torch.fx.GraphModule]:
-    """(captured graph, graph after graphopt's passes) of `model` through torch.export, with
-    `cfg.calibration` batches (tuples of model inputs) for int8: no lowering. `report`, if
-    given, gets the passes and the params/FLOPs before and after."""
-    from graphopt.capture import capture_export
-
-    report = report if report is not None else new_report(cfg)
-    start = time.perf_counter()
-    captured = capture_export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-    report.capture_seconds = time.perf_counter() - start
-    record_captured(captured.gm, report)
-    calibration = None
-    if cfg.needs_calibration and isinstance(cfg.calibration, tuple):
-        calibration = [captured.flat_inputs(batch) for batch in cfg.calibration]
-    start = time.perf_counter()
-    gm = run_pipeline(captured.gm, cfg, report, calibration=calibration)
-    report.passes_seconds = time.perf_counter() - start
-    record_optimized(gm, report)
-    return captured, gm
-
-
 def _low_precision(gm: torch.fx.GraphModule) -> bool:
     summary = gm.meta.get("graphopt.precision")
     return summary is not None and summary.applied
@@ -164,8 +138,6 @@ def _finish(
         )
     if cfg.devices is not None:
         if not training:
-            from graphopt.distributed import lower_stages
-
             return lower_stages(gm, example_inputs, cfg, report)
         _warn(report, "devices: pipeline stages are for inference; this training graph runs whole")
     return lower(gm, example_inputs, cfg, report, training=training)

@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-TARGETS = ("cpu", "llvm", "aarch64", "cuda", "hls", "onnx")
+from graphopt import targets
+
+TARGETS = tuple(targets.TARGETS)  # the table of targets: graphopt/targets.py
 QUANTIZE = (None, "int8", "int8_weight_only", "int4_weight_only", "int8_dynamic")
 GROUP_SIZES = (32, 64, 128)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -18,6 +20,14 @@ OBSERVERS = ("minmax", "percentile")
 PRUNE_SCOPES = ("layer", "global")
 PRUNE_IMPORTANCE = ("l2", "l1")
 DEFAULT_CALIBRATION_CALLS = 8
+# The names `disable_passes` accepts: graphopt.pipeline registers its passes here when it is
+# imported (importing graphopt imports it), so Config needs no import of the pipeline.
+_PASS_NAMES: list[str] = []
+
+
+def register_passes(names: Iterable[str]) -> None:
+    """Declare the pipeline's pass names (`graphopt.pipeline` does, once)."""
+    _PASS_NAMES[:] = list(names)
 
 
 @dataclass(frozen=True)
@@ -103,10 +113,13 @@ class Config:
         if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 reads as "bfloat16"
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         _check_choice("dtype", self.dtype, DTYPES)
-        if self.dtype != "float32" and self.target != "cpu":
+        line = targets.TARGETS[self.target]
+        if self.dtype not in line.dtypes:
+            takes = [t.name for t in targets.TARGETS.values() if self.dtype in t.dtypes]
             raise ValueError(
-                f"graphopt option dtype={self.dtype!r} is implemented for target='cpu' (inductor); "
-                f"got target={self.target!r}: use dtype='float32' there"
+                f"graphopt option dtype={self.dtype!r} is implemented for target="
+                f"{' or '.join(repr(t) for t in takes)} only; got target={self.target!r}: use "
+                f"dtype={' or '.join(repr(d) for d in line.dtypes)} there"
             )
         if self.dtype != "float32" and self.quantize is not None:
             raise ValueError(
@@ -132,10 +145,11 @@ class Config:
             )
         _check_choice("fallback", self.fallback, FALLBACKS)
         _check_choice("observer", self.observer, OBSERVERS)
-        if self.target == "hls" and self.quantize != "int8":
+        if line.quantize is not None and self.quantize not in line.quantize:
             raise ValueError(
-                "graphopt option target='hls' computes in integers only (FPGA): set "
-                f"quantize='int8' (and calibration), got quantize={self.quantize!r}"
+                f"graphopt option target={self.target!r} ({line.summary}) takes quantize="
+                f"{' or '.join(repr(q) for q in line.quantize)} (with calibration), got "
+                f"quantize={self.quantize!r}"
             )
         if self.accuracy_budget is not None and (
             isinstance(self.accuracy_budget, bool)
@@ -193,13 +207,11 @@ class Config:
         if isinstance(self.disable_passes, str):
             object.__setattr__(self, "disable_passes", (self.disable_passes,))
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
-        from graphopt.pipeline import pass_names  # late import: pipeline imports Config
-
-        unknown = sorted(set(self.disable_passes) - set(pass_names()))
+        unknown = sorted(set(self.disable_passes) - set(_PASS_NAMES))
         if unknown:
             raise ValueError(
                 f"graphopt option 'disable_passes' names unknown passes {unknown}; "
-                f"accepted: {list(pass_names())}"
+                f"accepted: {_PASS_NAMES}"
             )
 
     @property

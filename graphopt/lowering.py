@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 
-from graphopt.backends.registry import OpRegistry
+from graphopt import targets
+from graphopt.backends.base import Backend, Compiled
 from graphopt.config import Config
 from graphopt.errors import UnsupportedOpError
 from graphopt.passes.base import count_call_nodes
@@ -21,53 +21,17 @@ from graphopt.report import FallbackRecord, PartitionRecord, PassRecord, Report,
 log = logging.getLogger("graphopt")
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    registry: OpRegistry
-    compile: Callable[..., Callable[..., Any]]  # (gm, example_inputs, cfg) -> callable
+def backend_for(target: str, cfg: Config | None = None) -> Backend:
+    """The backend that lowers graphs for `target` (a line of `graphopt.targets.TARGETS`),
+    after checking it can run here.
 
-
-def backend_for(target: str) -> Backend:
-    """The backend that lowers graphs for `target` (see Config.target)."""
-    if target == "cpu":
-        from graphopt.backends.inductor import INDUCTOR, compile_inductor
-
-        return Backend("inductor", INDUCTOR, compile_inductor)
-    if target == "aarch64":
-        raise NotImplementedError(
-            "target='aarch64' cross-compiles for an ARM device: it cannot run on this host "
-            "through torch.compile or graphopt.optimize; write the ARM library with "
-            "graphopt.export(model, inputs, out_dir, format='tvm', target='aarch64'). "
-            "Targets that run here: 'cpu', 'llvm', 'cuda', 'onnx', 'hls' (C simulation)"
-        )
-    if target == "onnx":
-        try:
-            from graphopt.backends.onnx import ONNX, compile_onnx
-        except ImportError as err:
-            raise RuntimeError(
-                f"target='onnx' needs onnx and onnxruntime: pip install 'graphopt[onnx]' ({err})"
-            ) from err
-        return Backend("onnxruntime", ONNX, compile_onnx)
-    if target in ("llvm", "cuda"):
-        try:
-            from graphopt.backends.tvm import TVM, compile_subgraph
-        except ImportError as err:
-            raise RuntimeError(
-                f"target={target!r} needs Apache TVM: pip install 'graphopt[tvm]' ({err})"
-            ) from err
-        from graphopt.backends.tvm.lower import runtime_device
-
-        runtime_device(Config(target=target))  # no GPU: one clear error, not a fallback per piece
-        return Backend(f"tvm-{target}", TVM, compile_subgraph)
-    if target == "hls":
-        from graphopt.backends.hls import HLS, compile_hls
-
-        return Backend("hls-csim", HLS, compile_hls)
-    raise NotImplementedError(
-        f"target={target!r} is accepted by Config but its backend is not implemented yet; "
-        "implemented targets: 'cpu', 'llvm', 'cuda', 'onnx', 'hls'"
-    )
+    Raises:
+        RuntimeError: its optional dependency is missing, or this machine cannot run its code
+            (no GPU, a cross-compiled target): one clear error before anything is compiled.
+    """
+    backend = targets.backend(target)
+    backend.check_runs_here(cfg if cfg is not None else Config(target=target))
+    return backend
 
 
 class LoweredModule(torch.nn.Module):
@@ -91,41 +55,41 @@ def lower(
     training: bool = False,
 ) -> Callable[..., Any]:
     """Compile `gm` for `cfg.target`; returns a function of gm's placeholders."""
-    backend = backend_for(cfg.target)
+    backend = backend_for(cfg.target, cfg)
     start = time.perf_counter()
-    if backend.name == "inductor":
-        from graphopt.passes.quantize import onednn_saturation_warning
-
-        warning = onednn_saturation_warning(gm)
-        if warning is not None:
-            log.warning("graphopt: %s: %s", report.graph_id, warning)
-            report.warnings.append(warning)
     try:
         if backend.registry.supports_all:
-            kwargs = {}
-            if backend.name == "inductor":
-                kwargs = {"training": training, "backward": report.mode == "training-backward"}
+            backward = report.mode == "training-backward"
             try:
-                fn = backend.compile(gm, list(example_inputs), cfg, **kwargs)
+                compiled = backend.compile(
+                    gm, list(example_inputs), cfg, training=training, backward=backward
+                )
             except Exception as err:
                 _fall_back_or_raise(cfg, report, "graph", gm, backend, err)
                 return gm
-            report.partitions.append(
-                PartitionRecord(
-                    "graph",
-                    backend.name,
-                    op_histogram(gm),
-                    count_call_nodes(gm),
-                    note=getattr(fn, "note", ""),
-                )
-            )
-            return fn
+            _record(report, "graph", gm, backend, compiled)
+            return compiled.fn
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():  # partitions move real constants; backends build them
             return _lower_partitioned(gm, cfg, report, backend)
     finally:
         report.lowering_seconds += time.perf_counter() - start
+
+
+def _record(
+    report: Report, name: str, gm: torch.fx.GraphModule, backend: Backend, compiled: Compiled
+) -> None:
+    """The partition's line in the report, and the backend's warnings about it."""
+    notes = [compiled.note, compiled.schedules]
+    notes.append("loaded from the compile cache" if compiled.cache_hit else None)
+    note = "; ".join(n for n in notes if n)
+    report.partitions.append(
+        PartitionRecord(name, backend.label, op_histogram(gm), count_call_nodes(gm), note=note)
+    )
+    for warning in compiled.warnings:
+        log.warning("graphopt: %s: %s", report.graph_id, warning)
+        report.warnings.append(warning)
 
 
 def _lower_partitioned(
@@ -157,19 +121,12 @@ def _lower_partitioned(
         out = sub.graph.find_nodes(op="output")[0].args[0]
         single = not isinstance(out, tuple | list)
         try:
-            fn = backend.compile(sub, fakes, cfg)
+            compiled = backend.compile(sub, fakes, cfg)
         except Exception as err:
             _fall_back_or_raise(cfg, report, node.target, sub, backend, err)
             continue
-        setattr(split, node.target, LoweredModule(fn, backend.name, single))
-        notes = [getattr(fn, "schedules", None)]
-        notes.append("loaded from the compile cache" if getattr(fn, "cache_hit", False) else None)
-        note = "; ".join(n for n in notes if n)
-        report.partitions.append(
-            PartitionRecord(
-                node.target, backend.name, op_histogram(sub), count_call_nodes(sub), note=note
-            )
-        )
+        setattr(split, node.target, LoweredModule(compiled.fn, backend.label, single))
+        _record(report, node.target, sub, backend, compiled)
     torch_ops = op_histogram(split)  # what stayed in the stitching graph runs in PyTorch
     torch_ops.pop("operator.getitem", None)
     if torch_ops:
@@ -195,7 +152,7 @@ def _fall_back_or_raise(
     err: Exception,
 ) -> None:
     """A piece the backend failed to compile runs in PyTorch (reported), or raises."""
-    reason = f"{backend.name} failed to compile it: {type(err).__name__}: {_first_line(err)}"
+    reason = f"{backend.label} failed to compile it: {type(err).__name__}: {_first_line(err)}"
     if cfg.fallback == "error":
         raise UnsupportedOpError(cfg.target, [(name, "partition", reason)]) from err
     log.warning("graphopt: %s runs in PyTorch: %s", name, reason)

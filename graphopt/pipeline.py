@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from graphopt.config import Config
+from graphopt.config import Config, register_passes
 from graphopt.errors import VerificationError
 from graphopt.passes.base import PassResult, count_call_nodes
 from graphopt.passes.cast_precision import cast_precision
@@ -138,13 +138,12 @@ PIPELINE: list[Step] = [
 ]
 
 
+register_passes(step.name for step in PIPELINE)
+
+
 def lossy(cfg: Config) -> bool:
     """Whether a pass that changes the numbers on purpose runs for these options."""
     return any(s.lossy and (s.applies is None or s.applies(cfg)) for s in PIPELINE)
-
-
-def pass_names() -> tuple[str, ...]:
-    return tuple(step.name for step in PIPELINE)
 
 
 class _Dumper:

@@ -1,7 +1,8 @@
 """Quantized linear layers for large models: weight-only int8/int4 and dynamic int8.
 
-Three ops carry the modes through every path (the graph pass `passes/quantize_weights.py`, the
-module swap `quantize_weights_`, inductor's generated code, PyTorch fallbacks):
+Three ops carry the modes through every path (the graph pass
+`graphopt/passes/quantize_weights.py`, the module swap `quantize_weights_`, inductor's
+generated code, PyTorch fallbacks):
 
     graphopt::linear_int8_weight(x, weight int8 [N, K], scale [N], bias?)
         y = x @ (weight * scale[:, None]).T + bias
@@ -167,42 +168,6 @@ def _register_flops() -> None:
 
 
 _register_flops()
-
-
-def tile_int8_weights(gm: torch.fx.GraphModule) -> int:
-    """Rewrite the constant int8 weights of gm's `linear_int8_weight` calls into the tiled
-    layout of the CPU kernels (`tile_int8`), freeing the [N, K] copy where nothing else reads
-    it. What the x86 lowering does before inductor compiles the graph, as inductor prepacks
-    float weights for oneDNN: the graph the passes produced, the report and every export keep
-    the [N, K] layout. Returns how many weights were tiled."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from graphopt.passes.base import get_attr_value, insert_constant
-
-    op = torch.ops.graphopt.linear_int8_weight.default
-    tiled: dict[torch.fx.Node, torch.fx.Node] = {}  # a weight two calls read is tiled once
-    for node in list(gm.graph.find_nodes(op="call_function", target=op)):
-        weight = node.args[1]
-        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
-            continue
-        if weight not in tiled:
-            value = get_attr_value(gm, weight)
-            with unset_fake_temporarily():  # the constants are real tensors, inside a compile
-                tiles = int8_kernel_layout(value)
-                if tiles is value:
-                    continue
-                tiled[weight] = insert_constant(gm, tiles, f"{weight.target}_tiles", node)
-        node.replace_input_with(weight, tiled[weight])
-        if not weight.users:
-            gm.graph.erase_node(weight)
-            if "." not in weight.target and not any(
-                n.op == "get_attr" and n.target == weight.target for n in gm.graph.nodes
-            ):
-                delattr(gm, weight.target)
-    if tiled:
-        gm.graph.lint()
-        gm.recompile()
-    return len(tiled)
 
 
 def load_kernels() -> bool:

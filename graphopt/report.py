@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.backends.registry import op_name
+from graphopt.ops import op_name
 
 
 @dataclass
@@ -44,8 +44,49 @@ class FallbackRecord:
 
 
 @dataclass
+class StageRecord:
+    """One pipeline stage (`devices=[...]`), as the cost model planned it."""
+
+    device: str
+    backend: str
+    nodes: int
+    flops: int
+    weight_bytes: int
+    bytes_in: int  # crossing the cut into this stage
+    compute_seconds: float
+    transfer_seconds: float
+    fallback_ops: list[str]  # ops its device's backend lacks, run in PyTorch there
+
+
+@dataclass
+class StagesRecord:
+    """The pipeline stages and their imbalance (slowest / mean stage time; 1.0 is even)."""
+
+    imbalance: float
+    stages: list[StageRecord]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.stages)} stages, imbalance {self.imbalance:.3f} (slowest / mean)"]
+        for i, s in enumerate(self.stages):
+            by = f" ({s.backend})" if s.backend else ""
+            lines.append(
+                f"  stage {i} on {s.device}{by}: {s.nodes} nodes, "
+                f"{s.flops / 1e6:.1f} MFLOP, weights {s.weight_bytes / 1e6:.2f} MB, "
+                f"{s.bytes_in / 1e3:.1f} kB in, "
+                f"{s.compute_seconds * 1e3:.3f} ms + {s.transfer_seconds * 1e3:.3f} ms transfer"
+            )
+            if s.fallback_ops:
+                lines.append(
+                    f"    {len(s.fallback_ops)} op(s) its backend lacks run in PyTorch on "
+                    f"{s.device}: {', '.join(sorted(set(s.fallback_ops)))}"
+                )
+        return "\n".join(lines)
+
+
+@dataclass
 class Report:
-    """Filled in while a graph is compiled; `str(report)` is a readable table."""
+    """Filled in while a graph is compiled: data (`to_dict()`, `to_json()` keep every record
+    structured); `str(report)` renders it as a readable table."""
 
     graph_id: str
     target: str
@@ -70,7 +111,7 @@ class Report:
     pruning: Any = None  # a graphopt.passes.prune.PruneSummary when sparsity > 0
     precision: Any = None  # a graphopt.passes.cast_precision.PrecisionSummary with dtype=
     calibration_pending: int | None = None  # int8 calibration calls still to come
-    stages: str | None = None  # with devices=[...]: the pipeline stages and their imbalance
+    stages: StagesRecord | None = None  # with devices=[...]: the pipeline stages
     stages_svg: str | None = None  # with devices=[...]: the split graph as an SVG picture
     warnings: list[str] = field(default_factory=list)
 
@@ -100,8 +141,8 @@ class Report:
         lines.extend(self._quantization_lines())
         if self.precision is not None:
             lines.extend(f"  {line}" for line in str(self.precision).splitlines())
-        if self.stages:
-            lines.extend(f"  {line}" for line in self.stages.splitlines())
+        if self.stages is not None:
+            lines.extend(f"  {line}" for line in str(self.stages).splitlines())
         if self.stages_svg:
             lines.append("  the split as a picture: report.stages_svg (an SVG document)")
         lines.extend(f"  warning: {w}" for w in self.warnings)
@@ -235,7 +276,7 @@ def node_flops(node: torch.fx.Node) -> int:
     """FLOPs of one node (torch's flop formula on its meta["val"] shapes; 0 without one)."""
     from torch.utils.flop_counter import flop_registry
 
-    from graphopt.capture import concrete
+    from graphopt.shapes import concrete
 
     if node.op != "call_function" or not hasattr(node.target, "overloadpacket"):
         return 0

@@ -1,5 +1,6 @@
-"""Calibration batches of another batch size than the graph's, in every entry point
-(`graphopt.calibration`: re-batched along a static dim 0; other dims named in an error)."""
+"""Calibration batches of another batch size or length than the graph's, in every entry point
+(`graphopt.calibration`: re-batched along a static dim 0; `graphopt.frontend`: another length
+captured dynamic; what still cannot fit named in an error)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,59 @@ def test_hls_export_for_one_image_calibrates_on_batches_of_100(digits, tmp_path)
         calibration=calibration, progress=False,
     )  # fmt: skip
     assert exported.manifest["hls"]["csim"]["max_abs_difference_vs_int8_reference"] == 0
+
+
+def _bert_and_texts():
+    from tests.models import tiny_bert
+
+    torch.manual_seed(0)
+    model = tiny_bert()
+    ids = torch.randint(0, model.config.vocab_size, (12, 32))
+    return model, ids, [(ids[i : i + 4],) for i in range(0, 12, 4)]  # 4 texts of 32 tokens
+
+
+@pytest.mark.parametrize("entry", ["optimize", "export"])
+def test_sequences_longer_than_the_example_calibrate_through_a_dynamic_length(entry, tmp_path):
+    """A model traced for 16 tokens, calibrated on texts of 32: the length is captured dynamic
+    (said in the report), every calibration batch runs, and the int8 model stays close to
+    the float one at both lengths."""
+    model, ids, calibration = _bert_and_texts()
+    example = (ids[:1, :16],)
+    options = {"quantize": "int8", "calibration": calibration}
+    if entry == "optimize":
+        run = graphopt.optimize(model, example, **options)
+        report = run.report
+    else:
+        exported = graphopt.export(model, example, tmp_path / "bert", progress=False, **options)
+        report, run = exported.report, graphopt.load(exported.path)
+        assert isinstance(exported.manifest["inputs"][0]["shape"][1], str)  # a dynamic dim
+    assert any("dim 1 of input 0" in w for w in report.warnings), report.warnings
+    assert report.quantization.calibration_batches == 3 * 4  # re-batched to the example's 1
+    for x in (ids[:1, :16], ids[4:5]):  # the example's length and the calibration's
+        with torch.no_grad():
+            want = model(x).last_hidden_state
+            got = run(x)
+        got = got.last_hidden_state if entry == "optimize" else got[0]
+        assert graphopt.testing.relative_error(want, got) < 0.1
+
+
+def test_torch_compile_with_a_length_marked_dynamic_calibrates_on_longer_sequences(caplog):
+    """Under torch.compile the user makes the length dynamic (mark_dynamic); calibration
+    sequences of another length then run through the graph dynamo traced."""
+    from tests.models import TransformerBlock
+
+    torch.manual_seed(0)
+    model = TransformerBlock().eval()
+    calibration = [(torch.randn(2, 24, 32),) for _ in range(3)]
+    compiled = torch.compile(
+        model, backend="graphopt", options={"quantize": "int8", "calibration": calibration}
+    )
+    x = torch.randn(2, 8, 32)
+    torch._dynamo.mark_dynamic(x, 1)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="graphopt"):
+        got = compiled(x)
+        want = model(x)
+    assert "first calls" not in caplog.text, caplog.text
+    report = graphopt.reports()[-1]
+    assert not report.calibration_pending and report.quantization.calibration_batches == 3
+    assert graphopt.testing.relative_error(want, got) < 0.1

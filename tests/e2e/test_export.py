@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import graphopt
-import graphopt.artifact
+from graphopt.backends.onnx import OnnxBackend
 from graphopt.testing import assert_same_outputs, relative_error
 from tests.models import MLP, Fn, ResidualCNN, SpectralHead, TransformerBlock
 
@@ -174,7 +174,7 @@ def test_overwrite_replaces_only_a_whole_new_artifact(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure while writing")
 
-    monkeypatch.setattr(graphopt.artifact, "_write_model", broken)
+    monkeypatch.setattr(OnnxBackend, "write", broken)
     with pytest.raises(RuntimeError, match="simulated failure"):
         graphopt.export(model, (x,), out, overwrite=True, progress=False)
     assert json.loads((out / "manifest.json").read_text()) == first  # the old one, untouched
@@ -287,7 +287,7 @@ def test_aarch64_library_runs_under_qemu_and_matches_eager(tmp_path, name, quant
     manifest = _files_match_manifest(exported.path)
     assert manifest["tvm"]["target"]["mtriple"] == "aarch64-linux-gnu"
     assert manifest["tvm"]["cpu_features"] == ["neon"]
-    assert manifest["verification"]["ran"] == "under qemu-aarch64 (backends/tvm/runner)"
+    assert manifest["verification"]["ran"] == "under qemu-aarch64 (graphopt/backends/tvm/runner)"
     assert (exported.path / "model.so").read_bytes()[18] == 0xB7  # ELF e_machine: AArch64
 
     artifact = graphopt.load(exported.path)  # on this x86 host: through qemu

@@ -1,7 +1,8 @@
-"""Pipeline stages by the cost model (passes/partition_stages.py) and their runtimes
+"""Pipeline stages by the cost model (graphopt/passes/partition_stages.py) and their runtimes
 (graphopt/distributed.py): in one process and over 2 gloo processes."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,9 @@ import torch
 
 import graphopt
 from benchmarks.models import ResNet18
-from graphopt.compiler import optimized_graph
 from graphopt.config import Config
 from graphopt.distributed import StagedModule, _replan, plan_for, retrace_on
+from graphopt.frontend import optimized_graph
 from graphopt.passes.base import make_trainable
 from graphopt.passes.partition_stages import DeviceSpec, cost_graph, plan_stages, split_stages
 from graphopt.testing import assert_same_outputs
@@ -36,6 +37,12 @@ def test_optimize_over_devices_matches_eager_and_reports_the_stages(devices):
     assert [p.name for p in stages] == [f"stage{i}" for i in range(devices)]
     assert all(p.nodes > 0 for p in stages)
     assert f"{devices} stages, imbalance" in str(report)
+    # The report keeps the stages as data: a program reads them without parsing text.
+    data = json.loads(report.to_json())["stages"]
+    assert len(data["stages"]) == devices and data["imbalance"] >= 1.0
+    assert all(s["device"] == "cpu" and s["backend"] == "inductor" for s in data["stages"])
+    assert sum(s["nodes"] for s in data["stages"]) == sum(p.nodes for p in stages)
+    assert sum(s["flops"] for s in data["stages"]) > 0
 
 
 def _resnet18_graph():

@@ -1,6 +1,6 @@
 """target="hls": the integer program, the C++ kernels, the project, estimates and csim.
 
-The C simulation must equal graphopt's int8 reference (backends/hls/reference.py, built on
+The C simulation must equal graphopt's int8 reference (graphopt/backends/hls/reference.py, built on
 graphopt.int8) bit for bit; the reference must stay close to the QDQ graph it came from.
 """
 
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt import int8
-from graphopt.backends.hls import HLSOptions, build_program, int8_program, run_program
+from graphopt import int8, int8_program
+from graphopt.backends.hls import HLSOptions, build_program, run_program
 from graphopt.backends.hls.estimate import choose_reuse, legal_reuse
 from graphopt.backends.hls.program import accumulator_bits
 from graphopt.backends.hls.project import build_csim, run_csim

@@ -46,7 +46,7 @@ def cuda_kernels() -> Callable[..., str]:
     it holds at least 3 kernels and, when nvcc is installed, that they compile to PTX."""
     import shutil
 
-    from graphopt.backends.tvm.lower import compile_cuda_kernels, cuda_source, target_for
+    from graphopt.backends.tvm.build import compile_cuda_kernels, cuda_source, target_for
 
     def check(executable: Any, cfg: Config) -> str:
         source = cuda_source(executable)

@@ -198,7 +198,7 @@ def test_cpu_features_from_cpuinfo(tmp_path):
 
 
 def test_load_on_an_arm_host_refuses_a_library_for_features_it_lacks(tmp_path, monkeypatch):
-    import graphopt.artifact
+    from graphopt.backends.tvm.target import _aarch64_runner
 
     library = tmp_path / "model.so"
     cpuinfo = tmp_path / "cpuinfo"
@@ -206,5 +206,5 @@ def test_load_on_an_arm_host_refuses_a_library_for_features_it_lacks(tmp_path, m
     real = arm.missing_cpu_features
     monkeypatch.setattr(arm, "missing_cpu_features", lambda features: real(features, cpuinfo))
     with pytest.raises(RuntimeError, match=r"built for \+sve but this CPU does not have sve"):
-        graphopt.artifact._aarch64_runner(library, ["neon", "sve"], arm_host=True)
-    assert graphopt.artifact._aarch64_runner(library, ["neon"], arm_host=True) is None
+        _aarch64_runner(library, ["neon", "sve"], arm_host=True)
+    assert _aarch64_runner(library, ["neon"], arm_host=True) is None

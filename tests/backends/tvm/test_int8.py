@@ -408,7 +408,7 @@ def test_quantized_model_runs_whole_in_tvm_with_its_int8_numerics(name, target):
 def test_quantized_model_builds_cuda_kernels_without_a_gpu(cuda_kernels):
     """The int8 graph (integer conv/matmul included) goes through the CUDA codegen; nvcc,
     when present, checks the kernels compile. (Running them needs a GPU: none here.)"""
-    from graphopt.backends.tvm.lower import compile_relax
+    from graphopt.backends.tvm.build import compile_relax
 
     model = ConvNet().eval()
     calibration = [[torch.randn(2, 3, 8, 8, generator=_gen(70 + i))] for i in range(2)]

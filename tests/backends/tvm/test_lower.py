@@ -251,8 +251,10 @@ def test_aarch64_cross_compiles_and_refuses_to_run_on_x86():
             compile_subgraph(captured.gm, captured.example_inputs, cfg)
 
 
-_THREADS = (
-    "import torch, tvm, graphopt.backends.tvm; "
+_THREADS = (  # TVM's pool as a user meets it: after a model compiled and ran for llvm
+    "import torch, tvm, graphopt; "
+    "m = torch.nn.Linear(4, 4).eval(); x = torch.randn(2, 4); "
+    "graphopt.optimize(m, (x,), target='llvm')(x); "
     "print(torch.get_num_threads(), tvm.get_global_func('runtime.NumThreads')())"
 )
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from graphopt.backends.registry import op_name
 from graphopt.backends.tvm import TVM, compile_subgraph
 from graphopt.capture import capture_export
 from graphopt.config import Config
+from graphopt.ops import op_name
 from tests.models import Fn
 
 aten = torch.ops.aten
@@ -491,7 +491,8 @@ def test_erf_tanh_and_gelu_use_vectorizable_approximations_in_float32(dtype):
     """float32 erf/tanh/GELU kernels are topi's approximations (libm's erff/tanhf do not
     vectorize): within 1e-6 + 3e-7 relative of float64 over [-20, 20] (torch's own float32
     GELU is off by up to 4.3e-7), NaN and infinities as in torch. Other dtypes keep libm."""
-    from graphopt.backends.tvm.lower import build_relax, optimize_relax, target_for
+    from graphopt.backends.tvm.build import optimize_relax, target_for
+    from graphopt.backends.tvm.translate import build_relax
 
     def fn(x):
         return torch.erf(x), torch.tanh(x), F.gelu(x), F.gelu(x, approximate="tanh")

@@ -1,5 +1,6 @@
-"""The default CPU schedules (`backends/tvm/schedules.py`): which kernels get which schedule,
-and that compiled models still match eager. Their speed is measured by benchmarks/, not here."""
+"""The default CPU schedules (`graphopt/backends/tvm/schedules.py`): which kernels get which
+schedule, and that compiled models still match eager. Their speed is measured by benchmarks/,
+not here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn as nn
 import tvm
 
-from graphopt.backends.tvm import lower, schedules, tune
+from graphopt.backends.tvm import build, schedules, tune
+from graphopt.backends.tvm.translate import build_relax
 from graphopt.capture import capture_export
 from graphopt.config import Config
 from tests.models import DepthwiseSeparable, ResidualCNN, tiny_bert
@@ -20,8 +22,8 @@ AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
 def _scheduled(model: nn.Module, inputs: tuple) -> tvm.IRModule:
     """The model's Relax module as compiled untuned: every kernel default-scheduled."""
     captured = capture_export(model.eval(), inputs)
-    mod = lower.optimize_relax(lower.build_relax(captured.gm, inputs, LLVM), AVX2)
-    return lower.schedule_relax(mod, AVX2, None)[0]
+    mod = build.optimize_relax(build_relax(captured.gm, inputs, LLVM), AVX2)
+    return build.schedule_relax(mod, AVX2, None)[0]
 
 
 def _kernels(model: nn.Module, inputs: tuple) -> dict[str, tvm.tirx.PrimFunc]:
@@ -97,7 +99,7 @@ def test_compiling_leaves_the_kernels_handed_to_tuning_unscheduled(tvm_matches):
     torch.manual_seed(0)
     model, x = ResidualCNN().eval(), torch.randn(1, 3, 32, 32)
     captured = capture_export(model, (x,))
-    with lower.collect_kernels() as mods:
+    with build.collect_kernels() as mods:
         tvm_matches(captured.gm, captured.example_inputs, model(x))
     assert len(mods) == 1
     kernels, scheduled = tune.count_scheduled(mods[0])

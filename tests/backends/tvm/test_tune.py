@@ -15,7 +15,7 @@ import torch
 import tvm
 
 import graphopt
-from graphopt.backends.tvm import cache, lower, schedules, target_for, tune
+from graphopt.backends.tvm import build, cache, schedules, target_for, tune
 from graphopt.cli import main
 from graphopt.config import Config
 
@@ -57,7 +57,7 @@ def tune_env(tuned, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _kernels() -> list[tvm.IRModule]:
     """The fused, unscheduled kernels graphopt builds for the MLP (what tuning sees)."""
-    with lower.collect_kernels() as mods, torch.no_grad():
+    with build.collect_kernels() as mods, torch.no_grad():
         graphopt.optimize(_mlp(), (X,), target="llvm")
     assert len(mods) == 1
     return mods

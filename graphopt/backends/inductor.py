@@ -27,12 +27,42 @@ import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from graphopt import quantized_linear
+from graphopt.backends.base import Backend, Compiled
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
-from graphopt.passes.base import mutates, storage_of, written_arguments
+from graphopt.passes.base import (
+    get_attr_value,
+    insert_constant,
+    mutates,
+    storage_of,
+    written_arguments,
+)
 
 INDUCTOR = OpRegistry("inductor", supports_all=True)
 log = logging.getLogger("graphopt")
+
+
+class InductorBackend(Backend):
+    """target "cpu": whole graphs, inference and training, through inductor."""
+
+    label = "inductor"
+    registry = INDUCTOR
+
+    def compile(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: Sequence[Any],
+        cfg: Config,
+        *,
+        training: bool = False,
+        backward: bool = False,
+    ) -> Compiled:
+        from graphopt.passes.quantize import onednn_saturation_warning
+
+        warning = onednn_saturation_warning(gm)
+        compiled = compile_inductor(gm, example_inputs, cfg, training=training, backward=backward)
+        compiled.warnings += [warning] if warning else []
+        return compiled
 
 
 def compile_inductor(
@@ -42,8 +72,9 @@ def compile_inductor(
     *,
     training: bool = False,
     backward: bool = False,
-) -> Callable[..., Any]:
-    """Compile `gm` with inductor; returns a function of the same inputs.
+) -> Compiled:
+    """Compile `gm` with inductor: a function of the same inputs, and which GEMM each fp32
+    linear uses (the note).
 
     Args:
         example_inputs: fake tensors (inside torch.compile) or real ones (export path).
@@ -55,8 +86,8 @@ def compile_inductor(
     from torch._inductor.compile_fx import compile_fx
 
     if training:
-        return _compile_training_graph(gm, example_inputs, backward=backward)
-    quantized_linear.tile_int8_weights(gm)  # the layout graphopt's int8 GEMV streams fastest
+        return Compiled(_compile_training_graph(gm, example_inputs, backward=backward))
+    tile_int8_weights(gm)  # the layout graphopt's int8 GEMV streams fastest
     fake_mode = detect_fake_mode(list(example_inputs))
     stack = contextlib.ExitStack()
     with stack:
@@ -71,9 +102,42 @@ def compile_inductor(
         fn = compile_fx(gm, list(example_inputs))
     _release_frozen_weights(fn, gm)
     gemm = settings.get("post_grad_custom_pre_pass")
-    if isinstance(gemm, _LinearGemm) and (gemm.moved or gemm.kept):
-        fn.note = gemm.note()  # shown in the report's partition table
-    return fn
+    used = isinstance(gemm, _LinearGemm) and (gemm.moved or gemm.kept)
+    return Compiled(fn, note=gemm.note() if used else "")
+
+
+def tile_int8_weights(gm: torch.fx.GraphModule) -> int:
+    """Rewrite the constant int8 weights of gm's `linear_int8_weight` calls into the tiled
+    layout of the CPU kernels (`quantized_linear.tile_int8`), freeing the [N, K] copy where
+    nothing else reads it. What the x86 lowering does before inductor compiles the graph, as
+    inductor prepacks float weights for oneDNN: the graph the passes produced, the report and
+    every export keep the [N, K] layout. Returns how many weights were tiled."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    op = torch.ops.graphopt.linear_int8_weight.default
+    tiled: dict[torch.fx.Node, torch.fx.Node] = {}  # a weight two calls read is tiled once
+    for node in list(gm.graph.find_nodes(op="call_function", target=op)):
+        weight = node.args[1]
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            continue
+        if weight not in tiled:
+            value = get_attr_value(gm, weight)
+            with unset_fake_temporarily():  # the constants are real tensors, inside a compile
+                tiles = quantized_linear.int8_kernel_layout(value)
+                if tiles is value:
+                    continue
+                tiled[weight] = insert_constant(gm, tiles, f"{weight.target}_tiles", node)
+        node.replace_input_with(weight, tiled[weight])
+        if not weight.users:
+            gm.graph.erase_node(weight)
+            if "." not in weight.target and not any(
+                n.op == "get_attr" and n.target == weight.target for n in gm.graph.nodes
+            ):
+                delattr(gm, weight.target)
+    if tiled:
+        gm.graph.lint()
+        gm.recompile()
+    return len(tiled)
 
 
 def _compile_training_graph(

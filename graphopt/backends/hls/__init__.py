@@ -9,9 +9,7 @@ kernels/      the C++ kernel library
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +39,10 @@ from graphopt.backends.hls.project import (
 )
 from graphopt.backends.hls.reference import run_program
 from graphopt.backends.registry import OpRegistry
-from graphopt.config import Config
-
-log = logging.getLogger("graphopt")
 
 # The capability list: the ops `build_program` turns into integer layers. Partitioning asks
-# it; the lowering of a partition is the whole program (`compile_hls`), not per-node rules.
+# it; the lowering of a partition is the whole program (`target.HLSBackend.compile`), not
+# per-node rules.
 HLS = OpRegistry("hls")
 HLS.rule(*SUPPORTED, check=lambda node, cfg: unsupported_reason(node, cfg))(build_program)
 
@@ -56,33 +52,14 @@ __all__ = [
     "HLSProject",
     "build_csim",
     "build_program",
-    "compile_hls",
     "compiler_version",
     "csim_runner",
-    "int8_program",
     "missing_compiler",
     "run_csim",
     "run_program",
     "temporary_build_dir",
     "write_hls_project",
 ]
-
-
-def int8_program(
-    model: torch.nn.Module,
-    example_inputs: Sequence[torch.Tensor],
-    calibration: Sequence[Sequence[torch.Tensor]],
-    *,
-    dynamic_shapes: Any = None,
-) -> Program:
-    """The integer program `graphopt.export(model, ..., format="hls", quantize="int8",
-    calibration=calibration)` writes, without writing or compiling anything:
-    `run_program(program, [x])` is graphopt's int8 reference, which the C simulation equals."""
-    from graphopt.compiler import optimized_graph
-
-    cfg = Config(target="hls", quantize="int8", calibration=tuple(calibration))
-    _, gm = optimized_graph(model, example_inputs, cfg, dynamic_shapes=dynamic_shapes)
-    return build_program(gm)
 
 
 @dataclass
@@ -187,33 +164,3 @@ def program_config(
         "outputs": program.outputs,
         "layers": layers,
     }
-
-
-def compile_hls(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config
-) -> Callable[..., Any]:
-    """torch.compile / optimize with target="hls": write the project to a temporary folder,
-    build its C simulation, and return a function that runs it (the FPGA's numbers)."""
-    problem = missing_compiler()
-    if problem is not None:
-        raise RuntimeError(problem)
-    if not any(
-        n.target in (torch.ops.quantized_decomposed.quantize_per_tensor.default,)
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-    ):
-        raise RuntimeError("target='hls' computes int8: compile with quantize='int8'")
-    program = build_program(gm)
-    folder = temporary_build_dir("graphopt-hls-")
-    options = HLSOptions()
-    acc_bits = accumulator_widths(program)
-    reuse = choose_reuse(program, options, acc_bits)
-    write_project(
-        program, folder, ProjectOptions(options.part, options.clock_ns, options.io, reuse)
-    )
-    start = time.perf_counter()
-    shapes = [program.buffers[name].shape for name in program.outputs]
-    run = csim_runner(folder, shapes, folder)
-    log.info("graphopt hls: C simulation of %s built in %.1fs", folder, time.perf_counter() - start)
-    run.project = folder  # type: ignore[attr-defined]
-    return run

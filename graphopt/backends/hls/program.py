@@ -24,8 +24,8 @@ import torch
 import torch.fx
 
 from graphopt import int8
-from graphopt.backends.registry import op_name
 from graphopt.errors import UnsupportedOpError
+from graphopt.ops import CLAMPS, op_name
 from graphopt.passes.base import get_attr_value
 
 aten = torch.ops.aten
@@ -43,7 +43,6 @@ _VIEWS = (
     aten.unsqueeze.default,
     aten.clone.default,
 )
-_ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
 _LAYERS = (aten.convolution.default, aten.addmm.default, aten.mm.default)
 _POOLS = (aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
 _AVERAGES = (aten.avg_pool2d.default, aten.mean.dim, aten._adaptive_avg_pool2d.default)
@@ -54,7 +53,7 @@ SUPPORTED = (
     qd.dequantize_per_channel.default,
     aten.permute.default,
     *_VIEWS,
-    *_ACTIVATIONS,
+    *CLAMPS,
     *_LAYERS,
     *_POOLS,
     *_AVERAGES,
@@ -141,7 +140,7 @@ class _Builder:
             **dict.fromkeys(_QUANTIZE, self.quantize),
             **dict.fromkeys(_DEQUANTIZE, self.dequantize),
             **dict.fromkeys(_VIEWS, self.view),
-            **dict.fromkeys(_ACTIVATIONS, self.activation),
+            **dict.fromkeys(CLAMPS, self.activation),
             **dict.fromkeys(_LAYERS, self.linear_or_conv),
             **dict.fromkeys(_POOLS, self.maxpool),
             **dict.fromkeys(_AVERAGES, self.average),
@@ -230,9 +229,7 @@ class _Builder:
         known = [a for a in node.all_input_nodes if a in self.value or a in self.pending]
         if not known:
             return self.fail(node, "computes on constants only (fold it, or it is unsupported)")
-        if target not in (*_QUANTIZE, *_ACTIVATIONS, *_VIEWS) and any(
-            a in self.pending for a in known
-        ):
+        if target not in (*_QUANTIZE, *CLAMPS, *_VIEWS) and any(a in self.pending for a in known):
             return self.fail(
                 node,
                 "reads a layer's accumulators before they are quantized (quantize the "

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.capture import concrete
+from graphopt.ops import RESHAPES
 from graphopt.passes.base import Site, find_sites
+from graphopt.shapes import concrete
 
 aten = torch.ops.aten
 
@@ -42,16 +43,6 @@ _PER_CHANNEL = {
     aten.upsample_nearest2d.default,
     aten.upsample_bilinear2d.vec,
     aten.upsample_bilinear2d.default,
-}
-_RESHAPES = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.squeeze.default,
-    aten.unsqueeze.default,
-    aten.flatten.using_ints,
 }
 _SIZE_ARGS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
@@ -252,7 +243,7 @@ class ChannelAnalysis:
             isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
         ):
             self._pointwise(node)
-        elif target in _RESHAPES:
+        elif target in RESHAPES:
             self._reshape(node)
         elif target is aten.permute.default:
             tags = self._tags_of(node.args[0])

@@ -2,7 +2,7 @@
 
 TVM 0.27 schedules nothing on CPU by default (`dlight.cpu` has GEMV and softmax/norm-style
 reductions only), so a conv or a matmul compiles to one thread running a scalar loop nest.
-`cpu_rules(target)` is what `lower.schedule_relax` applies; the first rule that takes a
+`cpu_rules(target)` is what `build.schedule_relax` applies; the first rule that takes a
 kernel schedules it:
 
 - `TiledReduction`: a kernel whose one reduction block sums products (conv2d, dense, matmul,
@@ -11,10 +11,10 @@ kernel schedules it:
   in a local accumulator, the elementwise tail is applied as the tile is written out, and the
   tiles run in parallel. Which axis is the vector:
   - the reduction multiplies an activation by a constant weight (convs and dense layers;
-    `lower.optimize_relax` marks constants layout-free): the output channels, one or two
+    `build.optimize_relax` marks constants layout-free): the output channels, one or two
     vectors, with an activation axis (a conv's output column, a dense layer's row) unrolled,
     each activation element broadcast; the weight is packed at compile time so that each
-    vector is one contiguous load (MetaSchedule's RewriteLayout; `lower.schedule_relax`
+    vector is one contiguous load (MetaSchedule's RewriteLayout; `build.schedule_relax`
     runs the repacking on the constants). Strided convs and narrow outputs (7x7) tile as
     well as any.
   - otherwise (attention's batch_matmul, a weight whose output channels are not whole
@@ -263,7 +263,7 @@ def _packed_weight_axes(
 ) -> tuple[int, int | None] | None:
     """(vector iterator, unrolled iterator or None) when the reduction multiplies one activation
     by one constant weight (a param in the function's `layout_free_buffers`, which
-    `lower.optimize_relax` marks): the vector is a weight axis the activation does not index
+    `build.optimize_relax` marks): the vector is a weight axis the activation does not index
     (a conv's or a dense layer's output channels; whole vectors only), unrolled is an
     activation axis the weight does not index (the output's last axis if it is one: a conv's
     output column, a dense layer's row). None when the kernel is not of that form."""
@@ -322,7 +322,7 @@ def _move_dim_last(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, dim: int
 
 def _pack_weights(sch: s_tir.Schedule) -> bool:
     """Each layout-free (constant) weight laid out in the order the schedule reads it
-    (MetaSchedule's RewriteLayout: a preprocessing block that `lower.schedule_relax`
+    (MetaSchedule's RewriteLayout: a preprocessing block that `build.schedule_relax`
     splits out and folds at compile time, so no call repacks it). False if it failed."""
     # marked as a postprocessing step in the trace, as MetaSchedule's own: the tuner's search
     # replays the trace without it and packs its candidates itself. (No TuneContext: its

@@ -12,13 +12,14 @@ and an op without a rule becomes a PyTorch fallback partition (never a crash).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
+
+from graphopt.ops import op_name
 
 # A check returns None when the node is supported, or a one-line reason when it is not.
 Check = Callable[[torch.fx.Node, Any], "str | None"]
@@ -77,12 +78,3 @@ class OpRegistry:
 
     def __len__(self) -> int:
         return len(self._rules)
-
-
-def op_name(target: Any) -> str:
-    """A readable name: 'aten.convolution.default', 'operator.getitem'."""
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}.{target._overloadname}"
-    if target is operator.getitem:
-        return "operator.getitem"
-    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)

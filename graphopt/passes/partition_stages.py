@@ -35,10 +35,10 @@ import networkx as nx
 import torch
 import torch.fx
 
-from graphopt.backends.registry import op_name
-from graphopt.capture import concrete
+from graphopt.ops import op_name
 from graphopt.passes.base import get_attr_value
-from graphopt.report import node_flops
+from graphopt.report import StageRecord, StagesRecord, node_flops
+from graphopt.shapes import concrete
 
 
 @dataclass(frozen=True)
@@ -144,22 +144,28 @@ class StagePlan:
     def bottleneck_s(self) -> float:
         return max(s.seconds for s in self.stages)
 
-    def describe(self) -> str:
-        lines = [f"{len(self.stages)} stages, imbalance {self.imbalance:.3f} (slowest / mean)"]
-        for i, s in enumerate(self.stages):
-            by = f" ({s.device.backend})" if s.device.backend else ""
-            lines.append(
-                f"  stage {i} on {s.device.name}{by}: {len(s.nodes)} nodes, "
-                f"{s.flops / 1e6:.1f} MFLOP, weights {s.params / 1e6:.2f} MB, "
-                f"{s.bytes_in / 1e3:.1f} kB in, "
-                f"{s.compute_s * 1e3:.3f} ms + {s.transfer_s * 1e3:.3f} ms transfer"
-            )
-            if s.fallback:
-                lines.append(
-                    f"    {len(s.fallback)} op(s) its backend lacks run in PyTorch on "
-                    f"{s.device.name}: {', '.join(sorted(set(s.fallback)))}"
+    def record(self) -> StagesRecord:
+        """The plan as the report keeps it (plain data)."""
+        return StagesRecord(
+            self.imbalance,
+            [
+                StageRecord(
+                    s.device.name,
+                    s.device.backend,
+                    len(s.nodes),
+                    s.flops,
+                    s.params,
+                    s.bytes_in,
+                    s.compute_s,
+                    s.transfer_s,
+                    list(s.fallback),
                 )
-        return "\n".join(lines)
+                for s in self.stages
+            ],
+        )
+
+    def describe(self) -> str:
+        return str(self.record())
 
 
 def _nbytes(value: Any) -> int:

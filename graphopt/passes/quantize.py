@@ -19,8 +19,9 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 import torch.fx
 
-from graphopt import int8
+from graphopt import int8, targets
 from graphopt.config import Config
+from graphopt.ops import CLAMPS
 from graphopt.passes.base import (
     Emitter,
     PassResult,
@@ -238,6 +239,7 @@ def quantize(
         )
         return PassResult(gm, False, {"quantized": 0, "kept_float": 0})
     acts = {site.act for site in sites.values()}
+    # The target's Int8Policy (graphopt/targets.py) says what its integer kernels fuse.
     # onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into its integer conv only
     # with a quantize after the conv: for target="onnx" every conv whose output (after its
     # ReLU, if any) is not already quantized for a next layer gets one, as onnxruntime's own
@@ -245,15 +247,14 @@ def quantize(
     # target="hls" (integer-only hardware) goes further: every layer's output is quantized, and
     # so is the output of every add, concat and average pool (their integer forms need an
     # output scale); only float outputs of the model's last conv/linear stay float.
+    policy = targets.TARGETS[cfg.target].int8
     outputs = {}
-    if cfg.target in ("onnx", "hls"):
-        kinds = ("conv2d",) if cfg.target == "onnx" else ("conv2d", "linear")
-        for node in (n for n, site in sites.items() if site.kind in kinds):
-            out = _after_activation(node)
-            if not _quantized_later(out, acts) and all(u.op != "output" for u in out.users):
-                outputs[node] = out  # (model outputs stay float: no 8-bit logits)
+    for node in (n for n, site in sites.items() if site.kind in policy.quantized_outputs):
+        out = _after_activation(node)
+        if not _quantized_later(out, acts) and all(u.op != "output" for u in out.users):
+            outputs[node] = out  # (model outputs stay float: no 8-bit logits)
     extra = []  # (hls, cpu) non-layer values to quantize
-    if cfg.target == "hls":
+    if policy.rescale_ops:
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in _RESCALING_OPS:
                 out = _after_activation(node)
@@ -265,7 +266,7 @@ def quantize(
     # already quantized for a layer; another operand read by the add alone (ResNet's
     # downsample conv) is quantized. (Other readers of an operand never see it quantized.)
     fused_adds: dict[torch.fx.Node, torch.fx.Node] = {}
-    if cfg.target == "cpu":
+    if policy.fuse_residual_adds:
         fused_adds = _conv_adds(gm, sites)
         for other in fused_adds.values():
             if other not in acts and other not in extra and len(other.users) == 1:
@@ -275,7 +276,7 @@ def quantize(
     reference = _run(gm, calibration, sites, observers=observers)
     # cpu (oneDNN) and onnx (onnxruntime's MLAS) multiply u8 x s8 with saturating int16 pairs
     # on x86 without VNNI; TVM and the FPGA accumulate exactly.
-    qmax = int8.host_activation_qmax() if cfg.target in ("cpu", "onnx") else int8.ACT_QMAX
+    qmax = int8.host_activation_qmax() if policy.saturating_pairs else int8.ACT_QMAX
     plans = {node: _plan(gm, site, observers[site.act], qmax) for node, site in sites.items()}
     for node, out in outputs.items():
         plans[node].output = (out, *int8.activation_qparams(*observers[out].range(), qmax))
@@ -334,8 +335,8 @@ def quantize(
         active,
         mode,
         extra_qparams,
-        readers={"onnx": "adds", "hls": "all", "cpu": "adds"}.get(cfg.target, "layers"),
-        adds=set(fused_adds) if cfg.target == "cpu" else None,
+        readers=policy.readers,
+        adds=set(fused_adds) if policy.fuse_residual_adds else None,
     )
     if active:  # the error the rewritten graph really has (the simulation leaves out the adds)
         error = _relative_error(reference, _run(gm, calibration, {}))
@@ -359,9 +360,6 @@ def quantize(
     return PassResult(gm, bool(active), stats)
 
 
-_ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
-
-
 # Ops whose integer form rescales to a new output scale (target="hls" quantizes their outputs).
 _RESCALING_OPS = (
     aten.add.Tensor,
@@ -370,6 +368,7 @@ _RESCALING_OPS = (
     aten.mean.dim,
     aten._adaptive_avg_pool2d.default,
 )
+# (narrower than graphopt.ops.RESHAPES: the reshapes a layer input was seen behind)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
@@ -412,7 +411,7 @@ def _quantized_later(node: torch.fx.Node, acts: set[torch.fx.Node]) -> bool:
 def _after_activation(node: torch.fx.Node) -> torch.fx.Node:
     """The layer's ReLU/ReLU6 when that is its only user, else the layer itself."""
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_function" and users[0].target in _ACTIVATIONS:
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in CLAMPS:
         return users[0]
     return node
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from graphopt.backends.registry import OpRegistry, op_name
 from graphopt.config import Config
+from graphopt.ops import op_name
 from graphopt.passes.base import PassResult, add_constant, get_attr_value
+
+if TYPE_CHECKING:  # the registry is handed in by the lowering: no runtime import of backends/
+    from graphopt.backends.registry import OpRegistry
 
 PREFIX = "fused_"
 

@@ -52,6 +52,7 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, RunnerInput
 
 from graphopt.backends.tvm import cache, schedules
+from graphopt.backends.tvm.runtime import size_thread_pool
 from graphopt.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def tune_kernels(
     Raises:
         ValueError: a target other than this host's llvm, a budget <= 0, or no kernels.
     """
+    size_thread_pool()  # the measuring processes inherit it
     if target.kind.name != "llvm" or "mtriple" in target.attrs:
         raise ValueError(
             f"tuning measures on this machine, so it takes this host's target='llvm' only, "

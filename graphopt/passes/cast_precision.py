@@ -32,6 +32,7 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from graphopt.config import Config
+from graphopt.ops import VIEWS
 from graphopt.passes.base import (
     PassResult,
     add_constant,
@@ -78,35 +79,20 @@ _PRECISE = frozenset(
 
 # Not pointwise-tagged, but move or gather values without arithmetic (or pool them, which
 # CPU kernels accumulate in float32): they run in the dtype that reaches them.
-_DATA_MOVEMENT = frozenset(
-    {
-        aten.view.default,
-        aten._unsafe_view.default,
-        aten.reshape.default,
-        aten.permute.default,
-        aten.transpose.int,
-        aten.t.default,
-        aten.expand.default,
-        aten.squeeze.dim,
-        aten.squeeze.dims,
-        aten.squeeze.default,
-        aten.unsqueeze.default,
-        aten.slice.Tensor,
-        aten.select.int,
-        aten.split.Tensor,
-        aten.split_with_sizes.default,
-        aten.unbind.int,
-        aten.alias.default,
-        aten.cat.default,
-        aten.stack.default,
-        aten.constant_pad_nd.default,
-        aten.index.Tensor,
-        aten.index_select.default,
-        aten.max_pool2d_with_indices.default,
-        aten.avg_pool2d.default,
-        aten._adaptive_avg_pool2d.default,
-    }
-)
+_DATA_MOVEMENT = VIEWS | {
+    aten.reshape.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.cat.default,
+    aten.stack.default,
+    aten.constant_pad_nd.default,
+    aten.index.Tensor,
+    aten.index_select.default,
+    aten.max_pool2d_with_indices.default,
+    aten.avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default,
+}
 
 
 def follows(target: Any) -> bool:

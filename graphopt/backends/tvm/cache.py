@@ -10,8 +10,8 @@ order with its op, its target's qualified name, its args/kwargs (an fx Node by i
 `x - y` and `y - x` differ; SymInts by their sympy expression) and its traced value's spec
 (dtype, shape, strides, device); the bytes, dtype and shape of every constant tensor; the
 Config fields; the TVM target JSON (with mcpu); and the versions of graphopt, torch, TVM and
-the lowering sources (lower.py, rules.py, schedules.py, tune.py, registry.py), so a rule or
-schedule fix invalidates old entries; and the sha256 of the tuning database applied
+the lowering sources (translate.py, build.py, rules/, schedules.py, tune.py, registry.py),
+so a rule or schedule fix invalidates old entries; and the sha256 of the tuning database applied
 (`tune.py`), so re-tuning rebuilds.
 
 An entry is a folder `<root>/<key>/` holding `<sha256[:16]>.so` (the library, named by its
@@ -42,15 +42,15 @@ import tvm
 from torch._subclasses.fake_tensor import is_fake
 from tvm import relax
 
-from graphopt.artifact import file_sha256
 from graphopt.config import Config
+from graphopt.files import file_sha256
 from graphopt.passes.base import get_attr_value
 
 log = logging.getLogger(__name__)
 
 KEY_FORMAT = 2  # bump when what graph_key hashes changes
 # the code that decides what is built
-_SOURCES = ("lower.py", "rules.py", "schedules.py", "tune.py", "../registry.py")
+_SOURCES = ("translate.py", "build.py", "rules/*.py", "schedules.py", "tune.py", "../registry.py")
 _NOT_HASHED = ("calibration", "verify")  # their effect is in the graph, or they build nothing
 _STALE_TEMP_SECONDS = 24 * 3600  # temp folders left by a crashed writer are removed after this
 
@@ -75,15 +75,16 @@ def cache_root() -> Path | None:
 @functools.cache
 def versions() -> dict[str, str]:
     """Library versions and a hash of the lowering sources: any change makes new keys."""
-    import graphopt
+    from graphopt.version import __version__
 
     here = Path(__file__).resolve().parent
     sources = hashlib.sha256()
-    for name in _SOURCES:
-        sources.update((here / name).read_bytes())
+    for pattern in _SOURCES:
+        for path in sorted(here.glob(pattern)):
+            sources.update(path.read_bytes())
     return {
         "key_format": str(KEY_FORMAT),
-        "graphopt": graphopt.__version__,
+        "graphopt": __version__,
         "torch": torch.__version__,
         "tvm": tvm.__version__,
         "lowering_sources": sources.hexdigest(),

@@ -14,11 +14,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
+from graphopt.backends.base import Backend, Compiled, ExportJob
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
 from graphopt.passes.base import copy_graph_module
@@ -26,6 +28,43 @@ from graphopt.passes.base import copy_graph_module
 log = logging.getLogger("graphopt")
 
 ONNX = OpRegistry("onnxruntime", supports_all=True)
+
+
+class OnnxBackend(Backend):
+    """The whole graph as one ONNX model in an onnxruntime CPU session; artifacts are
+    model.onnx, checked by onnx.checker."""
+
+    label = "onnxruntime"
+    registry = ONNX
+    model_file = "model.onnx"
+    versions = ("onnx", "onnxruntime")
+
+    def compile(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: Sequence[Any],
+        cfg: Config,
+        *,
+        training: bool = False,
+        backward: bool = False,
+    ) -> Compiled:
+        return Compiled(compile_onnx(gm, example_inputs, cfg))
+
+    def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
+        import onnx
+
+        job.say("exporting to ONNX (torch.onnx)")
+        traced = [n.meta["val"] for n in job.gm.graph.find_nodes(op="placeholder")]  # symbolic
+        data = export_onnx(job.gm, traced, job.dim_names)
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+        (folder / self.model_file).write_bytes(data)
+        return {}
+
+    def where_artifact_runs(self, cfg: Config) -> str:
+        return "in onnxruntime (CPU)"
+
+    def load(self, folder: Path, manifest: dict[str, Any]) -> Callable[..., Any]:
+        return OnnxRunner(str(folder / manifest["model"]))
 
 
 def export_onnx(
@@ -248,10 +287,24 @@ def _dynamic_shapes(example_inputs: Sequence[Any], dim_names: dict[str, str]) ->
                         f"input dim {i} has size {expr}: ONNX export takes a dynamic dim only "
                         "as a plain symbol (like a batch size)"
                     )
-                name = dim_names.get(expr.name, expr.name)
-                entry[i] = dims.setdefault(expr.name, torch.export.Dim(name))
+                if expr.name not in dims:
+                    dims[expr.name] = _dim(dim_names.get(expr.name, expr.name), d)
+                entry[i] = dims[expr.name]
         spec.append(entry or None)
     return tuple(spec) if dims else None
+
+
+def _dim(name: str, size: torch.SymInt) -> Any:
+    """A torch.export Dim for a traced symbolic size, with the range the trace found for it
+    (e.g. a sequence length bounded by a model's position embeddings)."""
+    bounds = size.node.shape_env.var_to_range.get(size.node.expr)
+    kwargs = {}
+    if bounds is not None:
+        if bounds.lower.is_number and int(bounds.lower) > 0:
+            kwargs["min"] = int(bounds.lower)
+        if bounds.upper.is_number and bounds.upper.is_finite:
+            kwargs["max"] = int(bounds.upper)
+    return torch.export.Dim(name, **kwargs)
 
 
 def compile_onnx(
@@ -313,7 +366,7 @@ def _real_like(x: Any) -> Any:
     """A real tensor of x's dtype and shape (a symbolic dim at the size it was traced with)."""
     if not isinstance(x, torch.Tensor):
         return x
-    from graphopt.capture import concrete
+    from graphopt.shapes import concrete
 
     shape = tuple(int(concrete(d)) for d in x.shape)
     if x.is_floating_point():
