@@ -546,6 +546,18 @@ def model_table(result: dict, bandwidth: float, eager_peak: float) -> str:
     return "\n".join(lines)
 
 
+def decode_chart(name: str, result: dict) -> str:
+    """The batch-1 decode speed of every runner that ran, as an SVG bar chart."""
+    from benchmarks.chart import bar_svg
+
+    bars = [
+        (row.runner, round(1e3 / _median(row.decode_ms.get(1, [])), 1))
+        for row in result["rows"].values()
+        if not row.error and row.decode_ms.get(1)
+    ]
+    return bar_svg(f"{name} decode, batch 1", bars, "tokens/s", note="benchmarks/llm.py")
+
+
 def breakdown_table(breakdown: dict[str, dict[str, float]]) -> str:
     keys = ["total", "linear kernels", "rest of compiled graphs", "outside compiled graphs"]
     lines = ["| runner (batch 1, profiled) | " + " | ".join(f"{k} ms" for k in keys) + " |"]
@@ -647,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
             ]
         args.out.write_text("\n".join(sections))  # what is measured survives a later failure
+        chart = args.out.with_name(f"{args.out.stem}-{name}-decode.svg")
+        chart.write_text(decode_chart(name, result))
         gc.collect()
     if not args.no_kernels:
         log("kernels")

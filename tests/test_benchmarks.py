@@ -230,3 +230,19 @@ def test_stolen_cpu_time_is_read_from_proc_stat_and_flags_the_table(tmp_path):
     assert "while timing: 0.4%" in run.format_model(calm)
     assert "suspect" not in run.format_model(calm)
     assert "while timing: 12.5% (**timings suspect**" in run.format_model(busy)
+
+
+def test_charts_are_drawn_from_a_results_table():
+    from benchmarks.chart import bar_svg, table_column
+
+    text = (
+        "# x\n\n## llama\n\n| runner | decode tok/s b1 | note |\n|---|---:|---|\n"
+        "| eager | 18.9 | |\n| graphopt-int8 | 109.1 | |\n| broken | - | failed |\n\nafter\n"
+    )
+    rows = table_column(text, "decode tok/s b1", section="llama")
+    assert rows[:2] == [("eager", 18.9), ("graphopt-int8", 109.1)] and math.isnan(rows[2][1])
+    svg = bar_svg("decode", rows, "tokens/s")
+    assert svg.count("<rect") == 1 + 2  # the background and one bar per number
+    assert "graphopt-int8" in svg and "broken" not in svg
+    with pytest.raises(ValueError, match="no table with a column 'prefill'"):
+        table_column(text, "prefill")
