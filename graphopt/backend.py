@@ -23,12 +23,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.capture import (
-    decomposition_table,
-    freeze_placeholders,
-    is_param_source,
-    training_capture,
-)
+from graphopt import targets
+from graphopt.capture import freeze_placeholders, is_param_source
 from graphopt.compiler import compile_graph, new_report
 from graphopt.config import Config
 from graphopt.passes.base import copy_graph_module
@@ -83,7 +79,7 @@ def compile_dynamo_graph(
             )
         fw = functools.partial(_training_compiler, cfg=cfg, mode="training-forward", start=start)
         bw = functools.partial(_training_compiler, cfg=cfg, mode="training-backward", start=None)
-        options, context = training_capture(cfg.target, example_inputs)
+        options, context = targets.backend(cfg.target).training_capture(example_inputs)
         with context:
             return aot_autograd(fw_compiler=fw, bw_compiler=bw, **options)(
                 dynamo_gm, example_inputs
@@ -99,7 +95,7 @@ def compile_dynamo_graph(
     return aot_autograd(
         fw_compiler=inference,
         inference_compiler=inference,
-        decompositions=decomposition_table(cfg.target, training=False),
+        decompositions=targets.backend(cfg.target).decompositions(training=False),
         keep_inference_input_mutations=True,
     )(dynamo_gm, example_inputs)
 

@@ -12,9 +12,7 @@ Both give a GraphModule whose placeholders are the user inputs only and whose we
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,77 +97,6 @@ def freeze_placeholders(
     gm.graph.lint()
     gm.recompile()
     return kept
-
-
-# Decompositions that are wrong beneath autograd. aot_autograd records each op's own derivative
-# formula and applies the table below it, so a decomposition must return exactly the op's
-# outputs: the formula saves them for the backward. torch 2.13's decomposition of the fused CPU
-# attention returns the attention probabilities ([N, H, L, S]) where the op returns its
-# logsumexp ([N, H, L]); `_scaled_dot_product_flash_attention_for_cpu_backward` then reads the
-# probabilities as the softmax normalizer and every attention gradient is wrong, silently. In
-# inference nothing reads that output and the decomposition is right. inductor's own table
-# leaves the op out as well. tests/e2e/test_training.py proves the training tables on real
-# models, `python -m tests.opinfo.sweep --grad` on every differentiable OpInfo.
-_WRONG_UNDER_AUTOGRAD = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
-
-
-def training_capture(
-    target: str, example_inputs: Sequence[Any]
-) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
-    """(aot_autograd's options, the context to trace in) for a training graph for `target`.
-
-    On "cpu" the forward and backward graphs go to inductor's graph compiler as they are, so
-    the joint graph is traced and split as inductor's own torch.compile backend does it: its
-    decomposition table, its joint-graph passes (random ops to inductor's RNG, pattern
-    rewrites) and min-cut partitioner (cheap ops recomputed in the backward rather than
-    saved; inductor reuses saved activations' memory on the assumption that this partitioner
-    chose them), side-effect tokens taken out of the graphs. Other targets: core ATen less
-    the decompositions wrong beneath autograd, aot_autograd's default split.
-    """
-    if target != "cpu":
-        return {"decompositions": decomposition_table(target, training=True)}, nullcontext()
-    from torch._functorch import config as functorch_config
-    from torch._guards import detect_fake_mode
-    from torch._inductor.compile_fx import partition_fn
-    from torch._inductor.virtualized import V
-
-    options = {
-        "decompositions": decomposition_table(target, training=True),
-        "partition_fn": partition_fn,
-        "keep_inference_input_mutations": True,
-    }
-    context = contextlib.ExitStack()
-    fake_mode = detect_fake_mode(list(example_inputs))
-    if fake_mode is not None:  # the joint-graph passes make their tensors in it
-        context.enter_context(V.set_fake_mode(fake_mode))
-    context.enter_context(functorch_config.patch(unlift_effect_tokens=True))
-    return options, context
-
-
-def decomposition_table(target: str, training: bool) -> dict[Any, Any]:
-    """The ATen decompositions that the torch.compile capture traces with.
-
-    Inference: torch's core-ATen table, which every lowering reads (TVM, HLS and ONNX need
-    core ATen; inductor's `compile_fx` re-traces with its own table). Training on "cpu":
-    inductor's table, as inductor's own training path uses: the forward and backward graphs
-    go to inductor's graph compiler as they are, so that the forward can tell aot_autograd
-    the strides of the activations it saves. Training elsewhere: core ATen, less the
-    decompositions whose outputs differ from the op's own (`_WRONG_UNDER_AUTOGRAD`), which a
-    derivative formula recorded above them would misread; such an op stays whole, with
-    torch's forward and backward kernels (a lowering without a rule for it runs it in PyTorch).
-    """
-    if training and target == "cpu":
-        import torch._inductor.lowering  # noqa: F401 - some of the table's entries call into it
-        from torch._inductor.decomposition import select_decomp_table
-
-        return dict(select_decomp_table())
-    from torch._decomp import core_aten_decompositions
-
-    table = dict(core_aten_decompositions())
-    if training:
-        for op in _WRONG_UNDER_AUTOGRAD:
-            table.pop(op, None)
-    return table
 
 
 def capture_export(

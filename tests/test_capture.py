@@ -1,4 +1,5 @@
-"""The capture's decomposition tables: right beneath autograd in training, core ATen otherwise."""
+"""The capture's decomposition tables (each target's `Backend.decompositions`): right beneath
+autograd in training, core ATen otherwise."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import torch.nn.functional as F
 from functorch.compile import aot_function, nop
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from graphopt.capture import decomposition_table
+from graphopt import targets
 from graphopt.testing import assert_same_outputs
 
 aten = torch.ops.aten
 FLASH = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _table(target: str, training: bool) -> dict:
+    return targets.backend(target).decompositions(training)
 
 
 def _attention(q, k, v):
@@ -25,14 +30,14 @@ def test_training_table_gives_eager_attention_gradients(target):
     logsumexp; its backward reads them and every gradient is wrong (by ~100 here)."""
     q, k, v = (torch.randn(2, 4, 8, 16, requires_grad=True) for _ in range(3))
     expected = torch.autograd.grad(_attention(q, k, v).square().sum(), (q, k, v))
-    traced = aot_function(_attention, nop, nop, decompositions=decomposition_table(target, True))
+    traced = aot_function(_attention, nop, nop, decompositions=_table(target, True))
     got = torch.autograd.grad(traced(q, k, v).square().sum(), (q, k, v))
     assert_same_outputs(expected, got)
 
 
 def test_core_table_is_the_bug_the_training_table_avoids():
     """Documents torch 2.13's bug: if this starts passing, torch fixed it (see the note in
-    graphopt/capture.py) and the training table may keep the decomposition."""
+    graphopt/backends/base.py) and the training table may keep the decomposition."""
     from torch._decomp import core_aten_decompositions
 
     q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
@@ -44,7 +49,7 @@ def test_inference_table_decomposes_attention_to_core_aten():
     """Inference keeps the decomposition: TVM, HLS and ONNX lower the matmuls and softmax."""
     q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
     with torch.no_grad():
-        gm = make_fx(_attention, decomposition_table("llvm", training=False))(q, k, v)
+        gm = make_fx(_attention, _table("llvm", training=False))(q, k, v)
     targets = {node.target for node in gm.graph.nodes if node.op == "call_function"}
     assert FLASH not in targets and aten.bmm.default in targets
     assert_same_outputs(_attention(q, k, v), gm(q, k, v))

@@ -8,6 +8,7 @@ partitioning and the CLI reach targets only through this interface.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,18 @@ class ExportJob:
     dim_names: dict[str, str]
     options: Any
     say: Callable[[str], None]
+
+
+# Decompositions that are wrong beneath autograd. aot_autograd records each op's own derivative
+# formula and applies the table below it, so a decomposition must return exactly the op's
+# outputs: the formula saves them for the backward. torch 2.13's decomposition of the fused CPU
+# attention returns the attention probabilities ([N, H, L, S]) where the op returns its
+# logsumexp ([N, H, L]); `_scaled_dot_product_flash_attention_for_cpu_backward` then reads the
+# probabilities as the softmax normalizer and every attention gradient is wrong, silently. In
+# inference nothing reads that output and the decomposition is right. inductor's own table
+# leaves the op out as well. tests/e2e/test_training.py proves the training tables on real
+# models, `python -m tests.opinfo.sweep --grad` on every differentiable OpInfo.
+_WRONG_UNDER_AUTOGRAD = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
 
 
 class Backend:
@@ -125,6 +138,28 @@ class Backend:
         aot_autograd, weights as inputs. A raised exception makes the piece run in PyTorch
         (named in the report), or with fallback="error" raises."""
         raise NotImplementedError(f"target={self.name!r} has no compile")
+
+    def decompositions(self, training: bool) -> dict[Any, Any]:
+        """The ATen decompositions torch.compile's capture traces with for this target: torch's
+        core-ATen table, which every lowering reads (TVM, HLS and ONNX need core ATen); for
+        training, less the decompositions whose outputs differ from the op's own
+        (`_WRONG_UNDER_AUTOGRAD`), which a derivative formula recorded above them would
+        misread: such an op stays whole, with torch's forward and backward kernels (a lowering
+        without a rule for it runs it in PyTorch)."""
+        from torch._decomp import core_aten_decompositions
+
+        table = dict(core_aten_decompositions())
+        if training:
+            for op in _WRONG_UNDER_AUTOGRAD:
+                table.pop(op, None)
+        return table
+
+    def training_capture(
+        self, example_inputs: Sequence[Any]
+    ) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
+        """(aot_autograd's options, the context to trace in) for a training graph: these
+        decompositions and aot_autograd's default forward/backward split."""
+        return {"decompositions": self.decompositions(training=True)}, contextlib.nullcontext()
 
     # ------------------------------------------------------------ graphopt.export / load
 

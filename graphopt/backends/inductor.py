@@ -48,6 +48,43 @@ class InductorBackend(Backend):
     label = "inductor"
     registry = INDUCTOR
 
+    def decompositions(self, training: bool) -> dict[Any, Any]:
+        """Training: inductor's table, as inductor's own training path uses: the forward and
+        backward graphs go to inductor's graph compiler as they are, so that the forward can
+        tell aot_autograd the strides of the activations it saves. Inference: core ATen (the
+        passes read it; `compile_fx` re-traces with inductor's table)."""
+        if not training:
+            return super().decompositions(training)
+        import torch._inductor.lowering  # noqa: F401 - some of the table's entries call into it
+        from torch._inductor.decomposition import select_decomp_table
+
+        return dict(select_decomp_table())
+
+    def training_capture(
+        self, example_inputs: Sequence[Any]
+    ) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
+        """The joint graph traced and split as inductor's own torch.compile backend does it:
+        its decomposition table, its joint-graph passes (random ops to inductor's RNG, pattern
+        rewrites) and min-cut partitioner (cheap ops recomputed in the backward rather than
+        saved; inductor reuses saved activations' memory on the assumption that this
+        partitioner chose them), side-effect tokens taken out of the graphs."""
+        from torch._functorch import config as functorch_config
+        from torch._guards import detect_fake_mode
+        from torch._inductor.compile_fx import partition_fn
+        from torch._inductor.virtualized import V
+
+        options = {
+            "decompositions": self.decompositions(training=True),
+            "partition_fn": partition_fn,
+            "keep_inference_input_mutations": True,
+        }
+        context = contextlib.ExitStack()
+        fake_mode = detect_fake_mode(list(example_inputs))
+        if fake_mode is not None:  # the joint-graph passes make their tensors in it
+            context.enter_context(V.set_fake_mode(fake_mode))
+        context.enter_context(functorch_config.patch(unlift_effect_tokens=True))
+        return options, context
+
     def compile(
         self,
         gm: torch.fx.GraphModule,

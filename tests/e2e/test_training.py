@@ -1,7 +1,7 @@
 """Training through graphopt equals training in eager: real models, several optimizer steps.
 
 torch 2.13's core-ATen decomposition of the fused CPU attention is wrong beneath autograd (see
-`graphopt.capture.decomposition_table`): every attention gradient came out wrong, silently,
+`graphopt.backends.base.Backend.decompositions`): every attention gradient came out wrong, silently,
 while the one-step tests on small models passed. Here each model trains `STEPS` SGD steps
 (momentum, so an error in one step's gradient reaches every later loss) through
 `torch.compile(backend="graphopt")` and in eager, from the same weights and data: each step's
