@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from graphopt.backends.hls.kinds import kind_of
 from graphopt.backends.hls.program import Layer, Program
 
 MAX_MULTIPLIERS = 4096  # per layer: larger unrolls make Vitis HLS very slow (hls4ml's limit)
@@ -135,13 +136,6 @@ def products(layer: Layer) -> int:
     return int(layer.tensors["weight"].numel())
 
 
-def pixels(layer: Layer) -> int:
-    if layer.kind == "conv2d":
-        _, ho, wo = layer.params["out_shape"]
-        return ho * wo
-    return 1
-
-
 def legal_reuse(layer: Layer) -> list[int]:
     """Reuse factors the layer can take, ascending (fastest first)."""
     p = products(layer)
@@ -160,7 +154,7 @@ def _layer_estimate(layer: Layer, program: Program, reuse: int | None, acc_bits:
         mult = p // reuse
         channels = int(layer.tensors["bias"].numel())
         depth = 3 + math.ceil(math.log2(mult + 1))
-        cycles = pixels(layer) * (reuse + channels + depth)
+        cycles = kind_of(layer).pixels(layer) * (reuse + channels + depth)
         dsp = math.ceil(mult / PRODUCTS_PER_DSP) + REQUANT_DSP
         lut = mult * acc_bits + LAYER_CONTROL_LUT
         weight_bits = p * 8
@@ -173,17 +167,17 @@ def _layer_estimate(layer: Layer, program: Program, reuse: int | None, acc_bits:
         est.update(
             reuse_factor=reuse,
             multipliers=mult,
-            macs=layer.macs(program.buffers),
+            macs=kind_of(layer).macs(layer),
             accumulator_bits=acc_bits,
         )
     else:
         n = out.size
         window = 1
-        if layer.kind in ("maxpool2d", "avgpool2d"):
+        if kind_of(layer).window:
             window = layer.params["kernel"][0] * layer.params["kernel"][1]
         cycles = n * window + 3
         lut = LAYER_CONTROL_LUT
-        dsp = REQUANT_DSP if layer.kind in ("avgpool2d", "add", "concat", "requantize") else 0
+        dsp = REQUANT_DSP if kind_of(layer).rescales else 0
     if not out.is_float:
         if out.size * 8 > LUTRAM_BITS:
             bram += math.ceil(out.size / BRAM18_DEPTH_8BIT)
@@ -236,7 +230,7 @@ def estimate(
 def choose_reuse(program: Program, options: HLSOptions, acc_bits: dict[str, int]) -> dict[str, int]:
     """A legal reuse factor per MAC layer: as given, or chosen to meet the latency target
     (fewest DSPs that meet it) or else the DSP budget (fastest that fits)."""
-    macs = [layer for layer in program.layers if layer.kind in ("dense", "conv2d")]
+    macs = [layer for layer in program.layers if kind_of(layer).mac]
     legal = {layer.name: legal_reuse(layer) for layer in macs}
     given = options.reuse_factor
     fixed: dict[str, int] = {}

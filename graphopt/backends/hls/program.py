@@ -98,16 +98,6 @@ class Layer:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # weights, biases, m0, shift
     source: str = ""  # the graph nodes it came from
 
-    def macs(self, buffers: dict[str, Buffer]) -> int:
-        """Multiply-accumulates per sample (conv2d/dense), else 0."""
-        if self.kind == "dense":
-            return int(self.tensors["weight"].numel())
-        if self.kind == "conv2d":
-            w = self.tensors["weight"]
-            h, wd = self.params["out_shape"][1:]
-            return int(w.numel()) * h * wd
-        return 0
-
 
 @dataclass
 class Program:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from graphopt.backends.hls.program import Layer, Program, accumulator_bits
+from graphopt.backends.hls.kinds import acc_type, cpp_float, kind_of
+from graphopt.backends.hls.program import Layer, Program
 
 KERNELS = "graphopt_kernels.h"
 TOP = "graphopt_top"
@@ -72,29 +73,15 @@ def write_project(program: Program, folder: Path, options: ProjectOptions) -> li
 # -- text ------------------------------------------------------------------------------------
 
 
-def _float(v: float) -> str:
-    """A float32 literal that parses back to exactly the same float32."""
-    text = f"{float(torch.tensor(v, dtype=torch.float32)):.9g}"
-    if not any(c in text for c in ".en"):  # "2" -> "2.0" (a float literal needs a point)
-        text += ".0"
-    return text + "f"
-
-
 def _array(ctype: str, name: str, values: torch.Tensor, per_line: int = 24) -> str:
     flat = values.flatten().tolist()
-    fmt = _float if ctype == "float" else str
+    fmt = cpp_float if ctype == "float" else str
     lines = [
         "    " + ", ".join(fmt(v) for v in flat[i : i + per_line])
         for i in range(0, len(flat), per_line)
     ]
     body = ",\n".join(lines)
     return f"static const {ctype} {name}[{len(flat)}] = {{\n{body}\n}};\n"
-
-
-def _acc_type(layer: Layer) -> tuple[str, int]:
-    """(C type, bits needed) of a layer's accumulator, from its worst-case bound."""
-    bits = accumulator_bits(layer)
-    return ("int32_t" if bits <= 32 else "int64_t"), bits
 
 
 def _weights(layer: Layer) -> str:
@@ -129,55 +116,22 @@ def _parameters(program: Program, options: ProjectOptions) -> str:
         "#endif\n",
     ]
     for layer in program.layers:
-        p = layer.params
-        fields: list[tuple[str, int]] = []
-        if layer.kind == "dense":
-            n_out, n_in = layer.tensors["weight"].shape
-            fields = [("n_in", n_in), ("n_out", n_out)]
-        elif layer.kind == "conv2d":
-            ci, h, w = p["in_shape"]
-            co, ho, wo = p["out_shape"]
-            fields = [("ci", ci), ("h", h), ("w", w), ("co", co), ("ho", ho), ("wo", wo)]
-            fields += [("kh", p["kernel"][0]), ("kw", p["kernel"][1])]
-            fields += [("sh", p["stride"][0]), ("sw", p["stride"][1])]
-            fields += [("ph", p["padding"][0]), ("pw", p["padding"][1])]
-            fields += [("dh", p["dilation"][0]), ("dw", p["dilation"][1]), ("groups", p["groups"])]
-        elif layer.kind in ("maxpool2d", "avgpool2d"):
-            c, h, w = program.buffers[layer.inputs[0]].shape
-            ho, wo = _pool_out(program, layer)
-            fields = [("c", c), ("h", h), ("w", w), ("ho", ho), ("wo", wo)]
-            fields += [("kh", p["kernel"][0]), ("kw", p["kernel"][1])]
-            fields += [("sh", p["stride"][0]), ("sw", p["stride"][1])]
-            fields += [("ph", p["padding"][0]), ("pw", p["padding"][1])]
-        else:
+        p, kind = layer.params, kind_of(layer)
+        fields = kind.config(layer, program)
+        if fields is None:
             continue
-        if layer.kind in ("dense", "conv2d"):
+        if kind.mac:
             fields.append(("reuse", options.reuse[layer.name]))
         if "in_zero_point" in p:
             fields.append(("in_zero_point", p["in_zero_point"]))
         body = "".join(f"    static const int {k} = {v};\n" for k, v in fields)
-        if layer.kind in ("dense", "conv2d", "avgpool2d"):
-            ctype, bits = _acc_type(layer)
+        if kind.accumulates:
+            ctype, bits = acc_type(layer)
             bound = p.get("acc_bound", 0)
             body += f"    typedef GRAPHOPT_ACC({bits}, {ctype}) acc_t;  // |acc| <= {bound}\n"
         out.append(f"struct {layer.name}_cfg {{  // {layer.kind} {layer.source}\n{body}}};\n")
     out.append("#endif  // GRAPHOPT_PARAMETERS_H_\n")
     return "\n".join(out)
-
-
-def _pool_out(program: Program, layer: Layer) -> tuple[int, int]:
-    out = program.buffers[layer.output]
-    c = program.buffers[layer.inputs[0]].shape[0]
-    hw = out.size // c
-    h, w = program.buffers[layer.inputs[0]].shape[1:]
-    (kh, kw), (sh, sw), (ph, pw) = (
-        layer.params["kernel"],
-        layer.params["stride"],
-        layer.params["padding"],
-    )
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    assert ho * wo == hw, (layer.name, ho, wo, hw)
-    return ho, wo
 
 
 def _signature(program: Program) -> str:
@@ -236,7 +190,7 @@ def _model_cpp(program: Program, options: ProjectOptions) -> str:
     lines.append("")
     for layer in program.layers:
         lines.append(f"    // {layer.name}: {layer.kind} ({layer.source})")
-        lines.extend("    " + c for c in _call(layer, program, names))
+        lines.extend("    " + c for c in kind_of(layer).cpp(layer, program, names))
     for i, n in enumerate(program.outputs):
         if first_out[n] != f"out{i}":  # the same tensor returned twice
             lines.append(
@@ -245,75 +199,6 @@ def _model_cpp(program: Program, options: ProjectOptions) -> str:
             )
     lines.append("}\n")
     return "\n".join(lines)
-
-
-def _call(layer: Layer, program: Program, names: dict[str, str]) -> list[str]:
-    p = layer.params
-    ins = [names.get(n, n) for n in layer.inputs]
-    out = names.get(layer.output, layer.output)
-    buffer = program.buffers[layer.output]
-    size = buffer.size
-    if layer.kind == "quantize":
-        return [
-            f"graphopt::quantize<{size}>({ins[0]}, {out}, {_float(p['inv_scale'])}, "
-            f"{buffer.zero_point});"
-        ]
-    if layer.kind == "dequantize":
-        return [
-            f"graphopt::dequantize<{size}>({ins[0]}, {out}, {_float(p['scale'])}, "
-            f"{p['zero_point']});"
-        ]
-    if layer.kind == "clamp":
-        return [f"graphopt::clamp<{size}>({ins[0]}, {out}, {p['lo']}, {p['hi']});"]
-    if layer.kind == "requantize":
-        (m,), s = p["multipliers"], p["shift"]
-        zx = p["in_zero_points"][0]
-        return [
-            f"graphopt::rescale<{size}>({ins[0]}, {out}, {zx}, {m}, {s}, "
-            f"{buffer.zero_point}, 0, 255);"
-        ]
-    if layer.kind == "add":
-        (za, zb), (ma, mb) = p["in_zero_points"], p["multipliers"]
-        return [
-            f"graphopt::add<{size}>({ins[0]}, {ins[1]}, {out}, {za}, {ma}, {zb}, {mb}, "
-            f"{p['shift']}, {p['out_zero_point']}, {p['lo']}, {p['hi']});"
-        ]
-    if layer.kind == "concat":
-        calls, offset = [], 0
-        for name, zx, ((m,), s) in zip(layer.inputs, p["in_zero_points"], p["parts"]):
-            n = program.buffers[name].size
-            calls.append(
-                f"graphopt::rescale<{n}>({names.get(name, name)}, {out} + {offset}, {zx}, {m}, "
-                f"{s}, {p['out_zero_point']}, {p['lo']}, {p['hi']});"
-            )
-            offset += n
-        return calls
-    if layer.kind == "maxpool2d":
-        return [f"graphopt::maxpool2d<{layer.name}_cfg>({ins[0]}, {out});"]
-    stage = _stage(layer, buffer)
-    if layer.kind == "avgpool2d":
-        return [f"graphopt::avgpool2d<{layer.name}_cfg>({ins[0]}, {out}, {stage});"]
-    return [
-        f"graphopt::{layer.kind}<{layer.name}_cfg>({ins[0]}, {out}, {layer.name}_w, "
-        f"{layer.name}_b, {stage});"
-    ]
-
-
-def _stage(layer: Layer, buffer) -> str:
-    p = layer.params
-    if buffer.is_float:
-        bounds = p.get("float_activation")
-        lo, hi = bounds if bounds is not None else (float("-inf"), float("inf"))
-        has_lo, has_hi = lo != float("-inf"), hi != float("inf")
-        return (
-            f"graphopt::Dequantize{{{layer.name}_scale, {str(has_lo).lower()}, "
-            f"{str(has_hi).lower()}, {_float(lo) if has_lo else '0.0f'}, "
-            f"{_float(hi) if has_hi else '0.0f'}}}"
-        )
-    return (
-        f"graphopt::Requantize{{{layer.name}_m0, {layer.name}_shift, {p['out_zero_point']}, "
-        f"{p['lo']}, {p['hi']}}}"
-    )
 
 
 def _testbench(program: Program) -> str:
@@ -522,4 +407,4 @@ def run_csim(
 
 def write_samples(path: Path, rows: list[list[float]]) -> None:
     """One sample per line, float32 values written so they read back exactly."""
-    path.write_text("".join(" ".join(_float(v)[:-1] for v in row) + "\n" for row in rows))
+    path.write_text("".join(" ".join(cpp_float(v)[:-1] for v in row) + "\n" for row in rows))
