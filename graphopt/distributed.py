@@ -22,8 +22,9 @@ training step per call with the 1F1B schedule (one forward, one backward, interl
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from graphopt.frontend import optimized_graph
 from graphopt.passes.partition_stages import StagePlan, plan_stages, split_stages
 from graphopt.stages import StagedModule, device_specs, retrace_on
 
-__all__ = ["StagedModule", "pipeline", "plan_for", "retrace_on"]
+__all__ = ["StagedModule", "count_allreduce_bytes", "pipeline", "plan_for", "retrace_on"]
 
 log = logging.getLogger("graphopt")
 
@@ -126,3 +127,37 @@ def _replan(plan: StagePlan, assignment: dict[str, int]) -> StagePlan:
     for s, stage in enumerate(plan.stages):
         stage.nodes = [n for n, a in assignment.items() if a == s]
     return StagePlan(plan.stages, assignment)
+
+
+@contextlib.contextmanager
+def count_allreduce_bytes() -> Iterator[dict[str, int]]:
+    """Count what this process all-reduces through `torch.distributed.all_reduce` while the
+    block runs: yields {"bytes": payload bytes, "calls": all_reduce calls}, filled in as it goes.
+
+    Every DDP communication hook all-reduces through it (the default `allreduce_hook`, the
+    bf16/fp16 compression hooks, PowerSGD), so with a hook registered this is the gradient
+    traffic of each step; DDP's built-in C++ all-reduce (no hook) bypasses it. A ring
+    all-reduce sends about 2 (n - 1) / n times the payload per rank. Use it around eager or
+    torch.compile'd DDP with a hook, not with `optimize_ddp="python_reducer"` or compiled
+    autograd: there dynamo traces the all-reduce itself, and a wrapped one changes the trace.
+
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        with count_allreduce_bytes() as sent:
+            loss_fn(compiled(x), y).backward()
+        print(sent["bytes"])  # half of fp32's
+    """
+    import torch.distributed as dist
+
+    counts = {"bytes": 0, "calls": 0}
+    original = dist.all_reduce
+
+    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        counts["bytes"] += tensor.numel() * tensor.element_size()
+        counts["calls"] += 1
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield counts
+    finally:
+        dist.all_reduce = original

@@ -79,3 +79,12 @@ def test_tune_llvm_tunes_then_times_untuned_and_tuned(tmp_path, monkeypatch):
     assert re.search(r"graphopt tune: (1[6-9]|2\d) trials over \d+ kernels", out), out[:500]
     assert "tuned outputs match eager" in out
     assert "| graphopt-llvm (untuned) |" in out and "| graphopt-llvm (tuned) |" in out
+
+
+def test_ddp_digits_trains_two_ranks_with_fp16_gradients():
+    out = _run("examples/ddp_digits.py", "--epochs", "2", "--fp16-hook")
+    assert "replicas identical: True" in out
+    sent, grads = re.search(r"per step by each rank: (\d+) bytes .*are (\d+) bytes", out).groups()
+    assert int(sent) * 2 == int(grads)  # fp16 halves what is all-reduced
+    accuracy = float(re.search(r"test accuracy: ([\d.]+)%", out).group(1))
+    assert accuracy > 85, out
