@@ -1,4 +1,4 @@
-"""DistributedDataParallel under graphopt against eager DDP, on real gloo process groups.
+"""Data-parallel training under graphopt (DDP, FSDP2) against eager, on real gloo process groups.
 
 Run by tests/e2e/test_ddp.py through torchrun (one process per rank):
 
@@ -7,8 +7,10 @@ Run by tests/e2e/test_ddp.py through torchrun (one process per rank):
 Each case trains `STEPS` SGD steps (momentum) from the same weights, each rank on its own
 data, twice: eager DDP, then `torch.compile(DistributedDataParallel(model), backend=BACKEND)`
 (dynamo's DDPOptimizer splits the graph at the buckets, graphopt compiles every piece's forward
-and backward). Every rank compares each step's loss and, at the end, every parameter, gradient
-and buffer with the eager run, and rank 0 writes what each rank found to `--out`.
+and backward); the FSDP2 cases shard each decoder layer and compile it with graphopt instead.
+Every rank compares each step's loss and, at the end, every parameter, gradient and buffer
+(whole: FSDP's shards gathered) with the eager run, and rank 0 writes what each rank found
+to `--out`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import graphopt
 from graphopt.distributed import count_allreduce_bytes
-from graphopt.testing import compare_outputs
-from tests.models import TINY_BERT, ResidualCNN
+from graphopt.testing import TOLERANCES, compare_outputs
+from tests.models import TINY_BERT, ResidualCNN, tiny_llama
 
 STEPS = 3
 BACKEND = os.environ.get("DDP_CASES_BACKEND", "graphopt")  # or "inductor", to compare
@@ -95,6 +97,16 @@ def _bert_loss(model: Callable[..., Any], batch: tuple[torch.Tensor, ...]) -> to
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
+def _llama_batch(rank: int) -> tuple[torch.Tensor]:
+    g = torch.Generator().manual_seed(400 + rank)
+    return (torch.randint(0, 128, (2, 16), generator=g),)
+
+
+def _llama_loss(model: Callable[..., Any], batch: tuple[torch.Tensor]) -> torch.Tensor:
+    (ids,) = batch
+    return model(input_ids=ids, labels=ids).loss
+
+
 def _mlp_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(300 + rank)
     return torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
@@ -124,7 +136,26 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Batch, Callable, dict[str, Any]]
         _classify,
         {"compiled_autograd": True, "optimize_ddp": "python_reducer", "own_buffers": True},
     ),
+    # FSDP2, torchtitan's recipe: fully_shard each decoder layer (compiled with graphopt) and
+    # the root; in fp32, and with bf16 parameters (MixedPrecisionPolicy, fp32 reductions)
+    "llama_fsdp": (tiny_llama, _llama_batch, _llama_loss, {"fsdp": True}),
+    "llama_fsdp_bf16": (tiny_llama, _llama_batch, _llama_loss, {"fsdp": True, "bf16": True}),
 }
+
+
+def _fully_shard(model: nn.Module, *, compiled: bool, bf16: bool) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+    )
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        if compiled:
+            layer.compile(backend=BACKEND)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def train(case: str, rank: int, *, compiled: bool) -> tuple[list[torch.Tensor], nn.Module]:
@@ -138,7 +169,11 @@ def train(case: str, rank: int, *, compiled: bool) -> tuple[list[torch.Tensor], 
     with settings:
         torch.manual_seed(0)
         model = make().train()
-        ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
+        if how.get("fsdp"):
+            model = ddp = _fully_shard(model, compiled=compiled, bf16=how.get("bf16", False))
+            compiled = False  # (its layers are)
+        else:
+            ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
         if "hook" in how:
             _register_hook(ddp, how["hook"])
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -179,8 +214,14 @@ def _register_hook(ddp: DDP, hook: str) -> None:
 
 
 def _state(model: nn.Module, buffers: bool = True) -> dict[str, torch.Tensor]:
-    state = {name: p.detach() for name, p in model.named_parameters()}
-    state |= {f"{name}.grad": p.grad for name, p in model.named_parameters()}
+    """Every parameter, its gradient and (if `buffers`) every buffer, whole (FSDP's shards
+    gathered)."""
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    state = {name: whole(p.detach()) for name, p in model.named_parameters()}
+    state |= {f"{name}.grad": whole(p.grad) for name, p in model.named_parameters()}
     return state | (dict(model.named_buffers()) if buffers else {})
 
 
@@ -190,10 +231,16 @@ def run_case(case: str, rank: int) -> dict[str, Any]:
     graphopt.clear_reports()
     losses, model = train(case, rank, compiled=True)
     reports = graphopt.reports()
-    buffers = not CASES[case][3].get("own_buffers")
-    problem = compare_outputs(expected_losses, losses) or compare_outputs(
-        _state(expected, buffers), _state(model, buffers)
-    )
+    how = CASES[case][3]
+    buffers = not how.get("own_buffers")
+    if how.get("bf16"):  # both runs compute in bf16: held to bf16's tolerance
+        problem = _close(expected_losses, losses) or _close(
+            _state(expected, buffers), _state(model, buffers)
+        )
+    else:
+        problem = compare_outputs(expected_losses, losses) or compare_outputs(
+            _state(expected, buffers), _state(model, buffers)
+        )
     return {
         "problem": problem,
         "losses": [float(v) for v in losses],
@@ -205,6 +252,15 @@ def run_case(case: str, rank: int) -> dict[str, Any]:
         "eager_allreduce_bytes_per_step": expected.allreduce_bytes_per_step,
         "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
+
+
+def _close(expected: Any, actual: Any) -> str | None:
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    except AssertionError as err:
+        return str(err)[:2000]
+    return None
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
-"""DistributedDataParallel under graphopt, on real gloo process groups launched by torchrun:
-loss and every parameter, gradient and buffer equal eager DDP's after several steps, on 2 and
-4 ranks (tests/e2e/ddp_cases.py has the cases and the comparison).
+"""Data-parallel training under graphopt, on real gloo process groups launched by torchrun:
+DistributedDataParallel and FSDP2 (fully_shard); loss and every parameter, gradient and buffer
+equal eager's after several steps, on 2 and 4 ranks (tests/e2e/ddp_cases.py has the cases and
+the comparison).
 
 SyncBatchNorm is not among them: PyTorch runs it on CUDA modules only ("SyncBatchNorm layers
 only work with GPU modules"), and these processes are CPU ones; nor are the bf16 and PowerSGD
@@ -48,6 +49,8 @@ TWO_RANK_CASES = [
     "cnn_compiled_autograd",
     "cnn_allreduce_hook",
     "cnn_fp16_hook",
+    "llama_fsdp",
+    "llama_fsdp_bf16",
 ]
 
 
@@ -57,6 +60,9 @@ def test_ddp_on_two_ranks_trains_as_eager_ddp(tmp_path):
     # dynamo's DDPOptimizer cut the models at their two buckets (or the graph break) and
     # graphopt compiled each piece's forward and backward
     for case in ("cnn_batchnorm", "bert", "graph_break"):
+        assert found[case]["forward_graphs"] == found[case]["backward_graphs"] == 2, found[case]
+    # FSDP2: each of the two decoder layers compiled by graphopt (fp32, and bf16 parameters)
+    for case in ("llama_fsdp", "llama_fsdp_bf16"):
         assert found[case]["forward_graphs"] == found[case]["backward_graphs"] == 2, found[case]
     # python_reducer: one graph, DDP's own reducer hooks do the all-reduce
     assert found["cnn_python_reducer"]["forward_graphs"] == 1
