@@ -52,9 +52,11 @@ def pipeline(
     *,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     group: Any = None,
+    replicas: int = 1,
     **options: Any,
 ) -> Callable[..., Any]:
-    """This rank's stage of a pipeline over the process group (one stage per rank).
+    """This rank's stage of a pipeline over the process group (one stage per rank), or with
+    `replicas` > 1, of one of `replicas` data-parallel copies of the pipeline (2-D parallelism).
 
     Every rank calls it with the same model and a one-microbatch example input. Rank 0 plans
     the stages (cost model) and sends the plan to the others, so all agree on the cuts.
@@ -71,21 +73,41 @@ def pipeline(
     mean microbatch loss; other ranks get None. What trains is the graph after graphopt's
     passes: BatchNorm folded into the convolutions with its running statistics, dropout off
     (fine-tuning an inference graph, as `graphopt.recover` does).
+
+    2-D (`replicas=R` over W ranks): W / R pipeline stages x R data-parallel replicas, on a
+    `DeviceMesh` of shape (R, W / R) ("dp", "pp"): ranks 0..W/R-1 are replica 0's stages, the
+    next W/R replica 1's, and so on. Each replica's first rank gives its own batch (and its last
+    rank its targets); after the backward, each stage's gradients are averaged over the replicas
+    (all-reduce in the "dp" group), so every replica's optimizer takes the same step, the one
+    the whole batch (all replicas' batches) gives. The loss returned is the replica's own.
     """
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from graphopt.passes.base import make_trainable
 
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    captured, gm, plan = plan_for(model, microbatch_inputs, world, **options)
-    shared: list[Any] = [plan.assignment if rank == 0 else None]
-    dist.broadcast_object_list(shared, src=0, group=group)
+    world = dist.get_world_size(group)
+    if not isinstance(replicas, int) or replicas < 1 or world % replicas:
+        raise ValueError(
+            f"pipeline: replicas={replicas!r} must be a positive divisor of the {world} ranks"
+        )
+    dp_group = None
+    if replicas > 1:
+        if group is not None:
+            raise ValueError("pipeline: replicas > 1 builds its own groups; leave group=None")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("dp", "pp"))
+        group, dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
+    rank, stages = dist.get_rank(group), dist.get_world_size(group)
+    captured, gm, plan = plan_for(model, microbatch_inputs, stages, **options)
+    shared: list[Any] = [plan.assignment if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)  # every replica takes rank 0's cuts
     plan = _replan(plan, shared[0])
     module = split_stages(gm, plan)[rank]
     if loss_fn is not None:
         make_trainable(module)
-    stage = PipelineStage(module, rank, world, torch.device("cpu"), group=group)
+    stage = PipelineStage(module, rank, stages, torch.device("cpu"), group=group)
     if loss_fn is None:
         schedule = ScheduleGPipe(stage, n_microbatches=n_microbatches)
     else:
@@ -94,7 +116,7 @@ def pipeline(
             n_microbatches=n_microbatches,
             loss_fn=lambda out, target: loss_fn(_as_model_output(out, captured), target),
         )
-    first, last = rank == 0, rank == world - 1
+    first, last = rank == 0, rank == stages - 1
 
     def run(*inputs: torch.Tensor, target: Any = None) -> Any:
         flat = captured.flat_inputs(inputs) if first else ()
@@ -104,6 +126,11 @@ def pipeline(
             losses: list[torch.Tensor] = []
             kwargs = {"target": target, "losses": losses} if last else {}
             schedule.step(*flat, **kwargs)
+            if dp_group is not None:  # the replicas' gradients averaged: one step for all
+                for p in module.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, group=dp_group)
+                        p.grad /= replicas
             return torch.stack(losses).mean().detach() if last else None
         with torch.no_grad():
             out = schedule.eval(*flat)

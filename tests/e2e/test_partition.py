@@ -178,9 +178,10 @@ def test_bad_device_lists_are_refused():
         graphopt.optimize(model, (x,), devices="cpu")
 
 
-def _two_gloo_processes(tmp_path: Path, body: str) -> Path:
-    """Run `body` in each of 2 processes of a gloo group, after it set up `rank`, `world`,
-    `model` (ResidualCNN, eval), a batch `x` of 8, labels `y` and `out` (tmp_path/out.pt)."""
+def _two_gloo_processes(tmp_path: Path, body: str, processes: int = 2) -> Path:
+    """Run `body` in each of 2 (or `processes`) processes of a gloo group, after it set up
+    `rank`, `world`, `model` (ResidualCNN, eval), a batch `x` of 8, labels `y` and `out`
+    (tmp_path/out.pt)."""
     worker = textwrap.indent(textwrap.dedent(body), " " * 4)
     script = tmp_path / "two.py"
     script.write_text(
@@ -201,7 +202,8 @@ def worker(rank, world, init, out):
 
 if __name__ == "__main__":
     torch.multiprocessing.spawn(
-        worker, args=(2, "file://{tmp_path}/store", {str(tmp_path / "out.pt")!r}), nprocs=2
+        worker, args=({processes}, "file://{tmp_path}/store", {str(tmp_path / "out.pt")!r}),
+        nprocs={processes},
     )
 """
     )
@@ -271,6 +273,51 @@ def test_two_process_1f1b_training_step_matches_one_process(tmp_path):
         assert expected.keys() == got.keys()
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_two_stages_times_two_replicas_train_as_one_process(tmp_path):
+    """2-D parallelism on 4 gloo processes: 2 pipeline stages x 2 data-parallel replicas
+    (`replicas=2`), each replica on its half of the batch; after the step every rank's stage
+    gradients equal those of the same stages chained in one process on the whole batch."""
+    out = _two_gloo_processes(
+        tmp_path,
+        """
+        run = gd.pipeline(
+            model, (x[:2],), n_microbatches=2, loss_fn=torch.nn.functional.cross_entropy,
+            replicas=2,
+        )
+        replica, stage = divmod(rank, 2)
+        mine = slice(4 * replica, 4 * replica + 4)
+        loss = run(x[mine], target=y[mine]) if stage == 1 else run(x[mine])
+        grads = {n: p.grad.clone() for n, p in run.module.named_parameters()}
+        torch.save((run.plan.assignment, stage, grads, loss), f"{out}.{rank}")
+        """,
+        processes=4,
+    )
+    results = [torch.load(f"{out}.{rank}") for rank in range(4)]
+    assignment = results[0][0]
+    assert all(r[0] == assignment for r in results)  # every replica cut the same way
+    torch.manual_seed(0)
+    model = ResidualCNN().eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+    captured, gm, plan = plan_for(model, (x[:2],), 2)
+    stages = split_stages(gm, _replan(plan, assignment))
+    for stage in stages:
+        make_trainable(stage)
+    losses = []
+    for xs, ys in zip(x.split(2), y.split(2)):
+        out = StagedModule(stages, ["cpu", "cpu"])(*captured.flat_inputs((xs,)))[0]
+        losses.append(torch.nn.functional.cross_entropy(out, ys))
+    torch.stack(losses).mean().backward()
+    for _, stage_index, grads, _ in results:
+        expected = {n: p.grad for n, p in stages[stage_index].named_parameters()}
+        assert expected.keys() == grads.keys()
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6)
+    replica_losses = [results[r][3] for r in (1, 3)]  # each replica's last stage
+    want = [torch.stack(losses[:2]).mean(), torch.stack(losses[2:]).mean()]
+    assert_same_outputs(tuple(w.detach() for w in want), tuple(replica_losses))
 
 
 def test_training_graphs_run_whole_with_a_warning():
