@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _cases(cases: list[str], out: Path) -> list[str]:
+    return ["-m", "tests.e2e.ddp_cases", "--out", str(out), "--cases", ",".join(cases)]
+
+
 def _torchrun(ranks: int, cases: list[str], out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
-    command += ["-m", "tests.e2e.ddp_cases", "--out", str(out), "--cases", ",".join(cases)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    done = subprocess.run(
+        command + _cases(cases, out), capture_output=True, text=True, timeout=900, env=ENV, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -85,3 +93,44 @@ def test_ddp_on_four_ranks_trains_as_eager_ddp(tmp_path):
     cases = ["cnn_batchnorm", "bert"]
     found = _check(_torchrun(4, cases, tmp_path / "out.json"), 4, cases)
     assert all(found[case]["forward_graphs"] == 2 for case in cases)
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_on_localhost(tmp_path):
+    """What `torchrun --nnodes 2` does on two machines, on one: two torchrun launchers, one
+    process each, meeting at one rendezvous endpoint; DDP under graphopt trains as eager."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, cases = tmp_path / "out.json", ["cnn_batchnorm"]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *_cases(cases, out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=900)
+        assert node.returncode == 0, err[-3000:]
+    found = _check(json.loads(out.read_text()), 2, cases)
+    assert found["cnn_batchnorm"]["forward_graphs"] == 2
