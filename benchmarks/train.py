@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Per rank: ResNet-18 {BATCH['resnet18']} images of 224x224, BERT-base "
         f"{BATCH['bert-base']} sequences of {SEQUENCE} tokens; SGD with momentum. Step = "
         "forward, backward (gradients all-reduced in DDP's buckets), optimizer step; medians "
-        f"of {args.steps} timed steps in each of {args.rounds} interleaved rounds.",
+        f"of {args.steps} timed steps in each of {args.rounds} interleaved rounds. Warm-up + "
+        "compile: the first round's untimed steps; graphopt compiles after inductor in the "
+        "same processes, so inductor's caches may serve it part of its compile.",
         "",
         table(results, args.ranks),
         "",
