@@ -93,7 +93,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, out: str)
     for name in args.models.split(","):
         inputs, labels = _batch(name, rank)
         runs = {}
-        for runner in RUNNERS:
+        for runner in args.runners.split(","):
             model = _model(name).train()
             ddp = DDP(model)
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
@@ -135,6 +135,28 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, out: str)
     dist.destroy_process_group()
 
 
+def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {runner: {"step_s", "compile_s", "bytes"}}} from `args.ranks` processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.path.join(tmp, "results.pt")
+        torch.multiprocessing.spawn(
+            worker, args=(args.ranks, args, f"file://{tmp}/store", saved), nprocs=args.ranks
+        )
+        return torch.load(saved)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,bert-base")
+    parser.add_argument("--runners", default=",".join(RUNNERS))
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-train.md")
+    return parser
+
+
 def table(results: dict[str, dict[str, dict[str, float]]], world: int) -> str:
     lines = [
         "| model | runner | step ms | steps/s | samples/s | vs eager | vs inductor "
@@ -154,23 +176,13 @@ def table(results: dict[str, dict[str, dict[str, float]]], world: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,bert-base")
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-train.md")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     unknown = set(args.models.split(",")) - set(BATCH)
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; models: {sorted(BATCH)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = os.path.join(tmp, "results.pt")
-        torch.multiprocessing.spawn(
-            worker, args=(args.ranks, args, f"file://{tmp}/store", saved), nprocs=args.ranks
-        )
-        results = torch.load(saved)
+    if set(args.runners.split(",")) != set(RUNNERS):
+        raise SystemExit(f"the table compares all runners: --runners {','.join(RUNNERS)}")
+    results = measure(args)
     command = "python -m benchmarks.train " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         "# Data-parallel training: DDP steps (`benchmarks/train.py`)",

@@ -11,7 +11,7 @@ program = graphopt.int8_program(model, example_inputs, batches)  # the FPGA's in
 graphopt.quantize_weights_(llm, "int4_weight_only", group_size=128)  # in place, no float copy
 """
 
-from graphopt import testing
+from graphopt import plan, testing
 from graphopt.api import OptimizedModule, int8_program, optimize, prune, tune
 from graphopt.artifact import Artifact, Exported, export, load
 from graphopt.backend import graphopt_backend
@@ -48,6 +48,7 @@ __all__ = [
     "int8_program",
     "load",
     "optimize",
+    "plan",
     "prune",
     "quantize_weights_",
     "recover",

@@ -1,5 +1,5 @@
 """The `graphopt` command: `graphopt bench ...`, `graphopt tune ...`, `graphopt export ...`,
-`graphopt run ...`, `graphopt ops ...`."""
+`graphopt run ...`, `graphopt ops ...`, `graphopt plan ...`."""
 
 from __future__ import annotations
 
@@ -104,6 +104,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_timings(timings))
     if stolen.suspect:
         print(f"note: {stolen.warning()}")
+    return 0
+
+
+def _device(text: str) -> Any:
+    """'name,flops_per_s,memory_bytes,link_bytes_per_s,price_per_hour,count' -> DeviceKind."""
+    from graphopt.plan import DeviceKind
+
+    parts = text.split(",")
+    if len(parts) != 6:
+        raise argparse.ArgumentTypeError(
+            "a device is 'name,flops_per_s,memory_bytes,link_bytes_per_s,price_per_hour,count' "
+            f"(e.g. a100,150e12,80e9,100e9,2.0,8), got {text!r}"
+        )
+    try:
+        numbers = [float(v) for v in parts[1:5]]
+        return DeviceKind(parts[0], *numbers, count=int(parts[5]))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"device {text!r}: {err}") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from graphopt.plan import plan
+
+    if args.option:
+        raise ValueError("graphopt plan takes no --option (it plans eager training steps)")
+    model = _load_factory(args.model)().train()
+    inputs = tuple(torch.randn(*shape) for shape in args.input)
+    print(f"planning training of {args.model} (batch {args.input[0][0]} per replica)", flush=True)
+    result = plan(model, inputs, devices=args.device or None, goal_samples_per_s=args.goal)
+    print(result)
+    if result.best is None:
+        print("no layout fits and meets the goal")
+        return 1
     return 0
 
 
@@ -312,6 +347,21 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=5, help="timing rounds vs eager after tuning (0: none)"
     )
     tune.set_defaults(func=cmd_tune)
+    plan = sub.add_parser(
+        "plan",
+        help="how to train a model on the hardware: data-parallel replicas x pipeline stages, "
+        "step time, memory, bytes on the wire and cost per layout (graphopt.plan)",
+    )
+    _model_arguments(plan)
+    plan.add_argument(
+        "--device",
+        type=_device,
+        action="append",
+        help="a device kind: name,flops_per_s,memory_bytes,link_bytes_per_s,price_per_hour,count "
+        "(repeatable; default: this CPU, measured)",
+    )
+    plan.add_argument("--goal", type=float, help="samples/s the layout must reach")
+    plan.set_defaults(func=cmd_plan)
     ops = sub.add_parser("ops", help="list the ops a target lowers (its capability list)")
     ops.add_argument(
         "--target", default="llvm", choices=list(targets.TARGETS), help=_targets_help()
