@@ -21,16 +21,16 @@ from graphopt.report import FallbackRecord, PartitionRecord, PassRecord, Report,
 log = logging.getLogger("graphopt")
 
 
-def backend_for(target: str, cfg: Config | None = None) -> Backend:
-    """The backend that lowers graphs for `target` (a line of `graphopt.targets.TARGETS`),
+def backend_for(cfg: Config) -> Backend:
+    """The backend that lowers graphs for `cfg.target` (a line of `graphopt.targets.TARGETS`),
     after checking it can run here.
 
     Raises:
         RuntimeError: its optional dependency is missing, or this machine cannot run its code
             (no GPU, a cross-compiled target): one clear error before anything is compiled.
     """
-    backend = targets.backend(target)
-    backend.check_runs_here(cfg if cfg is not None else Config(target=target))
+    backend = targets.backend(cfg.target)
+    backend.check_runs_here(cfg)
     return backend
 
 
@@ -55,7 +55,7 @@ def lower(
     training: bool = False,
 ) -> Callable[..., Any]:
     """Compile `gm` for `cfg.target`; returns a function of gm's placeholders."""
-    backend = backend_for(cfg.target, cfg)
+    backend = backend_for(cfg)
     start = time.perf_counter()
     try:
         if backend.registry.supports_all:

@@ -21,10 +21,11 @@ bandwidth of two local gloo processes; other devices are declared (`DeviceKind`)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,9 +143,8 @@ def workload(
 
     loss_fn = loss_fn or _default_loss
     counter = FlopCounterMode(display=False)
-    with counter:
+    with _unchanged(model), counter:
         loss_fn(model(*example_inputs)).backward()
-    model.zero_grad(set_to_none=True)
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor)), 1)
     return Workload(float(counter.get_total_flops()), int(grads), int(batch))
@@ -245,15 +245,15 @@ def probe(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loss_fn(model(*example_inputs)).backward()  # warm-up
-        start = time.perf_counter()
-        for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(*example_inputs)).backward()
-        step = (time.perf_counter() - start) / steps
+        with _unchanged(model):
+            loss_fn(model(*example_inputs)).backward()  # warm-up
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(*example_inputs)).backward()
+            step = (time.perf_counter() - start) / steps
     finally:
         torch.set_num_threads(before)
-        model.zero_grad(set_to_none=True)
     count = max(1, (os.cpu_count() or 1) // threads)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / count
     return DeviceKind(
@@ -304,6 +304,22 @@ def _allreduce_worker(rank: int, init: str, nbytes: int, repeats: int, out: str)
         with open(out, "w") as f:
             f.write(str(statistics.median(times)))
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _unchanged(model: torch.nn.Module) -> Iterator[None]:
+    """The model as it was afterwards: its buffers (BatchNorm statistics a training step
+    updates) and its gradients (none are left behind)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
 
 
 def _default_loss(output: Any) -> torch.Tensor:

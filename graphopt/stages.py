@@ -59,7 +59,7 @@ def device_specs(devices: Sequence[str], cfg: Config | None = None) -> list[Devi
         device = _check_device(name)
         target = stage_target(name, cfg)
         stage_cfg = dataclasses.replace(cfg, target=target, devices=None)
-        backend = backend_for(target, stage_cfg)  # a GPU TVM cannot see fails here, first
+        backend = backend_for(stage_cfg)  # a GPU TVM cannot see fails here, first
         registry = backend.registry
         supports = (
             None if registry.supports_all else functools.partial(registry.supports, cfg=stage_cfg)

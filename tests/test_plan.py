@@ -64,11 +64,16 @@ def test_workload_counts_forward_and_backward_flops_and_gradient_bytes():
     assert model.weight.grad is None  # counting leaves no gradients behind
 
 
-def test_probe_measures_this_cpu_and_its_all_reduce():
-    model, x = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU()), torch.randn(64, 256)
+def test_probe_measures_this_cpu_and_its_all_reduce_and_leaves_the_model_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.BatchNorm1d(256)).train()
+    x = torch.randn(64, 256) * 3 + 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     device = probe(model, (x,), steps=2)
     assert device.name == "cpu-1-thread" and device.count >= 1
     assert 1e8 < device.flops_per_s < 1e13 and 1e7 < device.link_bytes_per_s < 1e12
+    after = model.state_dict()  # BatchNorm's statistics and the weights, untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_bad_device_kinds_are_named():
