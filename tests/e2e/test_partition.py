@@ -234,6 +234,24 @@ def test_two_process_gloo_pipeline_matches_eager(tmp_path):
     assert imbalance < 1.5
 
 
+def _stages_in_one_process(assignment: dict[str, int]) -> tuple[list, list[torch.Tensor]]:
+    """The gloo workers' model, batch and cuts in one process: its two trainable stages and the
+    cross-entropy of each 2-row microbatch through them chained."""
+    torch.manual_seed(0)
+    model = ResidualCNN().eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+    captured, gm, plan = plan_for(model, (x[:2],), 2)
+    stages = split_stages(gm, _replan(plan, assignment))
+    for stage in stages:
+        make_trainable(stage)
+    losses = []
+    for xs, ys in zip(x.split(2), y.split(2)):
+        out = StagedModule(stages, ["cpu", "cpu"])(*captured.flat_inputs((xs,)))[0]
+        losses.append(torch.nn.functional.cross_entropy(out, ys))
+    return stages, losses
+
+
 def test_two_process_1f1b_training_step_matches_one_process(tmp_path):
     """One training step (1F1B, 4 microbatches, cross-entropy) over 2 gloo processes: the loss
     and every stage parameter's gradient equal those of the same stages chained in one process
@@ -253,18 +271,7 @@ def test_two_process_1f1b_training_step_matches_one_process(tmp_path):
     _, grads1, loss = torch.load(f"{out}.1")
     assert none is None and grads0 and grads1
 
-    torch.manual_seed(0)
-    model = ResidualCNN().eval()
-    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
-    captured, gm, plan = plan_for(model, (x[:2],), 2)
-    stages = split_stages(gm, _replan(plan, assignment))
-    for stage in stages:
-        make_trainable(stage)
-    losses = []
-    for xs, ys in zip(x.split(2), y.split(2)):
-        out = StagedModule(stages, ["cpu", "cpu"])(*captured.flat_inputs((xs,)))[0]
-        losses.append(torch.nn.functional.cross_entropy(out, ys))
+    stages, losses = _stages_in_one_process(assignment)
     want = torch.stack(losses).mean()
     want.backward()
     assert_same_outputs(want.detach(), loss)
@@ -297,18 +304,7 @@ def test_two_stages_times_two_replicas_train_as_one_process(tmp_path):
     results = [torch.load(f"{out}.{rank}") for rank in range(4)]
     assignment = results[0][0]
     assert all(r[0] == assignment for r in results)  # every replica cut the same way
-    torch.manual_seed(0)
-    model = ResidualCNN().eval()
-    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
-    captured, gm, plan = plan_for(model, (x[:2],), 2)
-    stages = split_stages(gm, _replan(plan, assignment))
-    for stage in stages:
-        make_trainable(stage)
-    losses = []
-    for xs, ys in zip(x.split(2), y.split(2)):
-        out = StagedModule(stages, ["cpu", "cpu"])(*captured.flat_inputs((xs,)))[0]
-        losses.append(torch.nn.functional.cross_entropy(out, ys))
+    stages, losses = _stages_in_one_process(assignment)
     torch.stack(losses).mean().backward()
     for _, stage_index, grads, _ in results:
         expected = {n: p.grad for n, p in stages[stage_index].named_parameters()}
