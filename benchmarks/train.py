@@ -23,13 +23,18 @@ the bytes each rank all-reduces per step (counted through DDP's default all-redu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import hashlib
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
+import unittest.mock
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +106,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, out: str)
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             runs[runner] = {"call": call, "opt": optimizer, "times": [], "compile": 0.0}
 
+        order = list(runs)
         for round_ in range(args.rounds):
-            for runner, run in runs.items():
+            for runner in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                run = runs[runner]
                 start = time.perf_counter()
-                for _ in range(args.warmup):
-                    _step(name, run, inputs, labels)
+                with _generated_code() as code:
+                    for _ in range(args.warmup):
+                        _step(name, run, inputs, labels)
                 if round_ == 0:
                     run["compile"] = time.perf_counter() - start
+                    run["code"] = code
                 with count_allreduce_bytes() as sent:
                     for _ in range(args.steps):
                         dist.barrier()
@@ -126,6 +135,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, out: str)
                 "step_s": statistics.median(run["times"]),
                 "compile_s": run["compile"],
                 "bytes": run["bytes"],
+                "code": sorted(run["code"]),
             }
             for r, run in runs.items()
         }
@@ -133,6 +143,28 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, out: str)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _generated_code() -> Iterator[set[str]]:
+    """Hashes of the Python modules inductor loads meanwhile (each compiled graph's wrapper
+    with its C++ kernels, whether compiled now or found in inductor's caches), less their
+    first line (`# AOT ID: ['3_forward']`, a counter of the process's graphs). Two runners
+    with the same hashes run the same generated code."""
+    from torch._inductor.codecache import PyCodeCache
+
+    keys: set[str] = set()
+    load = PyCodeCache.load_by_key_path
+
+    def recording(key: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        source = Path(path).read_text()
+        keys.add(
+            hashlib.sha256(re.sub(r"^# AOT ID.*\n", "", source, flags=re.M).encode()).hexdigest()
+        )
+        return load(key, path, *args, **kwargs)
+
+    with unittest.mock.patch.object(PyCodeCache, "load_by_key_path", recording):
+        yield keys
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
@@ -152,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-train.md")
     return parser
 
@@ -160,8 +192,8 @@ def parser() -> argparse.ArgumentParser:
 def table(results: dict[str, dict[str, dict[str, float]]], world: int) -> str:
     lines = [
         "| model | runner | step ms | steps/s | samples/s | vs eager | vs inductor "
-        "| warm-up + compile s | all-reduced per rank per step MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| warm-up + compile s | all-reduced per rank per step MB | generated code |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, runs in results.items():
         for runner, r in runs.items():
@@ -170,9 +202,17 @@ def table(results: dict[str, dict[str, dict[str, float]]], world: int) -> str:
                 f"| {name} | {runner} | {r['step_s'] * 1e3:.0f} | {1 / r['step_s']:.2f} "
                 f"| {samples:.1f} | {runs['eager']['step_s'] / r['step_s']:.2f}x "
                 f"| {runs['inductor']['step_s'] / r['step_s']:.2f}x | {r['compile_s']:.0f} "
-                f"| {r['bytes'] / 1e6:.1f} |"
+                f"| {r['bytes'] / 1e6:.1f} | {_code_column(runner, r, runs['inductor'])} |"
             )
     return "\n".join(lines)
+
+
+def _code_column(runner: str, run: dict[str, Any], inductor: dict[str, Any]) -> str:
+    if runner == "eager":
+        return ""
+    if runner == "inductor":
+        return f"{len(run['code'])} modules"
+    return "the same as inductor's" if run["code"] == inductor["code"] else "other modules"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Per rank: ResNet-18 {BATCH['resnet18']} images of 224x224, BERT-base "
         f"{BATCH['bert-base']} sequences of {SEQUENCE} tokens; SGD with momentum. Step = "
         "forward, backward (gradients all-reduced in DDP's buckets), optimizer step; medians "
-        f"of {args.steps} timed steps in each of {args.rounds} interleaved rounds. Warm-up + "
+        f"of {args.steps} timed steps in each of {args.rounds} interleaved rounds (each round "
+        "starts with the next runner). Generated code: the Python modules (wrapper and C++ "
+        "kernels) inductor loaded for the runner, compared by the hash of their source. Warm-up + "
         "compile: the first round's untimed steps; graphopt compiles after inductor in the "
         "same processes, so inductor's caches may serve it part of its compile.",
         "",

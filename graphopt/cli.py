@@ -107,20 +107,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEVICE_OPTIONS = {
+    "per_node": int,
+    "node_link_bytes_per_s": float,
+    "latency_s": float,
+    "overlap": lambda v: {"0": False, "1": True}[v],
+}
+
+
 def _device(text: str) -> Any:
-    """'name,flops_per_s,memory_bytes,link_bytes_per_s,price_per_hour,count' -> DeviceKind."""
+    """'name,flops_per_s,memory_bytes,link_bytes_per_s,price_per_hour,count[,key=value...]'
+    -> DeviceKind (keys: per_node, node_link_bytes_per_s, latency_s, overlap=0|1)."""
     from graphopt.plan import DeviceKind
 
     parts = text.split(",")
-    if len(parts) != 6:
+    extra = [p for p in parts[6:] if "=" in p]
+    if len(parts) < 6 or len(extra) != len(parts) - 6:
         raise argparse.ArgumentTypeError(
             "a device is 'name,flops_per_s,memory_bytes,link_bytes_per_s,price_per_hour,count' "
-            f"(e.g. a100,150e12,80e9,100e9,2.0,8), got {text!r}"
+            f"and optionally ',{'=...,'.join(_DEVICE_OPTIONS)}=...' "
+            f"(e.g. a100,150e12,80e9,100e9,2.0,8 or "
+            f"a100,150e12,80e9,100e9,2.0,64,per_node=8,node_link_bytes_per_s=25e9,overlap=1), "
+            f"got {text!r}"
         )
     try:
         numbers = [float(v) for v in parts[1:5]]
-        return DeviceKind(parts[0], *numbers, count=int(parts[5]))
-    except ValueError as err:
+        options = {}
+        for item in extra:
+            key, _, value = item.partition("=")
+            if key not in _DEVICE_OPTIONS:
+                raise ValueError(f"unknown key {key!r}; keys: {', '.join(_DEVICE_OPTIONS)}")
+            options[key] = _DEVICE_OPTIONS[key](value)
+        return DeviceKind(parts[0], *numbers, count=int(parts[5]), **options)
+    except (ValueError, KeyError) as err:
         raise argparse.ArgumentTypeError(f"device {text!r}: {err}") from None
 
 
@@ -358,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         type=_device,
         action="append",
         help="a device kind: name,flops_per_s,memory_bytes,link_bytes_per_s,price_per_hour,count "
+        "then optionally per_node=N,node_link_bytes_per_s=B,latency_s=S,overlap=0|1 "
         "(repeatable; default: this CPU, measured)",
     )
     plan.add_argument("--goal", type=float, help="samples/s the layout must reach")

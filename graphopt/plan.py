@@ -7,8 +7,11 @@ The model (docs/plan.md has it with its checks):
     compute    = F / (throughput x s) x (m + s - 1) / m    F: FLOPs of one training step (forward
                                                            and backward) of one replica's batch;
                                                            s stages, m microbatches: the bubble
-    all-reduce = 2 (r - 1) / r x G / s / link               r replicas, G gradient bytes, ring
-    step       = compute + all-reduce                       (no overlap: an upper bound)
+    all-reduce = 2 (r - 1) / r x G / s / link               r replicas, G gradient bytes, ring;
+                 + 2 (r - 1) x latency x buckets            link: the slowest link the ring crosses
+    step       = compute + all-reduce                       (no overlap: an upper bound), or with
+                 compute + max(all-reduce - backward,       overlap (the link runs beside the
+                               all-reduce / buckets)        backward: GPUs): the last bucket shows
     memory     = G / s x (2 + optimizer states)             weights, gradients, optimizer state
                                                            per device (activations not counted)
     samples/s  = r x batch / step
@@ -22,6 +25,7 @@ bandwidth of two local gloo processes; other devices are declared (`DeviceKind`)
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -45,6 +49,13 @@ class DeviceKind:
         link_bytes_per_s: the all-reduce bus bandwidth between two of them.
         price_per_hour: per device (0: free).
         count: how many there are.
+        per_node: devices per machine (0: all on `link_bytes_per_s`); a ring over more than
+            one machine runs at `node_link_bytes_per_s` where that is slower.
+        node_link_bytes_per_s: the network between machines, per machine.
+        latency_s: the time of one ring step besides its bytes (each all-reduce call takes
+            2 (r - 1) of them).
+        overlap: the all-reduce runs beside the backward (GPUs: NCCL has its own engine; CPU
+            ranks sharing their cores: no).
     """
 
     name: str
@@ -53,6 +64,10 @@ class DeviceKind:
     link_bytes_per_s: float
     price_per_hour: float = 0.0
     count: int = 1
+    per_node: int = 0
+    node_link_bytes_per_s: float = 0.0
+    latency_s: float = 0.0
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         for key in ("flops_per_s", "memory_bytes", "link_bytes_per_s"):
@@ -60,15 +75,34 @@ class DeviceKind:
                 raise ValueError(f"DeviceKind {self.name!r}: {key} must be > 0")
         if self.count < 1 or self.price_per_hour < 0:
             raise ValueError(f"DeviceKind {self.name!r}: count >= 1 and price_per_hour >= 0")
+        if self.per_node < 0 or self.latency_s < 0:
+            raise ValueError(f"DeviceKind {self.name!r}: per_node >= 0 and latency_s >= 0")
+        if self.per_node and not self.node_link_bytes_per_s > 0:
+            raise ValueError(
+                f"DeviceKind {self.name!r}: per_node={self.per_node} needs "
+                "node_link_bytes_per_s > 0 (the network between machines)"
+            )
+
+    def ring_bytes_per_s(self, devices: int) -> float:
+        """The bandwidth of a ring over `devices` of this kind: the slowest link it crosses."""
+        if self.per_node and devices > self.per_node:
+            return min(self.link_bytes_per_s, self.node_link_bytes_per_s)
+        return self.link_bytes_per_s
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One replica's training step: its FLOPs, gradient bytes and batch size."""
+    """One replica's training step: its FLOPs, gradient bytes and batch size, and the FLOPs of
+    its forward (0: a third of the step's, the backward doing twice the forward's work)."""
 
     flops: float
     gradient_bytes: int
     batch: int
+    forward_flops: float = 0.0
+
+    @property
+    def backward_share(self) -> float:
+        return 1 - self.forward_flops / self.flops if self.forward_flops else 2 / 3
 
 
 @dataclass(frozen=True)
@@ -78,7 +112,7 @@ class Layout:
     stages: int
     microbatches: int
     compute_s: float
-    allreduce_s: float
+    allreduce_s: float  # what the step waits for (with overlap: less what the backward hides)
     memory_bytes: float
     wire_bytes: float  # all-reduced by each device per step (ring: 2 (r-1)/r of its share)
     samples_per_s: float
@@ -144,10 +178,12 @@ def workload(
     loss_fn = loss_fn or _default_loss
     counter = FlopCounterMode(display=False)
     with _unchanged(model), counter:
-        loss_fn(model(*example_inputs)).backward()
+        loss = loss_fn(model(*example_inputs))
+        forward = counter.get_total_flops()
+        loss.backward()
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor)), 1)
-    return Workload(float(counter.get_total_flops()), int(grads), int(batch))
+    return Workload(float(counter.get_total_flops()), int(grads), int(batch), float(forward))
 
 
 def layouts_for(
@@ -156,8 +192,10 @@ def layouts_for(
     *,
     microbatches: int = 4,
     optimizer_states: int = 1,
+    bucket_bytes: float = 25e6,
 ) -> list[Layout]:
-    """Every replicas x stages layout of `device` (up to its count), predicted by the model."""
+    """Every replicas x stages layout of `device` (up to its count), predicted by the model.
+    `bucket_bytes`: the gradients all-reduced per call (DDP's `bucket_cap_mb`, 25 MB)."""
     out = []
     for stages in range(1, device.count + 1):
         for replicas in range(1, device.count // stages + 1):
@@ -165,7 +203,12 @@ def layouts_for(
             compute = work.flops / (device.flops_per_s * stages) * (m + stages - 1) / m
             share = work.gradient_bytes / stages
             wire = 2 * (replicas - 1) / replicas * share
-            allreduce = wire / device.link_bytes_per_s
+            buckets = max(1, math.ceil(share / bucket_bytes))
+            ring = device.ring_bytes_per_s(replicas * stages)
+            allreduce = wire / ring + 2 * (replicas - 1) * device.latency_s * buckets
+            if device.overlap:  # hidden behind the backward, but for the last bucket's
+                backward = compute * work.backward_share
+                allreduce = max(allreduce - backward, allreduce / buckets)
             memory = share * (2 + optimizer_states)
             samples = replicas * work.batch / (compute + allreduce)
             cost = replicas * stages * device.price_per_hour / 3600 / samples * 1e6
@@ -196,6 +239,7 @@ def plan(
     loss_fn: LossFn | None = None,
     microbatches: int = 4,
     optimizer_states: int = 1,
+    bucket_bytes: float = 25e6,
 ) -> Plan:
     """The layouts of data-parallel replicas x pipeline stages for training `model` on each
     kind in `devices` (default: this CPU, probed: `probe`), cheapest first among those that fit
@@ -205,6 +249,7 @@ def plan(
         example_inputs: one replica's batch (positional inputs of the model).
         loss_fn: the model's output -> a scalar loss (default: its mean, for counting FLOPs).
         optimizer_states: tensors the optimizer keeps per weight (SGD with momentum 1, Adam 2).
+        bucket_bytes: gradients per all-reduce call (DDP's `bucket_cap_mb`).
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -216,7 +261,11 @@ def plan(
     result = Plan(work, goal_samples_per_s)
     for device in devices:
         result.layouts += layouts_for(
-            work, device, microbatches=microbatches, optimizer_states=optimizer_states
+            work,
+            device,
+            microbatches=microbatches,
+            optimizer_states=optimizer_states,
+            bucket_bytes=bucket_bytes,
         )
 
     def order(x: Layout) -> tuple:

@@ -246,3 +246,34 @@ def test_charts_are_drawn_from_a_results_table():
     assert "graphopt-int8" in svg and "broken" not in svg
     with pytest.raises(ValueError, match="no table with a column 'prefill'"):
         table_column(text, "prefill")
+
+
+def test_line_charts_draw_each_series_and_the_published_points():
+    from benchmarks.chart import line_svg
+
+    svg = line_svg(
+        "scaling",
+        {"a overlap": [(8, 0.9), (64, 0.8)], "a no overlap": [(8, 0.8), (64, 0.6)]},
+        x_label="GPUs",
+        y_label="efficiency",
+        points={"a published": [(64, 0.7)]},
+        dashed=frozenset({"a no overlap"}),
+    )
+    assert svg.count("<polyline") == 2 and svg.count("stroke-dasharray") == 2  # line, legend
+    assert svg.count('width="8" height="8"') == 2  # the point and its legend mark
+    with pytest.raises(ValueError, match="nothing to draw"):
+        line_svg("empty", {"a": []}, x_label="x", y_label="y")
+
+
+def test_plan_scaling_simulates_the_published_clusters(tmp_path):
+    from benchmarks import plan_scaling
+
+    assert plan_scaling.main(["--out", str(tmp_path / "scaling.md")]) == 0
+    text = (tmp_path / "scaling.md").read_text()
+    assert text.count("| VGG-16 |") == 2 + 2  # two published points, two curves
+    assert (tmp_path / "scaling.svg").read_text().count("<polyline") == 2 * len(plan_scaling.MODELS)
+    # the curves fall with the GPU count, and overlap never predicts less
+    for model in plan_scaling.MODELS:
+        slow, fast = (plan_scaling.efficiency(model, o) for o in (False, True))
+        assert all(slow[n] <= fast[n] for n in plan_scaling.GPUS)
+        assert slow[1024] < slow[8] <= 1.0

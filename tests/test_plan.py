@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -28,6 +30,27 @@ def test_data_parallel_step_is_compute_plus_a_ring_all_reduce():
     four = _layout(4, 1)
     assert four.wire_bytes == pytest.approx(1.5e9) and four.allreduce_s == pytest.approx(1.5)
     assert four.cost_per_million == pytest.approx(4 * 3.6 / 3600 / four.samples_per_s * 1e6)
+
+
+def test_a_ring_over_machines_runs_at_the_network_and_pays_latency_per_bucket():
+    cluster = DeviceKind("g", 1e12, 1e10, link_bytes_per_s=4e9, count=8, per_node=4,
+                         node_link_bytes_per_s=1e9, latency_s=1e-3)  # fmt: skip
+    by = {(x.replicas, x.stages): x for x in layouts_for(WORK, cluster, bucket_bytes=250e6)}
+    # 1 GB in 4 buckets: within a machine 2 (r-1)/r GB at 4 GB/s; over two at 1 GB/s
+    assert by[4, 1].allreduce_s == pytest.approx(1.5 / 4 + 2 * 3 * 1e-3 * 4)
+    assert by[8, 1].allreduce_s == pytest.approx(1.75 / 1 + 2 * 7 * 1e-3 * 4)
+    assert by[4, 2].allreduce_s == pytest.approx(0.75 / 1 + 2 * 3 * 1e-3 * 2)  # 8 devices
+
+
+def test_overlap_hides_the_all_reduce_behind_the_backward_but_for_the_last_bucket():
+    work = Workload(flops=3e12, gradient_bytes=10**9, batch=8, forward_flops=1e12)
+    gpu = DeviceKind("g", 1e12, 1e10, link_bytes_per_s=1e9, count=4, overlap=True)
+    by = {(x.replicas, x.stages): x for x in layouts_for(work, gpu, bucket_bytes=250e6)}
+    assert by[2, 1].allreduce_s == pytest.approx(1.0 / 4)  # 1 s, under a 2 s backward
+    slow = DeviceKind("s", 1e12, 1e10, link_bytes_per_s=0.25e9, count=4, overlap=True)
+    two = next(x for x in layouts_for(work, slow, bucket_bytes=250e6) if x.replicas == 2)
+    assert two.allreduce_s == pytest.approx(4.0 - 2.0)  # 4 s, 2 of them behind the backward
+    assert Workload(3e12, 1, 1).backward_share == pytest.approx(2 / 3)
 
 
 def test_pipeline_stages_split_compute_and_memory_and_pay_the_bubble():
@@ -59,7 +82,7 @@ def test_workload_counts_forward_and_backward_flops_and_gradient_bytes():
     model, x = torch.nn.Linear(64, 32), torch.randn(8, 64)
     work = workload(model, (x,))
     # forward 2*8*64*32; backward the weight's gradient (the input needs none)
-    assert work.flops == 2 * (2 * 8 * 64 * 32)
+    assert work.flops == 2 * (2 * 8 * 64 * 32) and work.forward_flops == 2 * 8 * 64 * 32
     assert work.gradient_bytes == (64 * 32 + 32) * 4 and work.batch == 8
     assert model.weight.grad is None  # counting leaves no gradients behind
 
@@ -91,3 +114,11 @@ def test_cli_plans_declared_devices(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "a100" in out and "best" in out
     assert cli.main(["plan", f"{factory}:make", "--input", "8,16", "--option", "x=1"]) == 2
+    cluster = cli._device(
+        "p100,5e12,16e9,10e9,1.5,64,per_node=4,node_link_bytes_per_s=3e9,overlap=1"
+    )
+    assert (cluster.per_node, cluster.node_link_bytes_per_s, cluster.overlap) == (4, 3e9, True)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown key 'nodes'"):
+        cli._device("p100,5e12,16e9,10e9,1.5,64,nodes=4")
+    with pytest.raises(argparse.ArgumentTypeError, match="needs node_link_bytes_per_s"):
+        cli._device("p100,5e12,16e9,10e9,1.5,64,per_node=4")
