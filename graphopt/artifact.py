@@ -1,6 +1,7 @@
 """`graphopt.export` and `graphopt.load`: deployable artifacts from the same pass pipeline.
 
-    export(model, example_inputs, out_dir, format="onnx" | "tvm" | "hls", target=..., **options)
+    export(model, example_inputs, out_dir, format="onnx" | "openvino" | "tvm" | "hls", target=...,
+           **options)
         -> Exported (the folder, its manifest and the report)
     load(out_dir) -> Artifact (callable like the model; every file's sha256 is checked first)
 
@@ -8,12 +9,13 @@ An artifact folder holds manifest.json (graphopt/manifest.py), report.json (what
 did, `graphopt.Report`) and the files its target's backend writes (`Backend.write`):
     model.onnx     format="onnx": the optimized graph (fp32, or int8 as QuantizeLinear/
                    DequantizeLinear), checked by onnx.checker
+    model.xml/.bin format="openvino": OpenVINO IR of the same ONNX translation (f32 weights)
     model.so       format="tvm": a shared library with the weights embedded; its Relax VM
                    function "main" takes the model's inputs only and returns a tuple
     firmware/ ...  format="hls": a Vitis-HLS-style C++ project (graphopt/backends/hls/project.py):
                    firmware/, tb/csim.cpp, Makefile, build_prj.tcl, config.json,
                    estimates.json, tb_input.txt/tb_output.txt
-Nothing is pickled: JSON, ONNX protobuf and a shared library.
+Nothing is pickled: JSON, ONNX protobuf, OpenVINO IR and a shared library.
 
 Writes are atomic: the folder is built as a hidden sibling and renamed into place, so a failed
 export leaves nothing behind; an existing folder is replaced only with `overwrite=True`, and
@@ -93,7 +95,8 @@ def export(
         example_inputs: a tuple of example positional inputs (their shapes are the artifact's,
             except dims made dynamic by `dynamic_shapes`).
         out_dir: the folder to write; it must not exist unless `overwrite=True`.
-        format: "onnx" (model.onnx, run by onnxruntime), "tvm" (model.so, a TVM library) or
+        format: "onnx" (model.onnx, run by onnxruntime), "openvino" (model.xml/model.bin, run
+            by OpenVINO in f32), "tvm" (model.so, a TVM library) or
             "hls" (an FPGA C++ project, integer-only; needs quantize="int8" and calibration;
             `load` runs its C simulation).
         dynamic_shapes: as in torch.export.export, e.g. {"x": {0: torch.export.Dim("batch")}}:
@@ -109,7 +112,8 @@ def export(
         overwrite: replace an existing `out_dir` (after the new folder is complete).
         progress: print what is being done, with elapsed seconds, to stderr.
         **options: fields of `graphopt.Config`. `target`: for format="tvm" "llvm" (x86, the
-            default), "aarch64" (cross-compiled) or "cuda"; format="onnx" takes "onnx" only.
+            default), "aarch64" (cross-compiled) or "cuda"; format="onnx" and "openvino" take
+            their own target only.
             int8 (`quantize="int8"`) needs `calibration` batches: an artifact cannot calibrate
             on its first calls.
 

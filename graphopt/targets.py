@@ -92,6 +92,15 @@ TARGETS: dict[str, Target] = {
             int8=Int8Policy(quantized_outputs=("conv2d",), saturating_pairs=True, readers="adds"),
         ),
         Target(
+            "openvino",
+            "graphopt.backends.openvino:OpenVINOBackend",
+            "this CPU, through Intel's OpenVINO runtime (f32; int8 from QDQ graphs)",
+            extra="openvino",
+            format="openvino",
+            quantize=(None, "int8"),
+            int8=Int8Policy(quantized_outputs=("conv2d",), saturating_pairs=True, readers="adds"),
+        ),
+        Target(
             "llvm",
             "graphopt.backends.tvm.target:TVMBackend",
             "x86 CPUs, through Apache TVM",
