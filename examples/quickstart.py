@@ -3,6 +3,8 @@
 python examples/quickstart.py                 # target="cpu": graphopt passes + inductor
 python examples/quickstart.py --target llvm   # TVM for x86 (pip install 'graphopt[tvm]')
 python examples/quickstart.py --dtype bfloat16   # convolutions in bf16 (CPUs with AVX512_BF16/AMX)
+python examples/quickstart.py --target auto   # the fastest engine here: inductor, onnxruntime,
+                                              # OpenVINO (pip install 'graphopt[onnx,openvino]')
 """
 
 import argparse
@@ -50,7 +52,9 @@ def make_model() -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="cpu", choices=["cpu", "llvm"])
+    parser.add_argument(
+        "--target", default="cpu", choices=["cpu", "llvm", "onnx", "openvino", "auto"]
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()

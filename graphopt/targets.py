@@ -101,6 +101,12 @@ TARGETS: dict[str, Target] = {
             int8=Int8Policy(quantized_outputs=("conv2d",), saturating_pairs=True, readers="adds"),
         ),
         Target(
+            "auto",
+            "graphopt.backends.auto:AutoBackend",
+            "the fastest engine here (inductor, onnxruntime, OpenVINO), measured per graph",
+            quantize=(None,),
+        ),
+        Target(
             "llvm",
             "graphopt.backends.tvm.target:TVMBackend",
             "x86 CPUs, through Apache TVM",

@@ -30,6 +30,12 @@ def test_quickstart_in_bfloat16_reports_what_ran_in_it():
     assert "relative error vs eager fp32" in out and "speed vs eager" in out
 
 
+def test_quickstart_with_target_auto_names_every_engine_and_its_choice():
+    out = _run("examples/quickstart.py", "--target", "auto", "--rounds", "2")
+    assert "auto: chose " in out and "outputs match eager" in out
+    assert all(f"{engine} " in out for engine in ("cpu", "onnx", "openvino")), out
+
+
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_int8_digits_prints_accuracy_report_and_speed(model):
     out = _run("examples/int8_digits.py", "--model", model, "--rounds", "2")

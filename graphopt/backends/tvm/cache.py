@@ -29,22 +29,24 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.fx
 import tvm
-from torch._subclasses.fake_tensor import is_fake
 from tvm import relax
 
+from graphopt.backends import graph_key as keys
+from graphopt.backends.graph_key import (  # noqa: F401 - UncacheableGraph, switched_off: cache.*
+    UncacheableGraph,
+    graph_digest,
+    switched_off,
+)
 from graphopt.config import Config
 from graphopt.files import file_sha256
-from graphopt.passes.base import get_attr_value
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +57,9 @@ _NOT_HASHED = ("calibration", "verify")  # their effect is in the graph, or they
 _STALE_TEMP_SECONDS = 24 * 3600  # temp folders left by a crashed writer are removed after this
 
 
-class UncacheableGraph(ValueError):
-    """The graph holds something graph_key cannot hash faithfully (it is compiled, not cached)."""
-
-
-def switched_off(variable: str) -> bool:
-    """Whether the environment variable says 0/false/off/no (unset: on)."""
-    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "off", "no")
-
-
 def cache_root() -> Path | None:
-    """The cache folder, or None when `GRAPHOPT_CACHE` is 0/false/off."""
-    if switched_off("GRAPHOPT_CACHE"):
-        return None
-    configured = os.environ.get("GRAPHOPT_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "graphopt" / "tvm"
+    """The TVM cache folder, or None when `GRAPHOPT_CACHE` is 0/false/off."""
+    return keys.cache_root("tvm")
 
 
 @functools.cache
@@ -110,102 +100,8 @@ def graph_key(
             (a closure as an op, a fake constant, an unknown argument type).
     """
     options = {k: v for k, v in cfg.describe().items() if k not in _NOT_HASHED}
-    digest = hashlib.sha256()
-    _feed(
-        digest,
-        {"versions": versions(), "config": options, "target": str(target), "tuning": tuning},
-    )
-    index = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
-        record: list[Any] = [node.op, _spec(node.meta.get("val"))]
-        if node.op == "get_attr":  # the constant's value matters, not its attribute name
-            record.append(_tensor_digest(get_attr_value(gm, node), node.name))
-        elif node.op != "placeholder":  # a placeholder is its position and spec
-            record.append(_qualname(node.target))
-            record.append(_arg(node.args, index))
-            record.append(_arg(dict(node.kwargs), index))
-        _feed(digest, record)
-    return digest.hexdigest()
-
-
-def _feed(digest: Any, record: Any) -> None:
-    data = json.dumps(record, sort_keys=True).encode()
-    digest.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: no ambiguity
-
-
-def _qualname(target: Any) -> str:
-    if isinstance(target, str):  # call_module / call_method / output
-        return target
-    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
-        return str(target)  # "aten.sum.dim_IntList"
-    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
-    if module is None or name is None or "<" in name:  # a lambda or closure is not identified
-        raise UncacheableGraph(f"call target {target!r} has no stable qualified name")
-    return f"{module}.{name}"
-
-
-_TORCH_ENUMS = (torch.dtype, torch.device, torch.layout, torch.memory_format)
-
-
-def _arg(value: Any, index: dict[torch.fx.Node, int]) -> Any:
-    """A JSON-able, type-tagged form of a node argument; fx Nodes become their position."""
-    if isinstance(value, torch.fx.Node):
-        return ["node", index[value]]
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, int | float | complex):
-        return [type(value).__name__, repr(value)]  # 1, 1.0 and True stay distinct
-    if isinstance(value, _TORCH_ENUMS):
-        return [type(value).__name__, str(value)]
-    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-        return ["sym", str(value.node.expr)]
-    if isinstance(value, list | tuple):
-        return [type(value).__name__, [_arg(v, index) for v in value]]
-    if isinstance(value, dict):
-        return ["dict", [[str(k), _arg(v, index)] for k, v in sorted(value.items())]]
-    if isinstance(value, slice):
-        return ["slice", [_arg(v, index) for v in (value.start, value.stop, value.step)]]
-    if value is Ellipsis:
-        return ["ellipsis"]
-    if isinstance(value, torch.Tensor):
-        return _tensor_digest(value, "argument")
-    raise UncacheableGraph(f"argument of type {type(value).__name__} cannot be hashed")
-
-
-def _spec(value: Any) -> Any:
-    """The traced value's spec: dtype, shape (symbolic dims as expressions), strides, device."""
-    if value is None or isinstance(value, bool | int | float):
-        return [type(value).__name__, repr(value)]
-    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-        return ["sym", str(value.node.expr)]
-    if isinstance(value, list | tuple):
-        return [_spec(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:
-            raise UncacheableGraph(f"a {value.layout} tensor value cannot be hashed")
-        return [
-            "tensor",
-            str(value.dtype),
-            [_dim(d) for d in value.shape],
-            [_dim(s) for s in value.stride()],
-            str(value.device),
-        ]
-    raise UncacheableGraph(f"traced value of type {type(value).__name__} cannot be hashed")
-
-
-def _dim(d: Any) -> str:
-    return str(d.node.expr) if isinstance(d, torch.SymInt) else str(int(d))
-
-
-def _tensor_digest(value: Any, where: str) -> list[Any]:
-    """dtype, shape and the sha256 of the data of a real (not fake) tensor."""
-    if not isinstance(value, torch.Tensor) or is_fake(value) or value.device.type == "meta":
-        raise UncacheableGraph(f"{where}: constant is not a real tensor ({type(value).__name__})")
-    if value.layout != torch.strided or value.is_quantized:
-        raise UncacheableGraph(f"{where}: {value.layout} / quantized tensors are not hashed")
-    flat = value.detach().cpu().contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
-    return ["const", str(value.dtype), list(value.shape), hashlib.sha256(data).hexdigest()]
+    header = {"versions": versions(), "config": options, "target": str(target), "tuning": tuning}
+    return graph_digest(gm, header)
 
 
 def load(root: Path, key: str) -> relax.VMExecutable | None:
