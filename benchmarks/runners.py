@@ -350,6 +350,48 @@ def openvino_runtime(precision: str | None) -> Builder:
     return build
 
 
+def graphopt_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
+    """torch.compile(backend='graphopt', options={'target': 'auto'}), its choice measured in
+    this run: the compiling call uses an empty choice cache in the runner's workdir (a later
+    process would read the choice from the cache and measure nothing)."""
+    compiled = torch.compile(model, backend="graphopt", options={"target": "auto"})
+    return _first_call_then(_with_fresh_cache(compiled, workdir), compiled)
+
+
+def graphopt_auto_int8(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    workdir: str,
+    *,
+    calibration: list[tuple[torch.Tensor, ...]],
+) -> Runner:
+    """graphopt_auto with int8 post-training quantization, calibrated on the suite's batches:
+    one QDQ graph, measured on inductor, onnxruntime and OpenVINO."""
+    options = {"target": "auto", "quantize": "int8", "calibration": list(calibration)}
+    compiled = torch.compile(model, backend="graphopt", options=options)
+    return _first_call_then(_with_fresh_cache(compiled, workdir), compiled)
+
+
+def _with_fresh_cache(compiled: Runner, workdir: str) -> Runner:
+    import unittest.mock
+
+    def call(*args):
+        fresh = {"GRAPHOPT_CACHE": "1", "GRAPHOPT_CACHE_DIR": os.path.join(workdir, "tvm")}
+        with unittest.mock.patch.dict(os.environ, fresh):
+            return compiled(*args)
+
+    return call
+
+
+def openvino_compile(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
+    """OpenVINO's own torch.compile backend (`import openvino.torch` registers "openvino"), in
+    f32 and with torch's thread count, as `openvino-f32` runs."""
+    import openvino.torch  # noqa: F401 - registers the backend
+
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    return torch.compile(model, backend="openvino", options={"device": "CPU", "config": config})
+
+
 # Name -> builder, in table order. "eager" first: every ratio is against it.
 RUNNERS: dict[str, Builder] = {
     "eager": eager,
@@ -363,6 +405,8 @@ RUNNERS: dict[str, Builder] = {
     "graphopt-cpu-int8": graphopt_int8("cpu"),
     "graphopt-cpu-int8-optimize": graphopt_int8("cpu", graphopt_optimize),
     "graphopt-onnx-int8": graphopt_int8("onnx"),
+    "graphopt-openvino-int8": graphopt_int8("openvino"),
+    "graphopt-auto-int8": graphopt_auto_int8,
     "pt2e-int8": pt2e_int8,
     "onnxruntime-int8": onnxruntime_int8,
     "onnxruntime-int8-dynamic": onnxruntime_int8_dynamic,
@@ -376,15 +420,21 @@ RUNNERS: dict[str, Builder] = {
     "inductor-autocast-bf16": inductor_autocast,
     "openvino": openvino_runtime(None),
     "openvino-f32": openvino_runtime("f32"),
+    "openvino-compile": openvino_compile,
+    "graphopt-onnx": graphopt("onnx"),
+    "graphopt-openvino": graphopt("openvino"),
+    "graphopt-auto": graphopt_auto,
 }
 # The fastest of these is the bar graphopt has to beat: fp32 runners against ANCHORS, int8
 # runners against INT8_ANCHORS (and against graphopt-cpu, the fp32 graphopt they replace).
-ANCHORS = ("inductor", "onnxruntime")
+ANCHORS = ("inductor", "onnxruntime", "openvino-f32", "openvino-compile")
 INT8_ANCHORS = ("pt2e-int8", "onnxruntime-int8", "onnxruntime-int8-dynamic")
 INT8_RUNNERS = (
     "graphopt-cpu-int8",
     "graphopt-cpu-int8-optimize",
     "graphopt-onnx-int8",
+    "graphopt-openvino-int8",
+    "graphopt-auto-int8",
     *INT8_ANCHORS,
 )
 # 16-bit runners, measured against OpenVINO's runtime in its default precision (bf16 on a CPU

@@ -104,7 +104,10 @@ TARGETS: dict[str, Target] = {
             "auto",
             "graphopt.backends.auto:AutoBackend",
             "the fastest engine here (inductor, onnxruntime, OpenVINO), measured per graph",
-            quantize=(None,),
+            quantize=(None, "int8"),
+            # one QDQ graph for every candidate: shaped as onnxruntime and OpenVINO fuse it,
+            # which inductor's int8 lowering takes too
+            int8=Int8Policy(quantized_outputs=("conv2d",), saturating_pairs=True, readers="adds"),
         ),
         Target(
             "llvm",

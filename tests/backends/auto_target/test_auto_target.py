@@ -9,7 +9,7 @@ import torch
 import graphopt
 from graphopt.backends import auto
 from graphopt.backends.base import Compiled
-from graphopt.testing import assert_same_outputs
+from graphopt.testing import assert_same_outputs, relative_error
 from tests.models import MLP, ResidualCNN
 
 
@@ -102,6 +102,21 @@ def test_training_graphs_go_to_inductor():
     )
 
 
-def test_int8_is_refused_with_the_accepted_values():
+def test_int8_graphs_are_one_qdq_graph_for_every_engine():
+    model, x = ResidualCNN().eval(), torch.randn(2, 3, 16, 16)
+    calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
+    fast = graphopt.optimize(model, (x,), target="auto", quantize="int8", calibration=calibration)
+    note = _note(fast.report)
+    assert fast.report.quantization.layers and note.startswith("auto: chose ")
+    assert "skipped" not in note, note  # every engine runs the QDQ graph to its numbers
+    on_onnx = graphopt.optimize(
+        model, (x,), target="onnx", quantize="int8", calibration=calibration
+    )
+    with torch.no_grad():
+        assert relative_error(on_onnx(x), fast(x)) < 0.02  # the same int8 graph
+
+
+def test_weight_only_quantization_is_refused_with_the_accepted_values():
     with pytest.raises(ValueError, match="auto"):
-        graphopt.optimize(MLP().eval(), (torch.randn(4, 32),), target="auto", quantize="int8")
+        graphopt.optimize(MLP().eval(), (torch.randn(4, 32),), target="auto",
+                          quantize="int8_weight_only")  # fmt: skip
