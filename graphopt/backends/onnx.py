@@ -50,6 +50,11 @@ class OnnxBackend(Backend):
     ) -> Compiled:
         return Compiled(compile_onnx(gm, example_inputs, cfg))
 
+    def from_onnx(self, data: bytes, example_inputs: Sequence[Any]) -> Compiled:
+        """A session over an ONNX model already exported from the graph (`export_onnx`):
+        target="auto" exports once for onnxruntime and OpenVINO."""
+        return Compiled(_checked(OnnxRunner(data), example_inputs, "ONNX"))
+
     def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
         import onnx
 
@@ -317,10 +322,14 @@ def compile_onnx(
             "sizes as inputs of their own); graphopt.export(..., format='onnx', "
             "dynamic_shapes=...) writes an ONNX model with dynamic dims"
         )
-    run = OnnxRunner(export_onnx(gm, example_inputs))
+    return _checked(OnnxRunner(export_onnx(gm, example_inputs)), example_inputs, "ONNX")
+
+
+def _checked(run: Any, example_inputs: Sequence[Any], what: str) -> Any:
+    """`run`, if its model takes as many inputs as the graph (else a ValueError)."""
     if run.num_inputs != len(example_inputs):
         raise ValueError(
-            f"the ONNX model takes {run.num_inputs} inputs, the graph {len(example_inputs)}"
+            f"the {what} model takes {run.num_inputs} inputs, the graph {len(example_inputs)}"
         )
     return run
 

@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from graphopt.backends.base import Backend, Compiled, ExportJob
-from graphopt.backends.onnx import export_onnx
+from graphopt.backends.onnx import _checked, export_onnx
 from graphopt.backends.registry import OpRegistry
 from graphopt.config import Config
 
@@ -53,12 +53,12 @@ class OpenVINOBackend(Backend):
                 "dynamic sizes as inputs of their own); graphopt.export(..., format='openvino', "
                 "dynamic_shapes=...) writes a model with dynamic dims"
             )
-        run = OpenVINORunner(read_onnx(export_onnx(gm, example_inputs)))
-        if run.num_inputs != len(example_inputs):
-            raise ValueError(
-                f"the OpenVINO model takes {run.num_inputs} inputs, the graph {len(example_inputs)}"
-            )
-        return Compiled(run)
+        return self.from_onnx(export_onnx(gm, example_inputs), example_inputs)
+
+    def from_onnx(self, data: bytes, example_inputs: Sequence[Any]) -> Compiled:
+        """The model of an ONNX export of the graph (`export_onnx`), compiled for the CPU:
+        target="auto" exports once for onnxruntime and OpenVINO."""
+        return Compiled(_checked(OpenVINORunner(read_onnx(data)), example_inputs, "OpenVINO"))
 
     def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
         import openvino as ov

@@ -69,11 +69,12 @@ def test_candidates_that_fail_or_give_other_numbers_are_skipped_and_named(monkey
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this")
 
-    def wrong(self, gm, example_inputs, cfg, **kwargs):
+    def wrong(self, data, example_inputs):
         return Compiled(lambda *args: (torch.zeros(4, 10),))
 
-    monkeypatch.setattr(type(targets.backend("onnx")), "compile", broken)
-    monkeypatch.setattr(type(targets.backend("openvino")), "compile", wrong)
+    # both read the one ONNX export of the graph (`from_onnx`)
+    monkeypatch.setattr(type(targets.backend("onnx")), "from_onnx", broken)
+    monkeypatch.setattr(type(targets.backend("openvino")), "from_onnx", wrong)
     model, x = MLP().eval(), torch.randn(4, 32)
     fast = graphopt.optimize(model, (x,), target="auto")
     note = _note(fast.report)
@@ -120,3 +121,13 @@ def test_weight_only_quantization_is_refused_with_the_accepted_values():
     with pytest.raises(ValueError, match="auto"):
         graphopt.optimize(MLP().eval(), (torch.randn(4, 32),), target="auto",
                           quantize="int8_weight_only")  # fmt: skip
+
+
+def test_onnxruntime_and_openvino_share_one_onnx_export(monkeypatch):
+    from graphopt.backends import onnx
+
+    calls = []
+    export = onnx.export_onnx
+    monkeypatch.setattr(onnx, "export_onnx", lambda *a, **k: calls.append(1) or export(*a, **k))
+    graphopt.optimize(MLP().eval(), (torch.randn(4, 32),), target="auto")
+    assert len(calls) == 1
