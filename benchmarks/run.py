@@ -58,7 +58,11 @@ INT8_REL_ERROR_TOLERANCE = 0.1
 FP32_BASELINE = "graphopt-cpu"  # what graphopt's int8 runners are also measured against
 # An int8 runner's own fp32 twin (same entry, same target), where it is not FP32_BASELINE:
 # the speed int8 buys is measured against the float model through the same entry.
-FP32_OF = {"graphopt-cpu-int8-optimize": "graphopt-cpu-optimize"}
+FP32_OF = {
+    "graphopt-cpu-int8-optimize": "graphopt-cpu-optimize",
+    "graphopt-auto-int8": "graphopt-auto",
+    "graphopt-auto-int8-optimize": "graphopt-auto-optimize",
+}
 
 
 def fp32_of(name: str, timed: Iterable[str]) -> str:

@@ -18,7 +18,7 @@ def test_from_options_merges_keywords():
     [
         ({"quantise": "int8"}, r"unknown graphopt option 'quantise' \(did you mean 'quantize'\?\)"),
         ({"targt": "cpu"}, r"did you mean 'target'"),
-        ({"target": "tpu"}, r"'target' got 'tpu'; accepted values: \['cpu', 'onnx', 'llvm'"),
+        ({"target": "tpu"}, r"'target' got 'tpu'; accepted values: \['cpu', 'onnx', 'openvino'"),
         ({"quantize": "int4"}, r"'quantize' got 'int4'; accepted values: \[None, 'int8', 'int8_"),
         ({"quantize": "int4_weight_only", "group_size": 48}, r"'group_size' got 48; accepted"),
         ({"fallback": "ignore"}, r"accepted values: \['eager', 'error'\]"),

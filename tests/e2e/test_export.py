@@ -188,7 +188,10 @@ def test_overwrite_replaces_only_a_whole_new_artifact(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, error",
     [
-        ({"format": "tflite"}, r"format 'tflite'; accepted formats: \['onnx', 'tvm', 'hls'\]"),
+        (
+            {"format": "tflite"},
+            r"format 'tflite'; accepted formats: \['onnx', 'openvino', 'tvm', 'hls'\]",
+        ),
         ({"format": "onnx", "target": "llvm"}, "target='llvm' does not apply"),
         ({"format": "tvm", "target": "cpu"}, r"accepted targets: \['llvm', 'aarch64', 'cuda'\]"),
         ({"quantize": "int8"}, "needs calibration data"),
