@@ -111,8 +111,14 @@ _DEVICE_OPTIONS = {
     "per_node": int,
     "node_link_bytes_per_s": float,
     "latency_s": float,
-    "overlap": lambda v: {"0": False, "1": True}[v],
+    "overlap": lambda v: _flag("overlap", v),
 }
+
+
+def _flag(key: str, value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"{key} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _device(text: str) -> Any:
@@ -139,7 +145,7 @@ def _device(text: str) -> Any:
                 raise ValueError(f"unknown key {key!r}; keys: {', '.join(_DEVICE_OPTIONS)}")
             options[key] = _DEVICE_OPTIONS[key](value)
         return DeviceKind(parts[0], *numbers, count=int(parts[5]), **options)
-    except (ValueError, KeyError) as err:
+    except ValueError as err:
         raise argparse.ArgumentTypeError(f"device {text!r}: {err}") from None
 
 

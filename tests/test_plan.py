@@ -120,5 +120,7 @@ def test_cli_plans_declared_devices(tmp_path, capsys):
     assert (cluster.per_node, cluster.node_link_bytes_per_s, cluster.overlap) == (4, 3e9, True)
     with pytest.raises(argparse.ArgumentTypeError, match="unknown key 'nodes'"):
         cli._device("p100,5e12,16e9,10e9,1.5,64,nodes=4")
+    with pytest.raises(argparse.ArgumentTypeError, match="overlap must be 0 or 1, got 'yes'"):
+        cli._device("p100,5e12,16e9,10e9,1.5,64,overlap=yes")
     with pytest.raises(argparse.ArgumentTypeError, match="needs node_link_bytes_per_s"):
         cli._device("p100,5e12,16e9,10e9,1.5,64,per_node=4")
