@@ -63,7 +63,11 @@ log = logging.getLogger("graphopt")
 
 FORMATS = targets.FORMATS
 INT8_RUNS_APART = 1.5  # an int8 artifact vs the int8 graph, in units of int8's error (_verify)
-_FORMAT_OPTIONS = {"tvm": "tvm_target", "hls": "hls_options"}  # export()'s per-format options
+_FORMAT_OPTIONS = {
+    "tvm": "tvm_target",
+    "hls": "hls_options",
+    "stablehlo": "platforms",
+}  # export()'s per-format options
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ def export(
     dynamic_shapes: Any = None,
     tvm_target: dict[str, Any] | None = None,
     hls_options: dict[str, Any] | None = None,
+    platforms: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     **options: Any,
@@ -96,7 +101,8 @@ def export(
             except dims made dynamic by `dynamic_shapes`).
         out_dir: the folder to write; it must not exist unless `overwrite=True`.
         format: "onnx" (model.onnx, run by onnxruntime), "openvino" (model.xml/model.bin, run
-            by OpenVINO in f32), "tvm" (model.so, a TVM library) or
+            by OpenVINO in f32), "stablehlo" (a serialized jax.export program and its weights,
+            run by JAX/XLA: CPU, TPU, GPU), "tvm" (model.so, a TVM library) or
             "hls" (an FPGA C++ project, integer-only; needs quantize="int8" and calibration;
             `load` runs its C simulation).
         dynamic_shapes: as in torch.export.export, e.g. {"x": {0: torch.export.Dim("batch")}}:
@@ -109,6 +115,8 @@ def export(
         hls_options: format="hls": part, clock_ns, io ("array"/"stream"), reuse_factor
             ("auto", an int, or per layer), max_dsp, target_latency_us (see
             `graphopt.backends.hls.HLSOptions`).
+        platforms: format="stablehlo": the platforms `jax.export` lowers for, any of "cpu",
+            "tpu", "cuda", "rocm" (default ("cpu", "tpu")); the artifact runs on each of them.
         overwrite: replace an existing `out_dir` (after the new folder is complete).
         progress: print what is being done, with elapsed seconds, to stderr.
         **options: fields of `graphopt.Config`. `target`: for format="tvm" "llvm" (x86, the
@@ -129,7 +137,7 @@ def export(
     say = _Progress(progress)
     cfg = _export_config(format, options)
     backend = targets.backend(cfg.target)
-    given = {"tvm_target": tvm_target, "hls_options": hls_options}
+    given = {"tvm_target": tvm_target, "hls_options": hls_options, "platforms": platforms}
     for name, value in given.items():
         if value is not None and _FORMAT_OPTIONS.get(format) != name:
             raise ValueError(f"{name} applies to format={_format_of(name)!r} only, not {format!r}")

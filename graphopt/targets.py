@@ -134,6 +134,15 @@ TARGETS: dict[str, Target] = {
             host=False,
         ),
         Target(
+            "xla",
+            "graphopt.backends.xla.target:XLABackend",
+            "XLA devices through JAX: the CPU here, a TPU or GPU where JAX has one (StableHLO)",
+            extra="xla",
+            format="stablehlo",
+            quantize=(None, "int8"),
+            dtypes=("float32", "bfloat16", "float16"),
+        ),
+        Target(
             "hls",
             "graphopt.backends.hls.target:HLSBackend",
             "FPGAs: Vitis-HLS C++ (integer-only), run here as its C simulation",

@@ -1,0 +1,104 @@
+"""The XLA registry, the dtypes it lowers, and what every rule family shares (checks, casts,
+axes)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import jax.numpy as jnp
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
+import torch.fx
+
+from graphopt.backends.registry import Check, OpRegistry
+
+aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
+
+XLA = OpRegistry("xla")
+
+# torch dtypes XLA lowers (complex, float8 and quantized dtypes stay in PyTorch). 64-bit types
+# need jax's x64 mode, which graphopt turns on around its own tracing and calls only
+# (`jax.enable_x64`, a context: the user's other JAX code keeps its setting).
+XLA_DTYPES: dict[torch.dtype, Any] = {
+    torch.float32: jnp.float32,
+    torch.float16: jnp.float16,
+    torch.bfloat16: jnp.bfloat16,
+    torch.float64: jnp.float64,
+    torch.int64: jnp.int64,
+    torch.int32: jnp.int32,
+    torch.int16: jnp.int16,
+    torch.int8: jnp.int8,
+    torch.uint8: jnp.uint8,
+    torch.bool: jnp.bool_,
+}
+
+
+def _tensor_values(node: torch.fx.Node) -> list[torch.Tensor]:
+    values = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
+    flat = []
+    for v in values:
+        flat.extend(v if isinstance(v, list | tuple) else [v])
+    return [v for v in flat if isinstance(v, torch.Tensor)]
+
+
+def _dtypes_supported(node: torch.fx.Node, cfg: Any) -> str | None:
+    for value in _tensor_values(node):
+        if value.dtype not in XLA_DTYPES:
+            return f"dtype {value.dtype} is not lowered to XLA"
+    return None
+
+
+def _traced(node: torch.fx.Node, cfg: Any) -> str | None:
+    missing = [n.name for n in [node, *node.all_input_nodes] if "val" not in n.meta]
+    return f"no meta['val'] on {missing} (run FakeTensorProp)" if missing else None
+
+
+def _all(*checks: Check | None) -> Check:
+    def check(node, cfg):
+        for c in checks:
+            reason = c(node, cfg) if c is not None else None
+            if reason is not None:
+                return reason
+        return None
+
+    return check
+
+
+def rule(*targets: Any, check: Check | None = None):
+    """`XLA.rule`, with the checks every rule shares (traced values, dtypes) before its own."""
+    return XLA.rule(*targets, check=_all(_traced, _dtypes_supported, check))
+
+
+def _first_output_only(node: torch.fx.Node, cfg: Any) -> str | None:
+    """For multi-output ops whose rule computes output 0 only (inference graphs use no more)."""
+    for user in node.users:
+        if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
+            return "uses more than output 0 (the XLA rule computes output 0 only)"
+    return None
+
+
+def _axis(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _is_float(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _cast(x: Any, dtype: Any) -> Any:
+    """`x` as `dtype`; to bool means `!= 0` (as torch's)."""
+    x = jnp.asarray(x)
+    if x.dtype == dtype:
+        return x
+    if dtype == jnp.bool_:
+        return x != 0
+    return x.astype(dtype)
+
+
+def _operand(ctx, arg: Any, dtype: Any) -> Any:
+    """A tensor argument cast to `dtype`, or a Python scalar as a `dtype` array."""
+    if isinstance(arg, torch.fx.Node):
+        return _cast(ctx[arg], dtype)
+    return jnp.asarray(ctx[arg], dtype=dtype)

@@ -1,0 +1,329 @@
+"""Elementwise rules: unary, binary, comparisons, logical and bitwise ops, clamps and
+activations, where."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import torch
+import torch.fx
+from jax import lax
+
+from graphopt.backends.xla.rules.common import _cast, _is_float, _operand, rule
+from graphopt.passes.base import named_args as args
+
+aten = torch.ops.aten
+
+
+def _static_scalars(node: torch.fx.Node, cfg: Any) -> str | None:
+    """Elementwise ops take Python numbers, not symbolic ones (SymInt/SymFloat)."""
+    for a in [*node.args, *node.kwargs.values()]:
+        value = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return "symbolic scalar operand"
+    return None
+
+
+def _unary(op: Callable[[Any], Any]):
+    """x -> op(x), the input cast to the output dtype first (torch.exp(int) is float)."""
+
+    def lower(ctx, node):
+        return op(_operand(ctx, node.args[0], ctx.dtype(node)))
+
+    return lower
+
+
+UNARY = {
+    aten.abs.default: jnp.abs,
+    aten.neg.default: jnp.negative,
+    aten.exp.default: jnp.exp,
+    aten.exp2.default: jnp.exp2,
+    aten.expm1.default: jnp.expm1,
+    aten.log.default: jnp.log,
+    aten.log2.default: jnp.log2,
+    aten.log10.default: jnp.log10,
+    aten.log1p.default: jnp.log1p,
+    aten.sqrt.default: jnp.sqrt,
+    aten.rsqrt.default: lax.rsqrt,
+    aten.sigmoid.default: jax.nn.sigmoid,
+    aten.tanh.default: jnp.tanh,
+    aten.erf.default: lax.erf,
+    aten.erfinv.default: lax.erf_inv,
+    aten.sin.default: jnp.sin,
+    aten.cos.default: jnp.cos,
+    aten.tan.default: jnp.tan,
+    aten.asin.default: jnp.arcsin,
+    aten.acos.default: jnp.arccos,
+    aten.atan.default: jnp.arctan,
+    aten.sinh.default: jnp.sinh,
+    aten.cosh.default: jnp.cosh,
+    aten.asinh.default: jnp.arcsinh,
+    aten.acosh.default: jnp.arccosh,
+    aten.atanh.default: jnp.arctanh,
+    aten.sign.default: jnp.sign,
+    aten.relu.default: jax.nn.relu,
+    aten.silu.default: jax.nn.silu,
+    aten.reciprocal.default: jnp.reciprocal,
+}
+for _target, _op in UNARY.items():
+    rule(_target)(_unary(_op))
+
+
+@rule(aten.isnan.default)
+def isnan(ctx, node):
+    return jnp.isnan(ctx[node.args[0]])
+
+
+@rule(aten.isinf.default)
+def isinf(ctx, node):
+    return jnp.isinf(ctx[node.args[0]])
+
+
+def _rounding(op):
+    """floor/ceil/round/trunc: identity on integers (torch returns them unchanged)."""
+
+    def lower(ctx, node):
+        x = ctx[node.args[0]]
+        return op(x) if _is_float(x.dtype) else x
+
+    return lower
+
+
+# jnp.round rounds half to even, like torch.round.
+for _target, _op in {
+    aten.floor.default: jnp.floor,
+    aten.ceil.default: jnp.ceil,
+    aten.round.default: jnp.round,
+    aten.trunc.default: jnp.trunc,
+}.items():
+    rule(_target)(_rounding(_op))
+
+
+@rule(aten.gelu.default)
+def gelu(ctx, node):
+    a = args(node)
+    return jax.nn.gelu(ctx[a["input"]], approximate=a["approximate"] == "tanh")
+
+
+def _clamp(x: Any, low: Any, high: Any) -> Any:
+    if low is not None:
+        x = jnp.maximum(x, jnp.asarray(low, x.dtype))
+    if high is not None:
+        x = jnp.minimum(x, jnp.asarray(high, x.dtype))
+    return x
+
+
+@rule(aten.clamp.default, check=_static_scalars)
+def clamp(ctx, node):
+    a = args(node)
+    return _clamp(_operand(ctx, a["input"], ctx.dtype(node)), a["min"], a["max"])
+
+
+@rule(aten.clamp.Tensor)
+def clamp_tensor(ctx, node):
+    a = args(node)
+    dtype = ctx.dtype(node)
+    low = None if a["min"] is None else _operand(ctx, a["min"], dtype)
+    high = None if a["max"] is None else _operand(ctx, a["max"], dtype)
+    return _clamp(_operand(ctx, a["input"], dtype), low, high)
+
+
+@rule(aten.hardtanh.default, check=_static_scalars)
+def hardtanh(ctx, node):
+    a = args(node)
+    return _clamp(ctx[a["input"]], a["min_val"], a["max_val"])
+
+
+def _hardsigmoid(x: Any) -> Any:
+    """relu6(x + 3) / 6."""
+    return _clamp(x + jnp.asarray(3.0, x.dtype), 0.0, 6.0) / jnp.asarray(6.0, x.dtype)
+
+
+@rule(aten.hardsigmoid.default)
+def hardsigmoid(ctx, node):
+    return _hardsigmoid(ctx[node.args[0]])
+
+
+@rule(aten.hardswish.default)
+def hardswish(ctx, node):
+    x = ctx[node.args[0]]
+    return x * _hardsigmoid(x)
+
+
+@rule(aten.leaky_relu.default, check=_static_scalars)
+def leaky_relu(ctx, node):
+    a = args(node)
+    x = ctx[a["input"]]
+    return jnp.where(x > 0, x, x * jnp.asarray(a["negative_slope"], x.dtype))
+
+
+@rule(aten.elu.default, check=_static_scalars)
+def elu(ctx, node):
+    """scale * (x if x > 0 else alpha * (exp(x * input_scale) - 1))."""
+    a = args(node)
+    x = ctx[a["input"]]
+
+    def c(v):
+        return jnp.asarray(v, x.dtype)
+
+    out = jnp.where(x > 0, x, jnp.expm1(x * c(a["input_scale"])) * c(a["alpha"]))
+    return out * c(a["scale"]) if a["scale"] != 1 else out
+
+
+@rule(aten.logical_not.default)
+def logical_not(ctx, node):
+    return jnp.logical_not(_cast(ctx[node.args[0]], jnp.bool_))
+
+
+@rule(aten.bitwise_not.default)
+def bitwise_not(ctx, node):
+    x = ctx[node.args[0]]
+    return jnp.logical_not(x) if x.dtype == jnp.bool_ else jnp.bitwise_not(x)
+
+
+def _binary(op: Callable[[Any, Any], Any]):
+    """op(input, alpha * other) computed in the output dtype (torch's type promotion result)."""
+
+    def lower(ctx, node):
+        a = args(node)
+        dtype = ctx.dtype(node)
+        lhs, rhs = _operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype)
+        if a.get("alpha", 1) != 1:
+            rhs = rhs * jnp.asarray(a["alpha"], dtype)
+        return _cast(op(lhs, rhs), dtype)
+
+    return lower
+
+
+def _add(x, y):
+    return jnp.logical_or(x, y) if x.dtype == jnp.bool_ else x + y
+
+
+def _mul(x, y):
+    return jnp.logical_and(x, y) if x.dtype == jnp.bool_ else x * y
+
+
+BINARY = {
+    (aten.add.Tensor, aten.add.Scalar): _add,
+    (aten.sub.Tensor, aten.sub.Scalar): jnp.subtract,
+    (aten.mul.Tensor, aten.mul.Scalar): _mul,
+    (aten.div.Tensor, aten.div.Scalar): jnp.true_divide,
+    (aten.maximum.default,): jnp.maximum,
+    (aten.minimum.default,): jnp.minimum,
+    (aten.atan2.default,): jnp.arctan2,
+    (aten.fmod.Tensor, aten.fmod.Scalar): jnp.fmod,
+    (aten.remainder.Tensor, aten.remainder.Scalar): jnp.remainder,
+}
+for _targets, _op in BINARY.items():
+    rule(*_targets, check=_static_scalars)(_binary(_op))
+
+
+def _logical(op):
+    """logical_and/or/xor: both sides as bool (`!= 0`), bool result."""
+
+    def lower(ctx, node):
+        a = args(node)
+        return op(_operand(ctx, a["input"], jnp.bool_), _operand(ctx, a["other"], jnp.bool_))
+
+    return lower
+
+
+for _target, _op in {
+    aten.logical_and.default: jnp.logical_and,
+    aten.logical_or.default: jnp.logical_or,
+    aten.logical_xor.default: jnp.logical_xor,
+}.items():
+    rule(_target)(_logical(_op))
+
+# On bool tensors jnp's bitwise ops are the logical ones.
+for _targets, _op in {
+    (aten.bitwise_and.Tensor, aten.bitwise_and.Scalar): jnp.bitwise_and,
+    (aten.bitwise_or.Tensor, aten.bitwise_or.Scalar): jnp.bitwise_or,
+    (aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar): jnp.bitwise_xor,
+}.items():
+    rule(*_targets, check=_static_scalars)(_binary(_op))
+
+
+def _compare(op):
+    """A comparison in the dtype torch compares in (result_type of both sides); bool result."""
+
+    def lower(ctx, node):
+        a = args(node)
+        dtype = ctx.dtype(torch.result_type(ctx.val(a["input"]), ctx.val(a["other"])))
+        return op(_operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype))
+
+    return lower
+
+
+for _name, _op in {
+    "eq": jnp.equal,
+    "ne": jnp.not_equal,
+    "lt": jnp.less,
+    "le": jnp.less_equal,
+    "gt": jnp.greater,
+    "ge": jnp.greater_equal,
+}.items():
+    _packet = getattr(aten, _name)
+    rule(_packet.Tensor, _packet.Scalar, check=_static_scalars)(_compare(_op))
+
+
+def _pow_check(node, cfg):
+    a = args(node)
+    if not node.meta["val"].dtype.is_floating_point:
+        exponent = a["exponent"]
+        if isinstance(exponent, torch.fx.Node) or exponent < 0:
+            return "integer pow with a tensor or negative exponent"
+    return _static_scalars(node, cfg)
+
+
+@rule(aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar, check=_pow_check)
+def pow_(ctx, node):
+    a = args(node)
+    dtype = ctx.dtype(node)
+    base = _operand(ctx, a["input"], dtype)
+    exponent = a["exponent"]
+    if exponent == 2:  # exact, and the common case (variance, squared error)
+        return base * base
+    if not isinstance(exponent, torch.fx.Node) and float(exponent).is_integer():
+        if not _is_float(dtype) or abs(exponent) <= 4:
+            return lax.integer_pow(base, int(exponent))
+    return jnp.power(base, _operand(ctx, exponent, dtype))
+
+
+def _floor_divide_float(a: Any, b: Any) -> Any:
+    """torch's float floor division (ATen's div_floor_floating), not floor(a / b):
+    1.0 // 0.1 is 9 in torch and Python, floor(1.0 / 0.1) is 10."""
+    zero, one, half = (jnp.asarray(v, a.dtype) for v in (0.0, 1.0, 0.5))
+    quotient = a / b
+    mod = jnp.fmod(a, b)
+    div = (a - mod) / b
+    wrong_sign = (mod != zero) & ((b < zero) ^ (mod < zero))
+    div = jnp.where(wrong_sign, div - one, div)
+    floor = jnp.floor(div)
+    floor = jnp.where(div - floor > half, floor + one, floor)
+    floor = jnp.where(div == zero, quotient * zero, floor)  # copysign(0, a / b)
+    return jnp.where(b == zero, quotient, floor)  # x / 0: IEEE result
+
+
+@rule(aten.div.Tensor_mode, aten.div.Scalar_mode, check=_static_scalars)
+def div_mode(ctx, node):
+    a = args(node)
+    dtype = ctx.dtype(node)
+    x, y = _operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype)
+    mode = a["rounding_mode"]
+    if mode == "floor":
+        return _floor_divide_float(x, y) if _is_float(dtype) else jnp.floor_divide(x, y)
+    if mode == "trunc":
+        return jnp.trunc(x / y) if _is_float(dtype) else lax.div(x, y)  # lax.div: C's
+    return x / y
+
+
+@rule(aten.where.self)
+def where(ctx, node):
+    a = args(node)
+    dtype = ctx.dtype(node)
+    condition = _operand(ctx, a["condition"], jnp.bool_)
+    return jnp.where(condition, _operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype))

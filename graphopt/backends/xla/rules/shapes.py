@@ -1,0 +1,293 @@
+"""Shape and data-movement rules: views, permutes, concatenation, slicing, indexing, gathers,
+casts, constants made in the graph (full, arange) and size arithmetic."""
+
+from __future__ import annotations
+
+import operator
+
+import jax.numpy as jnp
+import torch
+import torch.fx
+from jax import lax
+
+from graphopt.backends.xla.rules.common import XLA, _axis, _cast, rule
+from graphopt.backends.xla.rules.elementwise import _static_scalars
+from graphopt.passes.base import named_args as args
+
+aten = torch.ops.aten
+
+
+def _reshape_to_output(ctx, node):
+    """view / reshape / squeeze / unsqueeze: the traced output shape says it all."""
+    return jnp.reshape(ctx[node.args[0]], ctx.shape(node))
+
+
+rule(
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.unsqueeze.default,
+)(_reshape_to_output)
+
+
+@rule(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default)
+def identity(ctx, node):
+    """Arrays are immutable in JAX: a copy is the value itself."""
+    return ctx[node.args[0]]
+
+
+@XLA.rule(aten._assert_tensor_metadata.default)  # returns nothing, so it has no meta["val"]
+def assert_tensor_metadata(ctx, node):
+    """Checked when torch traced the graph; nothing to compute."""
+    return None
+
+
+@rule(aten.permute.default)
+def permute(ctx, node):
+    x = ctx[node.args[0]]
+    return jnp.transpose(x, [_axis(d, x.ndim) for d in node.args[1]])
+
+
+@rule(aten.t.default)
+def t(ctx, node):
+    x = ctx[node.args[0]]
+    return x.T if x.ndim == 2 else x
+
+
+@rule(aten.transpose.int)
+def transpose(ctx, node):
+    a = args(node)
+    x = ctx[a["input"]]
+    if x.ndim < 2:
+        return x
+    return jnp.swapaxes(x, _axis(a["dim0"], x.ndim), _axis(a["dim1"], x.ndim))
+
+
+@rule(aten.expand.default)
+def expand(ctx, node):
+    return jnp.broadcast_to(ctx[node.args[0]], ctx.shape(node))
+
+
+@rule(aten.flip.default)
+def flip(ctx, node):
+    x = ctx[node.args[0]]
+    return jnp.flip(x, [_axis(d, x.ndim) for d in node.args[1]]) if x.ndim else x
+
+
+@rule(aten.roll.default)
+def roll(ctx, node):
+    a = args(node)
+    x = ctx[a["input"]]
+    dims = list(a["dims"])
+    if not dims:
+        return jnp.roll(x.reshape(-1), a["shifts"][0]).reshape(x.shape)
+    return jnp.roll(x, a["shifts"], [_axis(d, x.ndim) for d in dims])
+
+
+@rule(aten.repeat.default)
+def repeat(ctx, node):
+    x = ctx[node.args[0]]
+    reps = ctx[node.args[1]]
+    x = x.reshape((1,) * (len(reps) - x.ndim) + x.shape)
+    return jnp.tile(x, reps)
+
+
+def _cat_check(node, cfg):
+    if any(not isinstance(t, torch.fx.Node) for t in node.args[0]):
+        return "cat of a non-tensor"
+    return None
+
+
+@rule(aten.cat.default, check=_cat_check)
+def cat(ctx, node):
+    """torch skips 1-d empty tensors in cat (legacy); the rest in the output dtype."""
+    a = args(node)
+    dtype = ctx.dtype(node)
+    parts = [
+        _cast(ctx[t], dtype)
+        for t in a["tensors"]
+        if not (t.meta["val"].dim() == 1 and t.meta["val"].shape[0] == 0)
+    ]
+    ndim = ctx.ndim(node)
+    return jnp.concatenate(parts, axis=_axis(a["dim"], ndim)) if parts else jnp.zeros((0,), dtype)
+
+
+def _static_slice_args(node, cfg):
+    for key in ("start", "end", "index"):
+        value = args(node).get(key)
+        if isinstance(value, torch.fx.Node | torch.SymInt):
+            return f"symbolic slice {key}"
+    if args(node).get("step", 1) <= 0:
+        return "non-positive slice step"
+    return None
+
+
+@rule(aten.slice.Tensor, check=_static_slice_args)
+def slice_(ctx, node):
+    a = args(node)
+    x = ctx[a["input"]]
+    axis = _axis(a["dim"], x.ndim)
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(a["start"], a["end"], a["step"])
+    return x[tuple(index)]
+
+
+@rule(aten.select.int, check=_static_slice_args)
+def select(ctx, node):
+    a = args(node)
+    x = ctx[a["input"]]
+    axis = _axis(a["dim"], x.ndim)
+    index = a["index"]
+    return lax.index_in_dim(x, index + x.shape[axis] if index < 0 else index, axis, False)
+
+
+@rule(aten.split.Tensor, aten.split_with_sizes.default)
+def split(ctx, node):
+    """One slice per piece, sizes from the traced outputs."""
+    a = args(node)
+    x = ctx[a["input"]]
+    axis = _axis(a["dim"], x.ndim)
+    pieces, begin = [], 0
+    for piece in ctx.val(node):
+        length = ctx.dim(piece.shape[axis])
+        pieces.append(lax.slice_in_dim(x, begin, begin + length, axis=axis))
+        begin = begin + length
+    return tuple(pieces)
+
+
+@rule(operator.getitem, check=lambda node, cfg: XLA.unsupported_reason(node.args[0], cfg))
+def getitem(ctx, node):
+    """Output i of a multi-output op (a Python tuple of arrays)."""
+    source, index = ctx[node.args[0]], node.args[1]
+    if source[index] is None and node.users:
+        raise ValueError(f"output {index} of {node.args[0].name} is not lowered")
+    return source[index]
+
+
+def _integer_size(node, cfg):
+    value = node.meta.get("val")
+    return None if isinstance(value, int | torch.SymInt) else "not an integer size expression"
+
+
+@rule(
+    aten.sym_size.int,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.floordiv,
+    operator.mod,
+    check=_integer_size,
+)
+def sym_size(ctx, node):
+    """Sizes and size arithmetic (s0 * 4), read from the traced value."""
+    return ctx.dim(ctx.val(node))
+
+
+def _to_copy_check(node, cfg):
+    a = args(node)
+    source = a["input"].meta["val"]
+    if a["device"] is not None and torch.device(a["device"]).type != source.device.type:
+        return f"copy from {source.device} to {a['device']}"
+    if a["layout"] not in (None, torch.strided):
+        return f"layout {a['layout']}"
+    return None
+
+
+@rule(aten._to_copy.default, check=_to_copy_check)
+def to_copy(ctx, node):
+    return _cast(ctx[node.args[0]], ctx.dtype(node))
+
+
+@rule(aten.full.default, aten.full_like.default, check=_static_scalars)
+def full(ctx, node):
+    return jnp.full(ctx.shape(node), args(node)["fill_value"], ctx.dtype(node))
+
+
+@rule(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default)
+def constant_like(ctx, node):
+    value = 1 if node.target is aten.ones_like.default else 0  # empty: any value will do
+    return jnp.full(ctx.shape(node), value, ctx.dtype(node))
+
+
+@rule(aten.scalar_tensor.default, check=_static_scalars)
+def scalar_tensor(ctx, node):
+    return jnp.asarray(args(node)["s"], ctx.dtype(node))
+
+
+def _arange_check(node, cfg):
+    a = args(node)
+    for key in ("start", "step"):
+        if isinstance(a.get(key), torch.fx.Node | torch.SymInt | torch.SymFloat):
+            return f"symbolic arange {key}"
+    if isinstance(a["end"], torch.SymFloat):
+        return "symbolic float arange end"
+    return None
+
+
+@rule(aten.arange.default, aten.arange.start, aten.arange.start_step, check=_arange_check)
+def arange(ctx, node):
+    """start, step static; the length is the traced one (end may be a size expression)."""
+    a = args(node)
+    start, step = a.get("start", 0), a.get("step", 1)
+    dtype = ctx.dtype(node)
+    (length,) = ctx.shape(node)
+    if isinstance(start, int) and isinstance(step, int):
+        return start + step * lax.iota(dtype, length)
+    return (start + step * lax.iota(jnp.float64, length)).astype(dtype)
+
+
+@rule(aten.constant_pad_nd.default, check=_static_scalars)
+def constant_pad_nd(ctx, node):
+    """pad = (last dim's left, right, the dim before's left, right, ...); negative crops."""
+    a = args(node)
+    x = ctx[a["input"]]
+    pad = list(a["pad"])
+    config = [(0, 0, 0)] * x.ndim
+    for i in range(len(pad) // 2):
+        config[x.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1], 0)
+    return lax.pad(x, jnp.asarray(a["value"], x.dtype), config)
+
+
+@rule(aten.index_select.default)
+def index_select(ctx, node):
+    a = args(node)
+    x = ctx[a["input"]]
+    index = ctx[a["index"]].reshape(-1)
+    return jnp.take(x, index, axis=_axis(a["dim"], x.ndim)) if x.ndim else x
+
+
+@rule(aten.embedding.default)
+def embedding(ctx, node):
+    a = args(node)
+    return jnp.take(ctx[a["weight"]], ctx[a["indices"]], axis=0)
+
+
+@rule(aten.gather.default)
+def gather(ctx, node):
+    """input's other dims cropped to the index's sizes (torch's gather allows a smaller index)."""
+    a = args(node)
+    x, index = ctx[a["input"]], ctx[a["index"]]
+    if x.ndim == 0:
+        return x
+    axis = _axis(a["dim"], x.ndim)
+    crop = tuple(slice(None) if d == axis else slice(0, index.shape[d]) for d in range(x.ndim))
+    return jnp.take_along_axis(x[crop], index, axis=axis)
+
+
+def _index_check(node, cfg):
+    for index in args(node)["indices"]:
+        if index is not None and index.meta["val"].dtype in (torch.bool, torch.uint8):
+            return "boolean mask index (a size known only at run time)"
+    return None
+
+
+@rule(aten.index.Tensor, check=_index_check)
+def index(ctx, node):
+    """Advanced indexing: numpy's rules are torch's (separated index tensors move to the front)."""
+    a = args(node)
+    x = ctx[a["input"]]
+    key = tuple(slice(None) if i is None else ctx[i] for i in a["indices"])
+    return x[key]
