@@ -219,6 +219,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         options["calibration"] = list(_load_factory(args.calibration)())
     if args.hls_option:
         options["hls_options"] = dict(_parse_option(o) for o in args.hls_option)
+    if args.platforms is not None:
+        options["platforms"] = [p.strip() for p in args.platforms.split(",") if p.strip()]
     exported = graphopt.export(
         model, inputs, args.out_dir, format=args.format, overwrite=args.overwrite, **options
     )
@@ -334,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rounds", type=int, default=20)
     bench.set_defaults(func=cmd_bench)
     export = sub.add_parser(
-        "export", help="optimize a model and write a deployable artifact folder (ONNX, TVM, HLS)"
+        "export",
+        help="optimize a model and write a deployable artifact folder (ONNX, OpenVINO, TVM, "
+        "StableHLO, HLS)",
     )
     _model_arguments(export)
     export.add_argument("out_dir", help="the folder to write (must not exist, see --overwrite)")
@@ -351,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="format=hls: key=value of hls_options (part=xc7z020clg400-1, clock_ns=4, io=stream, "
         "reuse_factor=4, max_dsp=200, target_latency_us=20); repeatable",
+    )
+    export.add_argument(
+        "--platforms",
+        help="format=stablehlo: the platforms to lower for, comma-separated (cpu, tpu, cuda, "
+        "rocm; default cpu,tpu)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     export.set_defaults(func=cmd_export)

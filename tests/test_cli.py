@@ -1,3 +1,4 @@
+import json
 import textwrap
 
 from graphopt.cli import main
@@ -95,6 +96,31 @@ def test_export_int8_needs_calibration_and_takes_a_batches_function(tmp_path, ca
     calibrated = [*argv, "--option", "quantize=int8", "--calibration", f"{model_file}:batches"]
     assert main(calibrated) == 0
     assert "ran in onnxruntime (CPU)" in capsys.readouterr().out
+
+
+def test_export_stablehlo_for_the_platforms_named_then_run_it(tmp_path, capsys):
+    model_file = _model_file(
+        tmp_path,
+        """
+        import torch
+
+        def make():
+            return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    """,
+    )
+    out_dir = tmp_path / "hlo"
+    argv = ["export", f"{model_file}:make", str(out_dir), "--input", "2,8", "--format",
+            "stablehlo"]  # fmt: skip
+    assert main([*argv, "--platforms", "cpu,gpu"]) == 2
+    assert "accepted values are one or more of ['cpu', 'tpu', 'cuda', 'rocm']" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--platforms", "cpu,cuda"]) == 0
+    assert "ran in JAX (XLA:CPU): max abs error" in capsys.readouterr().out
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["stablehlo"]["platforms"] == ["cpu", "cuda"]
+    assert main(["run", str(out_dir), "--rounds", "2"]) == 0
+    assert "| artifact |" in capsys.readouterr().out
 
 
 def test_export_hls_project_with_options_then_run_its_csim(tmp_path, capsys):

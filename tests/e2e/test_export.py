@@ -190,7 +190,7 @@ def test_overwrite_replaces_only_a_whole_new_artifact(tmp_path, monkeypatch):
     [
         (
             {"format": "tflite"},
-            r"format 'tflite'; accepted formats: \['onnx', 'openvino', 'tvm', 'hls'\]",
+            r"format 'tflite'; accepted formats: \['onnx', 'openvino', 'tvm', 'stablehlo', 'hls'\]",
         ),
         ({"format": "onnx", "target": "llvm"}, "target='llvm' does not apply"),
         ({"format": "tvm", "target": "cpu"}, r"accepted targets: \['llvm', 'aarch64', 'cuda'\]"),

@@ -168,7 +168,9 @@ def _symbolic_spec(node: torch.fx.Node, dim_names: dict[str, str], scope: Any) -
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    return np.asarray(_to_jax(t))  # through JAX: numpy has no bfloat16, ml_dtypes does
+    """Through JAX (numpy has no bfloat16, JAX's ml_dtypes has), in x64 mode: int64 stays."""
+    with jax.enable_x64(True):
+        return np.asarray(_to_jax(t))
 
 
 def _to_jax(t: torch.Tensor) -> Any:
