@@ -69,6 +69,18 @@ def test_dynamic_batch_compiles_one_graph_for_every_size():
     assert len(graphopt.reports()) == 1  # one graph from dynamo, traced by XLA per size
 
 
+def test_bfloat16_is_as_close_to_fp32_as_inductors_bfloat16():
+    model = ResidualCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    on_xla = graphopt.optimize(model, (x,), target="xla", dtype="bfloat16")
+    on_cpu = graphopt.optimize(model, (x,), target="cpu", dtype="bfloat16")
+    assert _partitions(on_xla.report) == ["xla"] and not on_xla.report.fallbacks
+    with torch.no_grad():
+        expected, got = model(x), on_xla(x)
+        assert got.dtype == torch.float32  # the model's interface is kept
+        assert 1e-5 < relative_error(expected, got) < 2 * relative_error(expected, on_cpu(x))
+
+
 def test_int8_is_bit_exact_with_the_tvm_int8_path():
     """The integer convolutions and matmuls accumulate in int32 from the same operands as the
     TVM rules, so both give the same bits; and they are int8, not float."""
