@@ -415,6 +415,20 @@ def _with_fresh_cache(compiled: Runner, workdir: str) -> Runner:
     return call
 
 
+def graphopt_xla(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
+    """torch.compile(backend='graphopt', options={'target': 'xla'}): the graph as a JAX
+    function jitted by XLA on JAX's first device. With JAX's CPU wheel that is XLA:CPU: a
+    correctness and overhead figure, not the speed of the TPU or GPU the target is for; the
+    note names the platform and the jax version."""
+    compiled = graphopt("xla")(model, inputs, workdir)
+    try:
+        import jax
+    except ImportError:  # graphopt's own error on the first call names the pip extra
+        return compiled
+    compiled.note = f"XLA:{jax.devices()[0].platform.upper()}, jax {jax.__version__}"
+    return compiled
+
+
 def openvino_compile(model: nn.Module, inputs: tuple[torch.Tensor, ...], workdir: str) -> Runner:
     """OpenVINO's own torch.compile backend (`import openvino.torch` registers "openvino"), in
     f32 and with torch's thread count, as `openvino-f32` runs."""
@@ -456,6 +470,7 @@ RUNNERS: dict[str, Builder] = {
     "openvino-compile": openvino_compile,
     "graphopt-onnx": graphopt("onnx"),
     "graphopt-openvino": graphopt("openvino"),
+    "graphopt-xla": graphopt_xla,
     "graphopt-auto": graphopt_auto,
     "graphopt-auto-optimize": graphopt_auto_optimize,
 }

@@ -69,6 +69,28 @@ def test_suite_times_every_runner_and_reports_failures(extra_runners):
     assert "| graphopt-cpu |" in report and "CPU:" in report
 
 
+def test_xla_runner_runs_every_node_in_xla_and_matches_eager():
+    jax = pytest.importorskip("jax")  # the `xla` extra
+    import graphopt
+
+    platform = f"XLA:{jax.devices()[0].platform.upper()}, jax {jax.__version__}"
+
+    results = run.run_suite(TINY, ["eager", "graphopt-xla"], rounds=1, warmup=0, budget_s=30)
+    for result in results:
+        table = run.format_model(result)
+        xla = result.runners[1]
+        assert xla.name == "graphopt-xla" and not xla.failed, (xla.note, table)
+        assert xla.max_error < 1e-3 * max(1.0, result.output_scale), table
+        assert xla.rel_error < 1e-4, table
+        assert xla.note == platform, table  # one graph, no node in PyTorch
+        timing = next(t for t in result.timings if t.name == "graphopt-xla")
+        assert math.isfinite(timing.median_ms) and timing.median_ms > 0, table
+        assert _rows(table)["graphopt-xla"][1].endswith("x")  # speed vs eager
+    reports = graphopt.reports()
+    assert len(reports) == len(TINY) and all(not r.fallbacks for r in reports)
+    assert {p.target for r in reports for p in r.partitions} == {"xla"}
+
+
 def test_budgets_cap_slow_runners(extra_runners):
     (result,) = run.run_suite(
         ["tiny-cnn"],
