@@ -1,5 +1,5 @@
-"""Call overhead of the runtimes graphopt hands graphs to: `python -m benchmarks.overhead`
-writes benchmarks/RESULTS-overhead.md.
+"""Call overhead of the runtimes graphopt hands graphs to (onnxruntime, OpenVINO, XLA through
+JAX): `python -m benchmarks.overhead` writes benchmarks/RESULTS-overhead.md.
 
 Two models, called through each layer between the user and the runtime: one 16x16 linear layer
 (batch 1; its compute is negligible, so a call's time is overhead) and MobileNetV2 (224x224,
@@ -7,9 +7,11 @@ batch 1; 262 weight tensors, which dynamo's guards and graphopt's weight check v
 call). The layers:
 
   session         the runtime's own call on numpy arrays (onnxruntime `InferenceSession.run`;
-                  OpenVINO `InferRequest.infer` with shared inputs, outputs copied)
-  graphopt runner graphopt's wrapper of it (`OnnxRunner` / `OpenVINORunner`): torch tensors
-                  in and out (`.numpy()` views in, `torch.from_numpy` out)
+                  OpenVINO `InferRequest.infer` with shared inputs, outputs copied; XLA: the
+                  compiled executable JAX holds, waited on with `block_until_ready`)
+  graphopt runner graphopt's wrapper of it (`OnnxRunner` / `OpenVINORunner` / `XLARunner`):
+                  torch tensors in and out (`.numpy()` views in; `torch.from_numpy` out, XLA:
+                  DLPack)
   optimize        `graphopt.optimize(...)`: the runner behind the module that flattens the
                   inputs and rebuilds the outputs (pytree)
   torch.compile   `torch.compile(model, backend="graphopt")`: dynamo's frame evaluation and
@@ -45,6 +47,8 @@ if __package__ in (None, ""):
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ("session", "graphopt runner", "optimize", "torch.compile")
+ENGINES = {"onnxruntime": "onnx", "openvino": "openvino", "xla": "xla"}  # engine: its target
+LABELS = {"onnxruntime": "onnxruntime", "openvino": "OpenVINO", "xla": "XLA"}
 
 
 def _layers(engine: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -62,6 +66,21 @@ def _layers(engine: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, C
         def call_session() -> Any:
             return session.run(None, {name: array})
 
+    elif engine == "xla":
+        import jax
+
+        from graphopt.backends.xla.target import XLARunner
+        from graphopt.backends.xla.translate import build_jax
+        from graphopt.config import Config
+
+        runner = XLARunner(build_jax(gm, Config(target="xla")))
+        runner.compile_for([x])
+        executable, params = runner.compiled, runner.params
+
+        def call_session() -> Any:
+            with jax.enable_x64(True):
+                return executable(params, [array])[0].block_until_ready()
+
     else:
         from graphopt.backends.openvino import OpenVINORunner, read_onnx
 
@@ -71,7 +90,7 @@ def _layers(engine: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, C
         def call_session() -> Any:
             return request.infer({0: array}, share_inputs=True, share_outputs=False)
 
-    target = "onnx" if engine == "onnxruntime" else "openvino"
+    target = ENGINES[engine]
     optimized = graphopt.optimize(model, (x,), target=target)
     compiled = torch.compile(model, backend="graphopt", options={"target": target})
     compiled(x)
@@ -102,7 +121,7 @@ def measure(calls: int, repeats: int, model_name: str = "linear") -> dict[str, d
     out: dict[str, dict[str, float]] = {}
     shuffle = random.Random(0).shuffle
     with torch.no_grad():
-        for engine in ("onnxruntime", "openvino"):
+        for engine in ENGINES:
             layers = _layers(engine, model, x)
             samples: dict[str, list[float]] = {name: [] for name in layers}
             order = list(layers.items())
@@ -130,18 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     rows = [
-        "| model | layer | onnxruntime us | added | OpenVINO us | added |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | layer | " + " | ".join(f"{LABELS[e]} us | added" for e in ENGINES) + " |",
+        "|---|---|" + "---:|---:|" * len(ENGINES),
     ]
     for name, by_engine in results.items():
         for layer in LAYERS:
             cells = []
-            for engine in ("onnxruntime", "openvino"):
+            for engine in ENGINES:
                 us = by_engine[engine][layer]
                 cells += [f"{us:.1f}", f"{us - by_engine[engine]['session']:+.1f}"]
             rows.append(f"| {name} | {layer} | " + " | ".join(cells) + " |")
     text = "\n".join([
-        "# Call overhead of onnxruntime and OpenVINO under graphopt (`benchmarks/overhead.py`)",
+        "# Call overhead of onnxruntime, OpenVINO and XLA under graphopt "
+        "(`benchmarks/overhead.py`)",
         "",
         f"Command: `{command.strip()}`  ",
         f"Date: {datetime.date.today()}, host: {platform.processor() or platform.machine()}, "
@@ -150,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "Microseconds a call through each layer, median of "
         f"{args.repeats} interleaved repeats of {args.calls} calls (MobileNetV2: "
         f"{int(args.calls * MODELS['mobilenet_v2'])}); `added` is beyond the runtime's own session "
-        "call. The issue's bar: at most 300 us beyond the session under torch.compile.",
+        "call. Issue #32's bar (onnxruntime, OpenVINO): at most 300 us beyond the session under "
+        "torch.compile.",
         "",
         *rows,
         "",
