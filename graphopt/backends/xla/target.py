@@ -221,6 +221,7 @@ class XLARunner:
         with jax.enable_x64(True):
             self.params = [jax.device_put(_to_jax(p).copy(), self.device) for p in graph.params]
         self.jitted = jax.jit(graph.fn)
+        self.dtypes = [n.meta["val"].dtype for n in graph.input_nodes]
         self.shapes: tuple[tuple[int, ...], ...] | None = None
         self.compiled: Any = None
 
@@ -238,7 +239,7 @@ class XLARunner:
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
         tensors = [a for a, is_tensor in zip(args, self.tensor_inputs) if is_tensor]
         with jax.enable_x64(True):  # before DLPack too: int64 tensors would arrive as int32
-            arrays = [_argument(t) for t in tensors]
+            arrays = [_argument(self._as_traced(i, t)) for i, t in enumerate(tensors)]
             fn = self.compiled if tuple(a.shape for a in arrays) == self.shapes else self.jitted
             outputs = fn(self.params, arrays)
         results = tuple(_to_torch(o) for o in outputs)
@@ -246,3 +247,15 @@ class XLARunner:
             pointers = {t.data_ptr() for t in tensors}
             results = tuple(r.clone() if r.data_ptr() in pointers else r for r in results)
         return results
+
+    def _as_traced(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """Input `i` in the dtype torch traced for it. They differ where an op's fake kernel
+        and its CPU kernel disagree (training batch norm of float16 traces float32 running
+        stats and computes float16 ones): a widening cast keeps every value, so the program
+        computes what it was traced for; a narrowing one is refused, not guessed at."""
+        want = self.dtypes[i]
+        if t.dtype == want:
+            return t
+        if t.dtype in XLA_DTYPES and jnp.can_cast(XLA_DTYPES[t.dtype], XLA_DTYPES[want], "safe"):
+            return t.to(want)
+        raise TypeError(f"XLA program input {i} is {t.dtype}, but torch traced it as {want}")
