@@ -14,6 +14,7 @@ constants, passed as the first arguments, in the manifest's order; nothing pickl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,9 @@ def _to_jax(t: torch.Tensor) -> Any:
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
+    strides = tuple(math.prod(t.shape[i + 1 :]) for i in range(t.dim()))
+    if t.stride() != strides:  # a size-1 dim's stride: any is contiguous to torch, not to XLA
+        t = t.as_strided(t.shape, strides)
     return jnp.from_dlpack(t)
 
 
