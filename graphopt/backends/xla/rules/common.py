@@ -7,6 +7,7 @@ import operator
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 import torch.fx
@@ -97,8 +98,17 @@ def _cast(x: Any, dtype: Any) -> Any:
     return x.astype(dtype)
 
 
+def _scalar(value: Any, dtype: Any) -> Any:
+    """A Python number as a `dtype` array, as torch converts a scalar operand: an int wraps
+    around in an integer dtype (uint8 x * -1 multiplies by 255, int8 x * 200 by -56)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if jnp.issubdtype(dtype, jnp.integer):
+            return jnp.asarray(np.asarray(value, np.int64).astype(dtype))
+    return jnp.asarray(value, dtype=dtype)
+
+
 def _operand(ctx, arg: Any, dtype: Any) -> Any:
     """A tensor argument cast to `dtype`, or a Python scalar as a `dtype` array."""
     if isinstance(arg, torch.fx.Node):
         return _cast(ctx[arg], dtype)
-    return jnp.asarray(ctx[arg], dtype=dtype)
+    return _scalar(ctx[arg], dtype)

@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from jax import lax
 
-from graphopt.backends.xla.rules.common import _cast, _is_float, _operand, rule
+from graphopt.backends.xla.rules.common import _cast, _is_float, _operand, _scalar, rule
 from graphopt.passes.base import named_args as args
 
 aten = torch.ops.aten
@@ -63,7 +63,7 @@ UNARY = {
     aten.asinh.default: jnp.arcsinh,
     aten.acosh.default: jnp.arccosh,
     aten.atanh.default: jnp.arctanh,
-    aten.sign.default: jnp.sign,
+    aten.sign.default: lambda x: x if x.dtype == jnp.bool_ else jnp.sign(x),  # bool: itself
     aten.relu.default: jax.nn.relu,
     aten.silu.default: jax.nn.silu,
     aten.reciprocal.default: jnp.reciprocal,
@@ -110,9 +110,9 @@ def gelu(ctx, node):
 
 def _clamp(x: Any, low: Any, high: Any) -> Any:
     if low is not None:
-        x = jnp.maximum(x, jnp.asarray(low, x.dtype))
+        x = jnp.maximum(x, low if isinstance(low, jax.Array) else _scalar(low, x.dtype))
     if high is not None:
-        x = jnp.minimum(x, jnp.asarray(high, x.dtype))
+        x = jnp.minimum(x, high if isinstance(high, jax.Array) else _scalar(high, x.dtype))
     return x
 
 
@@ -192,7 +192,7 @@ def _binary(op: Callable[[Any, Any], Any]):
         dtype = ctx.dtype(node)
         lhs, rhs = _operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype)
         if a.get("alpha", 1) != 1:
-            rhs = rhs * jnp.asarray(a["alpha"], dtype)
+            rhs = rhs * _scalar(a["alpha"], dtype)
         return _cast(op(lhs, rhs), dtype)
 
     return lower
@@ -317,7 +317,9 @@ def div_mode(ctx, node):
     if mode == "floor":
         return _floor_divide_float(x, y) if _is_float(dtype) else jnp.floor_divide(x, y)
     if mode == "trunc":
-        return jnp.trunc(x / y) if _is_float(dtype) else lax.div(x, y)  # lax.div: C's
+        if _is_float(dtype):
+            return jnp.trunc(x / y)
+        return lax.div(*jnp.broadcast_arrays(x, y))  # C's division; lax does not broadcast
     return x / y
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from jax import lax
 
-from graphopt.backends.xla.rules.common import XLA, _axis, _cast, rule
+from graphopt.backends.xla.rules.common import XLA, _axis, _cast, _is_float, _scalar, rule
 from graphopt.backends.xla.rules.elementwise import _static_scalars
 from graphopt.passes.base import named_args as args
 
@@ -203,7 +203,7 @@ def to_copy(ctx, node):
 
 @rule(aten.full.default, aten.full_like.default, check=_static_scalars)
 def full(ctx, node):
-    return jnp.full(ctx.shape(node), args(node)["fill_value"], ctx.dtype(node))
+    return jnp.broadcast_to(_scalar(args(node)["fill_value"], ctx.dtype(node)), ctx.shape(node))
 
 
 @rule(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default)
@@ -214,7 +214,7 @@ def constant_like(ctx, node):
 
 @rule(aten.scalar_tensor.default, check=_static_scalars)
 def scalar_tensor(ctx, node):
-    return jnp.asarray(args(node)["s"], ctx.dtype(node))
+    return _scalar(args(node)["s"], ctx.dtype(node))
 
 
 def _arange_check(node, cfg):
@@ -229,14 +229,19 @@ def _arange_check(node, cfg):
 
 @rule(aten.arange.default, aten.arange.start, aten.arange.start_step, check=_arange_check)
 def arange(ctx, node):
-    """start, step static; the length is the traced one (end may be a size expression)."""
+    """start, step static; the length is the traced one (end may be a size expression).
+
+    As torch's CPU kernel: start + i * step in the accumulating type, which for an integer
+    dtype is the dtype itself, the float start and step truncated (arange(0.1, -7.9, -4.0) as
+    int64 is [0, -4], not [0, -3]); float64 for float32/64, float32 for half types."""
     a = args(node)
     start, step = a.get("start", 0), a.get("step", 1)
     dtype = ctx.dtype(node)
     (length,) = ctx.shape(node)
-    if isinstance(start, int) and isinstance(step, int):
-        return start + step * lax.iota(dtype, length)
-    return (start + step * lax.iota(jnp.float64, length)).astype(dtype)
+    if not _is_float(dtype):
+        return int(start) + int(step) * lax.iota(dtype, length)
+    acc = jnp.float32 if jnp.finfo(dtype).bits < 32 else jnp.float64
+    return (start + step * lax.iota(acc, length)).astype(dtype)
 
 
 @rule(aten.constant_pad_nd.default, check=_static_scalars)
@@ -270,8 +275,10 @@ def gather(ctx, node):
     """input's other dims cropped to the index's sizes (torch's gather allows a smaller index)."""
     a = args(node)
     x, index = ctx[a["input"]], ctx[a["index"]]
-    if x.ndim == 0:
-        return x
+    if any(isinstance(d, int) and d == 0 for d in index.shape):  # empty: of any rank
+        return jnp.zeros(index.shape, x.dtype)
+    if x.ndim == 0:  # a 0-d input's index is 0 (0-d or 1-d)
+        return jnp.broadcast_to(x, index.shape)
     axis = _axis(a["dim"], x.ndim)
     crop = tuple(slice(None) if d == axis else slice(0, index.shape[d]) for d in range(x.ndim))
     return jnp.take_along_axis(x[crop], index, axis=axis)
