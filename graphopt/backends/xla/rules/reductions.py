@@ -3,11 +3,13 @@ logsumexp."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import torch
+from jax import lax
 
 from graphopt.backends.xla.rules.common import _axis, _cast, _is_float, rule
 from graphopt.passes.base import named_args as args
@@ -25,14 +27,24 @@ def _axes(dim: Any, ndim: int) -> tuple[int, ...] | None:
     return tuple(_axis(d, max(ndim, 1)) for d in dims) if ndim else None
 
 
+def _wide(x: Any) -> Any:
+    """Half types as float32: torch's CPU reductions accumulate them in float32."""
+    return x.astype(jnp.float32) if _is_float(x.dtype) and jnp.finfo(x.dtype).bits < 32 else x
+
+
 def _reduce(op):
-    """op(input, dims, keepdim), the input cast to the output dtype first (sum of bool is
-    int64, mean in the requested dtype)."""
+    """op(input, dims, keepdim) in the output dtype (sum of bool is int64, mean in the
+    requested dtype; jnp's sum of int32 would be int64, torch's with dtype=int32 wraps),
+    half types accumulated in float32 as torch's CPU kernels."""
 
     def lower(ctx, node):
         a = args(node)
-        x = _cast(ctx[a["input"]], ctx.dtype(node))
-        return op(x, axis=_axes(a.get("dim"), x.ndim), keepdims=bool(a.get("keepdim", False)))
+        dtype = ctx.dtype(node)
+        x = _cast(ctx[a["input"]], dtype)
+        axis, keep = _axes(a.get("dim"), x.ndim), bool(a.get("keepdim", False))
+        if _is_float(dtype):
+            return op(_wide(x), axis=axis, keepdims=keep).astype(dtype)
+        return op(x, axis=axis, keepdims=keep, dtype=dtype)
 
     return lower
 
@@ -59,12 +71,63 @@ def any_all(ctx, node):
     return _cast(out, ctx.dtype(node))  # all/any of uint8 is uint8
 
 
+def _variance(x: Any, dim: Any, correction: Any, keepdim: bool) -> tuple[Any, Any]:
+    """(var, mean): the sum of squared deviations over max(n - correction, 0), as torch's
+    (a correction >= n gives inf, where jnp.var gives nan)."""
+    axes = _axes(dim, x.ndim)
+    wide = _wide(x)
+    mean = jnp.mean(wide, axis=axes, keepdims=True)
+    centered = wide - mean
+    squares = jnp.sum(centered * centered, axis=axes, keepdims=keepdim)
+    count = math.prod(x.shape[i] for i in (range(x.ndim) if axes is None else axes))
+    correction = 1 if correction is None else correction
+    divisor = jnp.maximum(jnp.asarray(count, wide.dtype) - correction, 0)
+    if not keepdim:
+        mean = mean.reshape(squares.shape)
+    return (squares / divisor).astype(x.dtype), mean.astype(x.dtype)
+
+
 @rule(aten.var.correction)
 def var(ctx, node):
     a = args(node)
-    x = ctx[a["input"]]
-    correction = 1 if a["correction"] is None else a["correction"]
-    return jnp.var(x, axis=_axes(a["dim"], x.ndim), ddof=correction, keepdims=bool(a["keepdim"]))
+    return _variance(ctx[a["input"]], a["dim"], a["correction"], bool(a["keepdim"]))[0]
+
+
+@rule(aten.var_mean.correction)
+def var_mean(ctx, node):
+    a = args(node)
+    return _variance(ctx[a["input"]], a["dim"], a["correction"], bool(a["keepdim"]))
+
+
+def _vector_norm_check(node, cfg):
+    if isinstance(args(node)["ord"], torch.SymFloat | torch.SymInt):
+        return "symbolic norm order"
+    return None
+
+
+@rule(aten.linalg_vector_norm.default, check=_vector_norm_check)
+def vector_norm(ctx, node):
+    """The ord-norm over dims, accumulated in float32 at least (as torch's CPU kernel):
+    inf / -inf the largest / smallest |x|, 0 the count of nonzeros, else sum(|x|^ord)^(1/ord)."""
+    a = args(node)
+    dtype = ctx.dtype(node)
+    x = _wide(_cast(ctx[a["input"]], dtype))
+    axes, keep, order = _axes(a["dim"], x.ndim), bool(a["keepdim"]), float(a["ord"])
+    magnitude = jnp.abs(x)
+    if order == math.inf:
+        out = jnp.max(magnitude, axis=axes, keepdims=keep)
+    elif order == -math.inf:
+        out = jnp.min(magnitude, axis=axes, keepdims=keep)
+    elif order == 0:
+        out = jnp.sum((x != 0).astype(x.dtype), axis=axes, keepdims=keep)
+    elif order == 1:
+        out = jnp.sum(magnitude, axis=axes, keepdims=keep)
+    elif order == 2:
+        out = jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=keep))
+    else:
+        powered = jnp.sum(magnitude ** jnp.asarray(order, x.dtype), axis=axes, keepdims=keep)
+        out = powered ** jnp.asarray(1.0 / order, x.dtype)
+    return out.astype(dtype)
 
 
 def _arg_reduce(op):
@@ -79,6 +142,13 @@ def _arg_reduce(op):
         )
 
     return lower
+
+
+@rule(aten.max.default, aten.min.default)
+def max_min(ctx, node):
+    """The largest / smallest element (NaN if any is)."""
+    x = ctx[node.args[0]]
+    return jnp.max(x) if node.target is aten.max.default else jnp.min(x)
 
 
 rule(aten.argmax.default)(_arg_reduce(jnp.argmax))
@@ -107,12 +177,27 @@ rule(aten.min.dim)(_value_and_index(jnp.min, jnp.argmin))
 
 @rule(aten.cumsum.default, aten.cumprod.default)
 def cumulative(ctx, node):
+    """In the output dtype, half types accumulated in float32 and each output rounded, as
+    torch's CPU kernel (a running bfloat16 sum drifts from it by several ulps)."""
     a = args(node)
-    x = _cast(ctx[a["input"]], ctx.dtype(node))
+    dtype = ctx.dtype(node)
+    x = _cast(ctx[a["input"]], dtype)
     if x.ndim == 0:
         return x
+    if _is_float(dtype) and jnp.finfo(dtype).bits < 32:
+        x = x.astype(jnp.float32)
     op = jnp.cumsum if node.target is aten.cumsum.default else jnp.cumprod
-    return op(x, axis=_axis(a["dim"], x.ndim))
+    return op(x, axis=_axis(a["dim"], x.ndim)).astype(dtype)
+
+
+@rule(aten.logcumsumexp.default)
+def logcumsumexp(ctx, node):
+    """log(cumsum(exp(x))) without overflow; half types in float32, as torch's."""
+    a = args(node)
+    x = ctx[a["input"]]
+    if x.ndim == 0:
+        return x
+    return lax.cumlogsumexp(_wide(x), axis=_axis(a["dim"], x.ndim)).astype(x.dtype)
 
 
 def _softmax_check(node, cfg):
@@ -129,13 +214,15 @@ def softmax(ctx, node):
         one = jnp.ones_like(x)
         return one if node.target is aten._softmax.default else one - one
     op = jax.nn.softmax if node.target is aten._softmax.default else jax.nn.log_softmax
-    return op(x, axis=_axis(a["dim"], x.ndim))
+    return op(_wide(x), axis=_axis(a["dim"], x.ndim)).astype(x.dtype)  # half: as torch's
 
 
 @rule(aten.logsumexp.default)
 def logsumexp(ctx, node):
     a = args(node)
     x = ctx[a["input"]]
-    if not _is_float(x.dtype):
-        x = x.astype(ctx.dtype(node))
-    return jax.nn.logsumexp(x, axis=_axes(a["dim"], x.ndim), keepdims=bool(a["keepdim"]))
+    dtype = ctx.dtype(node)
+    out = jax.nn.logsumexp(
+        _wide(_cast(x, dtype)), axis=_axes(a["dim"], x.ndim), keepdims=bool(a["keepdim"])
+    )
+    return out.astype(dtype)
