@@ -72,6 +72,44 @@ for _target, _op in UNARY.items():
     rule(_target)(_unary(_op))
 
 
+def _digamma(x: Any) -> Any:
+    """digamma with torch's poles at zero: -inf at +0, +inf at -0 (lax gives nan)."""
+    return jnp.where(x == 0, -jnp.copysign(jnp.asarray(jnp.inf, x.dtype), x), lax.digamma(x))
+
+
+# Special functions, checked against torch's over [-20, 20] and the edges (0, -0, inf, nan);
+# erfcx (0 for x > 9 in float32), zeta and igamma (nan at inf) and polygamma n >= 1 (wrong
+# for negative x) are not jax's equal, so they stay in PyTorch.
+SPECIAL = {
+    aten.lgamma.default: lax.lgamma,
+    aten.digamma.default: _digamma,
+    aten.erfc.default: lax.erfc,
+    aten.i0.default: jax.scipy.special.i0,
+    aten.special_i0e.default: lax.bessel_i0e,
+    aten.special_i1.default: jax.scipy.special.i1,
+    aten.special_i1e.default: lax.bessel_i1e,
+    aten.special_ndtri.default: jax.scipy.special.ndtri,
+}
+for _target, _op in SPECIAL.items():
+    rule(_target)(_unary(_op))
+
+
+def _polygamma_check(node, cfg):
+    return None if args(node)["n"] == 0 else "polygamma of order n >= 1 (jax's is wrong for x < 0)"
+
+
+@rule(aten.polygamma.default, check=_polygamma_check)
+def polygamma(ctx, node):
+    """polygamma(0, x) is digamma."""
+    return _digamma(_operand(ctx, args(node)["input"], ctx.dtype(node)))
+
+
+@rule(aten.signbit.default)
+def signbit(ctx, node):
+    """Of the input as it is (the bool output is no dtype to compute in); -0.0 is negative."""
+    return jnp.signbit(ctx[node.args[0]])
+
+
 @rule(aten.isnan.default)
 def isnan(ctx, node):
     return jnp.isnan(ctx[node.args[0]])
@@ -100,6 +138,32 @@ for _target, _op in {
     aten.trunc.default: jnp.trunc,
 }.items():
     rule(_target)(_rounding(_op))
+
+
+@rule(aten.round.decimals)
+def round_decimals(ctx, node):
+    """torch's: round(x * 10^d) / 10^d, for d < 0 round(x / 10^-d) * 10^-d, in float32 at
+    least (its opmath type) and rounded to the dtype once."""
+    a = args(node)
+    x = ctx[a["input"]]
+    if not _is_float(x.dtype):
+        return x
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    decimals = a["decimals"]
+    scale = jnp.asarray(10.0 ** abs(decimals), wide.dtype)
+    if decimals < 0:
+        out = jnp.round(wide / scale) * scale
+    else:
+        out = jnp.round(wide * scale) / scale
+    return out.astype(x.dtype)
+
+
+@rule(aten.frexp.Tensor)
+def frexp(ctx, node):
+    """(mantissa, exponent): x = mantissa * 2^exponent, |mantissa| in [0.5, 1); int32
+    exponents."""
+    mantissa, exponent = jnp.frexp(ctx[node.args[0]])
+    return mantissa, exponent.astype(jnp.int32)
 
 
 @rule(aten.gelu.default)
@@ -216,6 +280,12 @@ BINARY = {
     (aten.atan2.default,): jnp.arctan2,
     (aten.fmod.Tensor, aten.fmod.Scalar): jnp.fmod,
     (aten.remainder.Tensor, aten.remainder.Scalar): jnp.remainder,
+    (aten.copysign.Tensor, aten.copysign.Scalar): jnp.copysign,
+    (aten.fmax.default,): jnp.fmax,  # NaN only where both are
+    (aten.fmin.default,): jnp.fmin,
+    (aten.hypot.default,): jnp.hypot,
+    (aten.nextafter.default,): jnp.nextafter,
+    (aten.ldexp.Tensor,): lambda x, e: x * jnp.exp2(e),  # torch's: input * 2 ** other
 }
 for _targets, _op in BINARY.items():
     rule(*_targets, check=_static_scalars)(_binary(_op))
