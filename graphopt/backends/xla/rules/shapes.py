@@ -30,6 +30,7 @@ rule(
     aten.squeeze.dim,
     aten.squeeze.dims,
     aten.unsqueeze.default,
+    aten.view_copy.default,
 )(_reshape_to_output)
 
 
@@ -45,7 +46,7 @@ def assert_tensor_metadata(ctx, node):
     return None
 
 
-@rule(aten.permute.default)
+@rule(aten.permute.default, aten.permute_copy.default)
 def permute(ctx, node):
     x = ctx[node.args[0]]
     return jnp.transpose(x, [_axis(d, x.ndim) for d in node.args[1]])
@@ -291,6 +292,13 @@ def _index_check(node, cfg):
     return None
 
 
+def _index_put_check(node, cfg):
+    a = args(node)
+    if a["accumulate"] and a["input"].meta["val"].dtype == torch.bool:
+        return "index_put accumulating into bool"
+    return _index_check(node, cfg)
+
+
 @rule(aten.index.Tensor, check=_index_check)
 def index(ctx, node):
     """Advanced indexing: numpy's rules are torch's (separated index tensors move to the front)."""
@@ -298,3 +306,170 @@ def index(ctx, node):
     x = ctx[a["input"]]
     key = tuple(slice(None) if i is None else ctx[i] for i in a["indices"])
     return x[key]
+
+
+@rule(aten.index_put.default, check=_index_put_check)
+def index_put(ctx, node):
+    """input[indices] = values (accumulate: +=, duplicates summed), values broadcast as
+    numpy's and torch's; a copy, as JAX arrays are immutable."""
+    a = args(node)
+    x = ctx[a["input"]]
+    key = tuple(slice(None) if i is None else ctx[i] for i in a["indices"])
+    values = _cast(ctx[a["values"]], x.dtype)
+    return x.at[key].add(values) if a["accumulate"] else x.at[key].set(values)
+
+
+def _scatter_key(index, axis: int) -> tuple:
+    """The full index of scatter's element [i, j, ...] of `index`: index[i, j, ...] along
+    `axis`, i, j, ... along the others."""
+    return tuple(
+        index if d == axis else lax.broadcasted_iota(index.dtype, index.shape, d)
+        for d in range(index.ndim)
+    )
+
+
+def _scatter_operands(ctx, node):
+    """(input, key, src cropped to the index's shape, and a function putting a 0-d input's
+    result back to 0-d)."""
+    a = args(node)
+    x, index = ctx[a["input"]], ctx[a["index"]]
+    shape = x.shape
+    if x.ndim == 0:  # a 0-d scatter writes the one element
+        x, index = x.reshape(1), index.reshape(1)
+    axis = _axis(a["dim"], x.ndim)
+    src = a.get("src", a.get("value"))
+    if isinstance(src, torch.fx.Node):
+        src = _cast(ctx[src], x.dtype)
+        src = src.reshape(1) if src.ndim == 0 else src[tuple(slice(0, n) for n in index.shape)]
+    else:
+        src = _scalar(src, x.dtype)
+    return x, _scatter_key(index, axis), src, lambda out: out.reshape(shape)
+
+
+@rule(aten.scatter.src, aten.scatter.value, check=_static_scalars)
+def scatter(ctx, node):
+    """out[..., index[i, j], ...] = src[i, j] (src cropped to the index's shape)."""
+    x, key, src, restore = _scatter_operands(ctx, node)
+    return restore(x.at[key].set(src))
+
+
+@rule(aten.scatter_add.default)
+def scatter_add(ctx, node):
+    x, key, src, restore = _scatter_operands(ctx, node)
+    return restore(x.at[key].add(src))
+
+
+def _scatter_reduce_check(node, cfg):
+    reduce = args(node)["reduce"]
+    if reduce not in ("sum", "prod", "mean", "amax", "amin"):
+        return f"scatter_reduce {reduce!r}"
+    if reduce == "mean" and node.meta["val"].dtype == torch.bool:
+        return "scatter_reduce mean of bool"
+    return None
+
+
+@rule(aten.scatter_reduce.two, check=_scatter_reduce_check)
+def scatter_reduce(ctx, node):
+    """Each written element reduces the src values sent to it, and its own value when
+    include_self; mean divides by their count (integers: floor division, as torch's), and
+    an element nothing is sent to keeps its value."""
+    a = args(node)
+    x, key, src, restore = _scatter_operands(ctx, node)
+    reduce, include_self = a["reduce"], a["include_self"]
+    if reduce == "mean":
+        total = (x if include_self else x.at[key].set(0)).at[key].add(src)
+        count = jnp.zeros(x.shape, x.dtype if _is_float(x.dtype) else jnp.int64)
+        count = count.at[key].add(1) + (1 if include_self else 0)
+        count = jnp.where(count == 0, jnp.ones_like(count), count)
+        divide = jnp.true_divide if _is_float(x.dtype) else jnp.floor_divide
+        return restore(divide(total, count).astype(x.dtype))
+    if _is_float(x.dtype):
+        low, high = -jnp.inf, jnp.inf
+    else:
+        info = jnp.iinfo(x.dtype) if x.dtype != jnp.bool_ else None
+        low, high = (False, True) if info is None else (info.min, info.max)
+    identity = {"sum": 0, "prod": 1, "amax": low, "amin": high}[reduce]
+    base = x if include_self else x.at[key].set(jnp.asarray(identity, x.dtype))
+    ref = base.at[key]
+    out = {"sum": ref.add, "prod": ref.multiply, "amax": ref.max, "amin": ref.min}[reduce](src)
+    return restore(out)
+
+
+@rule(aten.slice_scatter.default, check=_static_slice_args)
+def slice_scatter(ctx, node):
+    """input with input[..., start:end:step, ...] along dim replaced by src."""
+    a = args(node)
+    x = ctx[a["input"]]
+    index = [slice(None)] * x.ndim
+    index[_axis(a["dim"], x.ndim)] = slice(a["start"], a["end"], a["step"])
+    return x.at[tuple(index)].set(_cast(ctx[a["src"]], x.dtype))
+
+
+@rule(aten.select_scatter.default, check=_static_slice_args)
+def select_scatter(ctx, node):
+    """input with input[..., index, ...] along dim replaced by src."""
+    a = args(node)
+    x = ctx[a["input"]]
+    index = [slice(None)] * x.ndim
+    index[_axis(a["dim"], x.ndim)] = a["index"]
+    return x.at[tuple(index)].set(_cast(ctx[a["src"]], x.dtype))
+
+
+@rule(aten.diagonal.default)
+def diagonal(ctx, node):
+    """The diagonal (offset above, below if negative) of dims dim1, dim2, as the last dim."""
+    a = args(node)
+    x = ctx[a["input"]]
+    dim1, dim2 = _axis(a["dim1"], x.ndim), _axis(a["dim2"], x.ndim)
+    return jnp.diagonal(x, a["offset"], dim1, dim2)
+
+
+@rule(aten.copy.default)
+def copy(ctx, node):
+    """src in input's dtype, broadcast to input's shape (input's values are not read)."""
+    a = args(node)
+    return jnp.broadcast_to(_cast(ctx[a["src"]], ctx.dtype(node)), ctx.shape(node))
+
+
+@rule(aten.empty.memory_format, aten.empty_permuted.default)
+def empty(ctx, node):
+    """Uninitialized memory in torch: zeros will do."""
+    return jnp.zeros(ctx.shape(node), ctx.dtype(node))
+
+
+@rule(aten.unfold.default)
+def unfold(ctx, node):
+    """Windows of `size` every `step` along `dimension`: that dim becomes the window count,
+    a last dim of `size` is added (a 0-d input is one window of size 1)."""
+    a = args(node)
+    x = ctx[a["input"]]
+    if x.ndim == 0:
+        return x.reshape(ctx.shape(node))
+    axis = _axis(a["dimension"], x.ndim)
+    count, size = ctx.shape(node)[axis], a["size"]
+    starts = jnp.arange(count, dtype=jnp.int64)[:, None] * a["step"]
+    windows = jnp.take(x, starts + jnp.arange(size, dtype=jnp.int64)[None, :], axis=axis)
+    return jnp.moveaxis(windows, axis + 1, -1)
+
+
+def _sort_check(node, cfg):
+    """An unstable sort's indices of equal values are whatever torch's kernel gives; its
+    values are well defined."""
+    if node.target is aten.sort.stable and args(node)["stable"]:
+        return None
+    for user in node.users:
+        if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
+            return "indices of an unstable sort (ties are ordered by torch's kernel)"
+    return None
+
+
+@rule(aten.sort.default, aten.sort.stable, check=_sort_check)
+def sort(ctx, node):
+    """(values, indices) by a stable sort: NaN sorts above everything, as torch's."""
+    a = args(node)
+    x = ctx[a["input"]]
+    if x.ndim == 0:
+        return x, jnp.zeros((), jnp.int64)
+    axis = _axis(a["dim"], x.ndim)
+    order = jnp.argsort(x, axis=axis, stable=True, descending=bool(a["descending"]))
+    return jnp.take_along_axis(x, order, axis=axis), order.astype(jnp.int64)
