@@ -1,5 +1,5 @@
-"""Elementwise rules: unary, binary, comparisons, logical and bitwise ops, clamps and
-activations, where."""
+"""Elementwise rules: unary, binary, special functions, comparisons, logical and bitwise ops,
+clamps and activations, where."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Reductions: sum, mean, max/min (with indices), any/all, prod, var, cumsum/cumprod, softmax,
-logsumexp."""
+"""Reductions: sum, mean, max/min (with indices), any/all, prod, var, vector norms,
+cumsum/cumprod/logcumsumexp, softmax, logsumexp. Half types are accumulated in float32 and
+rounded once, as torch's CPU kernels."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Shape and data-movement rules: views, permutes, concatenation, slicing, indexing, gathers,
-casts, constants made in the graph (full, arange) and size arithmetic."""
+scatters (index_put, scatter, slice/select_scatter), sort and searchsorted, casts, constants
+made in the graph (full, arange, empty) and size arithmetic."""
 
 from __future__ import annotations
 
@@ -473,3 +474,64 @@ def sort(ctx, node):
     axis = _axis(a["dim"], x.ndim)
     order = jnp.argsort(x, axis=axis, stable=True, descending=bool(a["descending"]))
     return jnp.take_along_axis(x, order, axis=axis), order.astype(jnp.int64)
+
+
+@rule(aten.narrow_copy.default, check=_static_slice_args)
+def narrow_copy(ctx, node):
+    a = args(node)
+    x = ctx[a["input"]]
+    axis = _axis(a["dim"], x.ndim)
+    start = a["start"] + x.shape[axis] if a["start"] < 0 else a["start"]
+    return lax.slice_in_dim(x, start, start + a["length"], axis=axis)
+
+
+def _searchsorted_check(node, cfg):
+    a = args(node)
+    if a.get("sorter") is not None:
+        return "searchsorted with a sorter"
+    sequence = a["sorted_sequence" if "sorted_sequence" in a else "boundaries"]
+    if isinstance(sequence.meta["val"].shape[-1], torch.SymInt):
+        return "symbolic sequence length (the search's step count)"
+    return None
+
+
+def _insertion_points(seq, values, right: bool):
+    """Per value, where torch's binary search over the last dim of `seq` (1-d: one sequence
+    for all values) ends, step for step: its midpoints, and its test (the left side passes an
+    element unless s >= v, the right unless s > v), so that NaNs, which no count of smaller
+    elements places, land where torch's land."""
+    length = seq.shape[-1]
+    start = jnp.zeros(values.shape, jnp.int64)
+    end = jnp.full(values.shape, length, jnp.int64)
+    for _ in range(length.bit_length()):  # an empty sequence: 0 steps, every point is 0
+        mid = start + (end - start) // 2
+        at = jnp.minimum(mid, length - 1)
+        if seq.ndim == 1:
+            pivot = jnp.take(seq, at)
+        else:
+            pivot = jnp.take_along_axis(seq, at, axis=-1)
+        past = (start < end) & ~((pivot > values) if right else (pivot >= values))
+        stop = (start < end) & ~past
+        start, end = jnp.where(past, mid + 1, start), jnp.where(stop, mid, end)
+    return start
+
+
+@rule(aten.searchsorted.Tensor, check=_searchsorted_check)
+def searchsorted(ctx, node):
+    a = args(node)
+    right = a["side"] == "right" if a["side"] is not None else bool(a["right"])
+    dtype = torch.result_type(ctx.val(a["sorted_sequence"]), ctx.val(a["input"]))
+    seq = _cast(ctx[a["sorted_sequence"]], ctx.dtype(dtype))
+    values = _cast(ctx[a["input"]], ctx.dtype(dtype))
+    return _insertion_points(seq, values, right).astype(ctx.dtype(node))
+
+
+@rule(aten.bucketize.Tensor, check=_searchsorted_check)
+def bucketize(ctx, node):
+    """The bucket of each value among 1-d boundaries: searchsorted with the sides swapped in
+    name only (right=False puts a value equal to a boundary in its bucket's left edge)."""
+    a = args(node)
+    dtype = torch.result_type(ctx.val(a["input"]), ctx.val(a["boundaries"]))
+    boundaries = _cast(ctx[a["boundaries"]], ctx.dtype(dtype))
+    values = _cast(ctx[a["input"]], ctx.dtype(dtype))
+    return _insertion_points(boundaries, values, bool(a["right"])).astype(ctx.dtype(node))
