@@ -191,6 +191,32 @@ def cumulative(ctx, node):
     return op(x, axis=_axis(a["dim"], x.ndim)).astype(dtype)
 
 
+def _running_extreme(later_wins):
+    """cummax / cummin: (values, indices) of the running extreme, as torch's scan: a later
+    element that ties takes over, a NaN takes over and stays (of NaNs, the later)."""
+
+    def lower(ctx, node):
+        a = args(node)
+        x = ctx[a["input"]]
+        if x.ndim == 0:
+            return x, jnp.zeros((), jnp.int64)
+        axis = _axis(a["dim"], x.ndim)
+
+        def combine(earlier, later):
+            (va, ia), (vb, ib) = earlier, later
+            take = (vb != vb) | ((va == va) & later_wins(vb, va))
+            return jnp.where(take, vb, va), jnp.where(take, ib, ia)
+
+        index = lax.broadcasted_iota(jnp.int64, x.shape, axis)
+        return lax.associative_scan(combine, (x, index), axis=axis)
+
+    return lower
+
+
+rule(aten.cummax.default)(_running_extreme(jnp.greater_equal))
+rule(aten.cummin.default)(_running_extreme(jnp.less_equal))
+
+
 @rule(aten.logcumsumexp.default)
 def logcumsumexp(ctx, node):
     """log(cumsum(exp(x))) without overflow; half types in float32, as torch's."""

@@ -363,27 +363,23 @@ def scatter_add(ctx, node):
 def _scatter_reduce_check(node, cfg):
     reduce = args(node)["reduce"]
     if reduce not in ("sum", "prod", "mean", "amax", "amin"):
-        return f"scatter_reduce {reduce!r}"
+        return f"{node.target._overloadpacket.__name__} {reduce!r}"
     if reduce == "mean" and node.meta["val"].dtype == torch.bool:
-        return "scatter_reduce mean of bool"
+        return "mean of bool"
     return None
 
 
-@rule(aten.scatter_reduce.two, check=_scatter_reduce_check)
-def scatter_reduce(ctx, node):
-    """Each written element reduces the src values sent to it, and its own value when
-    include_self; mean divides by their count (integers: floor division, as torch's), and
-    an element nothing is sent to keeps its value."""
-    a = args(node)
-    x, key, src, restore = _scatter_operands(ctx, node)
-    reduce, include_self = a["reduce"], a["include_self"]
+def _reduce_into(x, key, src, reduce: str, include_self: bool):
+    """x with each element x[key[i]] reduced with the src values sent to it, and with its own
+    value when include_self; mean divides by their count (integers: floor division, as
+    torch's), and an element nothing is sent to keeps its value."""
     if reduce == "mean":
         total = (x if include_self else x.at[key].set(0)).at[key].add(src)
         count = jnp.zeros(x.shape, x.dtype if _is_float(x.dtype) else jnp.int64)
         count = count.at[key].add(1) + (1 if include_self else 0)
         count = jnp.where(count == 0, jnp.ones_like(count), count)
         divide = jnp.true_divide if _is_float(x.dtype) else jnp.floor_divide
-        return restore(divide(total, count).astype(x.dtype))
+        return divide(total, count).astype(x.dtype)
     if _is_float(x.dtype):
         low, high = -jnp.inf, jnp.inf
     else:
@@ -392,8 +388,28 @@ def scatter_reduce(ctx, node):
     identity = {"sum": 0, "prod": 1, "amax": low, "amin": high}[reduce]
     base = x if include_self else x.at[key].set(jnp.asarray(identity, x.dtype))
     ref = base.at[key]
-    out = {"sum": ref.add, "prod": ref.multiply, "amax": ref.max, "amin": ref.min}[reduce](src)
-    return restore(out)
+    return {"sum": ref.add, "prod": ref.multiply, "amax": ref.max, "amin": ref.min}[reduce](src)
+
+
+@rule(aten.scatter_reduce.two, check=_scatter_reduce_check)
+def scatter_reduce(ctx, node):
+    a = args(node)
+    x, key, src, restore = _scatter_operands(ctx, node)
+    return restore(_reduce_into(x, key, src, a["reduce"], a["include_self"]))
+
+
+@rule(aten.index_reduce.default, check=_scatter_reduce_check)
+def index_reduce(ctx, node):
+    """input[..., index[i], ...] reduced with source[..., i, ...] along dim."""
+    a = args(node)
+    x = ctx[a["input"]]
+    if x.ndim == 0:
+        x = x.reshape(1)
+    key = [slice(None)] * x.ndim
+    key[_axis(a["dim"], x.ndim)] = ctx[a["index"]].reshape(-1)
+    src = _cast(ctx[a["source"]], x.dtype).reshape(x[tuple(key)].shape)
+    out = _reduce_into(x, tuple(key), src, a["reduce"], a["include_self"])
+    return out.reshape(ctx.shape(node))
 
 
 @rule(aten.slice_scatter.default, check=_static_slice_args)
@@ -414,6 +430,21 @@ def select_scatter(ctx, node):
     index = [slice(None)] * x.ndim
     index[_axis(a["dim"], x.ndim)] = a["index"]
     return x.at[tuple(index)].set(_cast(ctx[a["src"]], x.dtype))
+
+
+@rule(aten.diagonal_scatter.default)
+def diagonal_scatter(ctx, node):
+    """input with its diagonal (as `diagonal` takes it) replaced by src, whose last dim is the
+    diagonal."""
+    a = args(node)
+    x = ctx[a["input"]]
+    dim1, dim2, offset = _axis(a["dim1"], x.ndim), _axis(a["dim2"], x.ndim), a["offset"]
+    front = jnp.moveaxis(x, (dim1, dim2), (0, 1))
+    length = ctx.shape(a["src"])[-1]
+    rows = jnp.arange(length, dtype=jnp.int64) + max(-offset, 0)
+    cols = jnp.arange(length, dtype=jnp.int64) + max(offset, 0)
+    src = jnp.moveaxis(_cast(ctx[a["src"]], x.dtype), -1, 0)
+    return jnp.moveaxis(front.at[rows, cols].set(src), (0, 1), (dim1, dim2))
 
 
 @rule(aten.diagonal.default)
