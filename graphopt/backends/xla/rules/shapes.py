@@ -566,3 +566,16 @@ def bucketize(ctx, node):
     boundaries = _cast(ctx[a["boundaries"]], ctx.dtype(dtype))
     values = _cast(ctx[a["input"]], ctx.dtype(dtype))
     return _insertion_points(boundaries, values, bool(a["right"])).astype(ctx.dtype(node))
+
+
+@rule(aten.nonzero_static.default)
+def nonzero_static(ctx, node):
+    """The first `size` nonzero positions in row-major order, [size, ndim], padded with
+    fill_value rows."""
+    a = args(node)
+    x = ctx[a["input"]]
+    (size, _) = ctx.shape(node)
+    if x.ndim == 0:
+        return jnp.zeros((size, 0), jnp.int64)
+    where = jnp.nonzero(x, size=size, fill_value=a["fill_value"])
+    return jnp.stack(where, axis=1).astype(jnp.int64)
