@@ -3,6 +3,7 @@ clamps and activations, where."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +28,28 @@ def _static_scalars(node: torch.fx.Node, cfg: Any) -> str | None:
     return None
 
 
+def _in_float32(op: Callable[..., Any]) -> Callable[..., Any]:
+    """op computed in float32 for float16/bfloat16 operands, rounded once: torch's CPU kernels
+    compute half types in float32 (their opmath type), and XLA's half-precision exp2, sigmoid,
+    i0, asin, ... are off from that by more than the half types' tolerance (float16
+    sigmoid(-11.5) is 0 in XLA, 1.0e-5 in torch)."""
+
+    def wrapped(x: Any, *rest: Any) -> Any:
+        dtype = jnp.result_type(x, *rest)
+        if not (_is_float(dtype) and jnp.finfo(dtype).bits < 32):
+            return op(x, *rest)
+        wide = [jnp.asarray(v).astype(jnp.float32) for v in (x, *rest)]
+        return op(*wide).astype(dtype)
+
+    return wrapped
+
+
 def _unary(op: Callable[[Any], Any]):
-    """x -> op(x), the input cast to the output dtype first (torch.exp(int) is float)."""
+    """x -> op(x), the input cast to the output dtype first (torch.exp(int) is float); half
+    types in float32 (`_in_float32`)."""
 
     def lower(ctx, node):
-        return op(_operand(ctx, node.args[0], ctx.dtype(node)))
+        return _in_float32(op)(_operand(ctx, node.args[0], ctx.dtype(node)))
 
     return lower
 
@@ -169,7 +187,8 @@ def frexp(ctx, node):
 @rule(aten.gelu.default)
 def gelu(ctx, node):
     a = args(node)
-    return jax.nn.gelu(ctx[a["input"]], approximate=a["approximate"] == "tanh")
+    gelu = functools.partial(jax.nn.gelu, approximate=a["approximate"] == "tanh")
+    return _in_float32(gelu)(ctx[a["input"]])
 
 
 def _clamp(x: Any, low: Any, high: Any) -> Any:
@@ -208,13 +227,12 @@ def _hardsigmoid(x: Any) -> Any:
 
 @rule(aten.hardsigmoid.default)
 def hardsigmoid(ctx, node):
-    return _hardsigmoid(ctx[node.args[0]])
+    return _in_float32(_hardsigmoid)(ctx[node.args[0]])
 
 
 @rule(aten.hardswish.default)
 def hardswish(ctx, node):
-    x = ctx[node.args[0]]
-    return x * _hardsigmoid(x)
+    return _in_float32(lambda x: x * _hardsigmoid(x))(ctx[node.args[0]])
 
 
 @rule(aten.leaky_relu.default, check=_static_scalars)
@@ -228,13 +246,15 @@ def leaky_relu(ctx, node):
 def elu(ctx, node):
     """scale * (x if x > 0 else alpha * (exp(x * input_scale) - 1))."""
     a = args(node)
-    x = ctx[a["input"]]
 
-    def c(v):
-        return jnp.asarray(v, x.dtype)
+    def elu(x):
+        def c(v):
+            return jnp.asarray(v, x.dtype)
 
-    out = jnp.where(x > 0, x, jnp.expm1(x * c(a["input_scale"])) * c(a["alpha"]))
-    return out * c(a["scale"]) if a["scale"] != 1 else out
+        out = jnp.where(x > 0, x, jnp.expm1(x * c(a["input_scale"])) * c(a["alpha"]))
+        return out * c(a["scale"]) if a["scale"] != 1 else out
+
+    return _in_float32(elu)(ctx[a["input"]])
 
 
 @rule(aten.logical_not.default)
@@ -248,15 +268,49 @@ def bitwise_not(ctx, node):
     return jnp.logical_not(x) if x.dtype == jnp.bool_ else jnp.bitwise_not(x)
 
 
-def _binary(op: Callable[[Any, Any], Any]):
-    """op(input, alpha * other) computed in the output dtype (torch's type promotion result)."""
+def _is_half(dtype: Any) -> bool:
+    return _is_float(dtype) and jnp.finfo(dtype).bits < 32
+
+
+def _one_element(ctx, arg: Any) -> bool:
+    """A Python number, or a tensor of one element (its size static)."""
+    if not isinstance(arg, torch.fx.Node):
+        return True
+    value = ctx.val(arg)
+    if not isinstance(value, torch.Tensor):  # a symbolic number
+        return True
+    return all(isinstance(d, int) and d == 1 for d in value.shape)
+
+
+def _half_operands(ctx, node, dtype: Any, scalar_in_float32: bool) -> tuple[Any, Any]:
+    """(input, other) as float32 for an op whose result is a half type, as torch's kernels
+    compute it: each tensor in the result dtype first; a scalar `other` (a Python number or a
+    one-element tensor) of mul and div read in float32 instead (torch's reduced-float fast
+    path reads its original value: bfloat16 x * 3.3 multiplies by 3.3, not 3.296875)."""
+    a = args(node)
+    lhs = _operand(ctx, a["input"], dtype).astype(jnp.float32)
+    if scalar_in_float32 and _one_element(ctx, a["other"]):
+        return lhs, _operand(ctx, a["other"], jnp.float32)
+    return lhs, _operand(ctx, a["other"], dtype).astype(jnp.float32)
+
+
+def _binary(op: Callable[[Any, Any], Any], *, scalar_in_float32: bool = False):
+    """op(input, alpha * other) computed in the output dtype (torch's type promotion result);
+    a half type in float32, rounded once (alpha in the half type first), as torch's kernels;
+    scalar_in_float32: see `_half_operands`."""
 
     def lower(ctx, node):
         a = args(node)
         dtype = ctx.dtype(node)
+        alpha = a.get("alpha", 1)
+        if _is_half(dtype):
+            lhs, rhs = _half_operands(ctx, node, dtype, scalar_in_float32)
+            if alpha != 1:
+                rhs = rhs * _scalar(alpha, dtype).astype(jnp.float32)
+            return op(lhs, rhs).astype(dtype)
         lhs, rhs = _operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype)
-        if a.get("alpha", 1) != 1:
-            rhs = rhs * _scalar(a["alpha"], dtype)
+        if alpha != 1:
+            rhs = rhs * _scalar(alpha, dtype)
         return _cast(op(lhs, rhs), dtype)
 
     return lower
@@ -270,25 +324,38 @@ def _mul(x, y):
     return jnp.logical_and(x, y) if x.dtype == jnp.bool_ else x * y
 
 
+def _divide(x: Any, y: Any) -> Any:
+    """x / y, IEEE division as torch's. XLA's simplifier turns a division by a broadcast
+    (a scalar divisor) into a multiplication by its reciprocal, one ulp off the quotient, and
+    floor or trunc of it one off the integer (float32 trunc(x / 0.37) was, for 10 of 20001
+    values): such a divisor is broadcast in full behind an optimization barrier."""
+    if _is_float(jnp.result_type(x, y)):
+        shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
+        if jnp.shape(y) != shape:
+            y = lax.optimization_barrier(jnp.broadcast_to(y, shape))
+    return jnp.true_divide(x, y)
+
+
 BINARY = {
     (aten.add.Tensor, aten.add.Scalar): _add,
     (aten.sub.Tensor, aten.sub.Scalar): jnp.subtract,
     (aten.mul.Tensor, aten.mul.Scalar): _mul,
-    (aten.div.Tensor, aten.div.Scalar): jnp.true_divide,
+    (aten.div.Tensor, aten.div.Scalar): _divide,
     (aten.maximum.default,): jnp.maximum,
     (aten.minimum.default,): jnp.minimum,
-    (aten.atan2.default,): jnp.arctan2,
+    (aten.atan2.default,): _in_float32(jnp.arctan2),
     (aten.fmod.Tensor, aten.fmod.Scalar): jnp.fmod,
     (aten.remainder.Tensor, aten.remainder.Scalar): jnp.remainder,
     (aten.copysign.Tensor, aten.copysign.Scalar): jnp.copysign,
     (aten.fmax.default,): jnp.fmax,  # NaN only where both are
     (aten.fmin.default,): jnp.fmin,
-    (aten.hypot.default,): jnp.hypot,
+    (aten.hypot.default,): _in_float32(jnp.hypot),
     (aten.nextafter.default,): jnp.nextafter,
-    (aten.ldexp.Tensor,): lambda x, e: x * jnp.exp2(e),  # torch's: input * 2 ** other
+    (aten.ldexp.Tensor,): lambda x, e: x * _in_float32(jnp.exp2)(e),  # torch's: x * 2 ** e
 }
 for _targets, _op in BINARY.items():
-    rule(*_targets, check=_static_scalars)(_binary(_op))
+    _opmath = _targets[0] in (aten.mul.Tensor, aten.div.Tensor)
+    rule(*_targets, check=_static_scalars)(_binary(_op, scalar_in_float32=_opmath))
 
 
 def _logical(op):
@@ -359,17 +426,18 @@ def pow_(ctx, node):
         return base * base
     if not isinstance(exponent, torch.fx.Node) and float(exponent).is_integer():
         if not _is_float(dtype) or abs(exponent) <= 4:
-            return lax.integer_pow(base, int(exponent))
-    return jnp.power(base, _operand(ctx, exponent, dtype))
+            return _in_float32(lambda b: lax.integer_pow(b, int(exponent)))(base)
+    return _in_float32(jnp.power)(base, _operand(ctx, exponent, dtype))
 
 
 def _floor_divide_float(a: Any, b: Any) -> Any:
     """torch's float floor division (ATen's div_floor_floating), not floor(a / b):
     1.0 // 0.1 is 9 in torch and Python, floor(1.0 / 0.1) is 10."""
     zero, one, half = (jnp.asarray(v, a.dtype) for v in (0.0, 1.0, 0.5))
-    quotient = a / b
+    a, b = jnp.broadcast_arrays(a, b)
+    quotient = _divide(a, b)
     mod = jnp.fmod(a, b)
-    div = (a - mod) / b
+    div = _divide(a - mod, b)
     wrong_sign = (mod != zero) & ((b < zero) ^ (mod < zero))
     div = jnp.where(wrong_sign, div - one, div)
     floor = jnp.floor(div)
@@ -382,15 +450,19 @@ def _floor_divide_float(a: Any, b: Any) -> Any:
 def div_mode(ctx, node):
     a = args(node)
     dtype = ctx.dtype(node)
-    x, y = _operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype)
     mode = a["rounding_mode"]
+    if _is_half(dtype) and _one_element(ctx, a["other"]):  # torch's reduced-float fast path
+        x, y = _half_operands(ctx, node, dtype, scalar_in_float32=True)
+        floor = _floor_divide_float(x, y) if mode == "floor" else jnp.trunc(_divide(x, y))
+        return (floor if mode is not None else _divide(x, y)).astype(dtype)
+    x, y = _operand(ctx, a["input"], dtype), _operand(ctx, a["other"], dtype)
     if mode == "floor":
         return _floor_divide_float(x, y) if _is_float(dtype) else jnp.floor_divide(x, y)
     if mode == "trunc":
         if _is_float(dtype):
-            return jnp.trunc(x / y)
+            return jnp.trunc(_divide(x, y))
         return lax.div(*jnp.broadcast_arrays(x, y))  # C's division; lax does not broadcast
-    return x / y
+    return _divide(x, y)
 
 
 @rule(aten.where.self)
