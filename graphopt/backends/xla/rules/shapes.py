@@ -357,7 +357,7 @@ def scatter(ctx, node):
 @rule(aten.scatter_add.default)
 def scatter_add(ctx, node):
     x, key, src, restore = _scatter_operands(ctx, node)
-    return restore(x.at[key].add(src))
+    return restore(_reduce_into(x, key, src, "sum", True))
 
 
 def _scatter_reduce_check(node, cfg):
@@ -373,6 +373,9 @@ def _reduce_into(x, key, src, reduce: str, include_self: bool):
     """x with each element x[key[i]] reduced with the src values sent to it, and with its own
     value when include_self; mean divides by their count (integers: floor division, as
     torch's), and an element nothing is sent to keeps its value."""
+    if x.dtype == jnp.bool_:  # sum / amax are or, prod / amin and: as 0s and 1s
+        out = _reduce_into(x.astype(jnp.int32), key, src.astype(jnp.int32), reduce, include_self)
+        return out != 0
     if reduce == "mean":
         total = (x if include_self else x.at[key].set(0)).at[key].add(src)
         count = jnp.zeros(x.shape, x.dtype if _is_float(x.dtype) else jnp.int64)
@@ -383,8 +386,7 @@ def _reduce_into(x, key, src, reduce: str, include_self: bool):
     if _is_float(x.dtype):
         low, high = -jnp.inf, jnp.inf
     else:
-        info = jnp.iinfo(x.dtype) if x.dtype != jnp.bool_ else None
-        low, high = (False, True) if info is None else (info.min, info.max)
+        low, high = jnp.iinfo(x.dtype).min, jnp.iinfo(x.dtype).max
     identity = {"sum": 0, "prod": 1, "amax": low, "amin": high}[reduce]
     base = x if include_self else x.at[key].set(jnp.asarray(identity, x.dtype))
     ref = base.at[key]
