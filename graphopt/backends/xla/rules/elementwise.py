@@ -238,8 +238,11 @@ def hardswish(ctx, node):
 @rule(aten.leaky_relu.default, check=_static_scalars)
 def leaky_relu(ctx, node):
     a = args(node)
-    x = ctx[a["input"]]
-    return jnp.where(x > 0, x, x * jnp.asarray(a["negative_slope"], x.dtype))
+
+    def leaky(x):  # half types in float32: the slope is not rounded to them, as torch's
+        return jnp.where(x > 0, x, x * jnp.asarray(a["negative_slope"], x.dtype))
+
+    return _in_float32(leaky)(ctx[a["input"]])
 
 
 @rule(aten.elu.default, check=_static_scalars)

@@ -253,16 +253,24 @@ def group_norm(ctx, node):
 
 @rule(aten._native_batch_norm_legit_no_training.default)
 def batch_norm(ctx, node):
-    """Inference batch norm: (out, empty, empty) as torch's."""
+    """Inference batch norm as torch's CPU kernel computes it: x * alpha + beta per channel,
+    alpha = weight / sqrt(var + eps), beta = bias - mean * alpha, in float32 at least (half
+    types rounded once); (out, empty, empty) as torch's."""
     a = args(node)
     x = ctx[a["input"]]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    rstd = lax.rsqrt(ctx[a["running_var"]].reshape(shape) + a["eps"])
-    out = (x - ctx[a["running_mean"]].reshape(shape)) * rstd
+
+    def param(name):
+        return None if a[name] is None else _cast(ctx[a[name]], acc).reshape(shape)
+
+    alpha = 1 / jnp.sqrt(param("running_var") + jnp.asarray(a["eps"], acc))
     if a["weight"] is not None:
-        out = out * ctx[a["weight"]].reshape(shape)
+        alpha = alpha * param("weight")
+    beta = -param("running_mean") * alpha
     if a["bias"] is not None:
-        out = out + ctx[a["bias"]].reshape(shape)
+        beta = beta + param("bias")
+    out = x.astype(acc) * alpha + beta
     _, v1, v2 = ctx.val(node)
     empty = [jnp.zeros(tuple(ctx.dim(d) for d in v.shape), ctx.dtype(v)) for v in (v1, v2)]
     return (out.astype(x.dtype), *empty)
