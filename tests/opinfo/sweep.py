@@ -32,6 +32,7 @@ Ops run in a worker subprocess, so a crash (TVM segfault) or a hang costs one op
 
     python -m tests.opinfo.sweep --target cpu --out tests/opinfo/baseline_cpu.json
     python -m tests.opinfo.sweep --target cpu --mode grad --out tests/opinfo/baseline_cpu_grad.json
+    python -m tests.opinfo.sweep --target xla --out tests/opinfo/baseline_xla.json
     python -m tests.opinfo.sweep --target llvm --op nn.functional.relu --inline   # debug one op
 """
 
@@ -558,10 +559,10 @@ def baseline_name(target: str, mode: str = "forward") -> str:
 def regression(target: str, before: str, now: str, mode: str = "forward") -> str | None:
     """Why going from status `before` (baseline) to `now` is a regression, or None if it is not.
 
-    An op that passed (match/fallback) must still pass. On TVM targets, and in the grad modes,
-    an op that matched must not start running in PyTorch (a node falling back to PyTorch, or
-    a backward that no longer reaches graphopt); on "cpu" in forward mode a new graph break is
-    dynamo's affair.
+    An op that passed (match/fallback) must still pass. On the TVM and XLA targets, and in the
+    grad modes, an op that matched must not start running in PyTorch (a node falling back to
+    PyTorch, or a backward that no longer reaches graphopt); on "cpu" in forward mode a new
+    graph break is dynamo's affair.
     """
     if before not in PASSING:
         return None

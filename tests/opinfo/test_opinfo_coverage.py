@@ -9,6 +9,8 @@ start running in PyTorch.
 What CI runs, and why (measured on the 2-core machine, cold inductor cache):
   * llvm: every baseline-passing op (614 ops, ~0.3 s each, ~3 min): the TVM rules are
     graphopt's own code, and most of its ops are one small TVM build.
+  * xla: every baseline-passing op (629 ops; the whole sweep takes ~100 s with 2 workers):
+    the XLA rules are graphopt's own code, as the TVM ones.
   * cpu: a fixed third of them, the ops with crc32(name) % 3 == 0 (~200 ops, ~1 s each, most
     of it inductor's C++ compile): the full cpu sweep alone takes ~10 min. The sample does not
     depend on the baseline's contents, and it spans every op family, so a pass that breaks
@@ -34,13 +36,13 @@ import pytest
 from . import sweep
 
 HERE = Path(__file__).parent
-BASELINES = (("cpu", "forward"), ("llvm", "forward"), ("cpu", "grad"))
+BASELINES = (("cpu", "forward"), ("llvm", "forward"), ("xla", "forward"), ("cpu", "grad"))
 CPU_SAMPLE = 3  # cpu runs the ops with crc32(name) % CPU_SAMPLE == residue unless ..._FULL
 RESIDUE = {"forward": 0, "grad": 1}
-# Lower bounds on each baseline's "match" count (~80% of cpu 629, llvm 304, cpu grad 470 when
-# written), so a baseline regenerated from a broken tree cannot pass; "fallback" is not
+# Lower bounds on each baseline's "match" count (~80% of cpu 629, llvm 304, xla 476, cpu grad
+# 470 when written), so a baseline regenerated from a broken tree cannot pass; "fallback" is not
 # counted, as an llvm sweep with no TVM rule at all would still have ~600 ops that fall back.
-MIN_MATCH = {"cpu": 500, "llvm": 240, "cpu_grad": 376}
+MIN_MATCH = {"cpu": 500, "llvm": 240, "xla": 380, "cpu_grad": 376}
 DOUBLE_BACKWARD = (
     "sin", "mul", "matmul", "nn.functional.linear", "nn.functional.layer_norm", "softmax",
     "nn.functional.gelu", "nn.functional.conv2d", "nn.functional.silu", "tanh",
