@@ -155,8 +155,8 @@ def test_fallback_error_raises_naming_the_op():
 
 
 def test_a_rule_check_refuses_with_a_reason_and_tracing_raises_lowering_error():
-    x = torch.randn(1, 2, 5, 5)
-    weight = torch.randn(2, 3, 3, 3)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.bfloat16)
+    weight = torch.randn(2, 3, 3, 3, dtype=torch.bfloat16)
     gm = make_fx(lambda x: F.conv_transpose2d(x, weight))(x)
     conv = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.convolution.default)
     assert "transposed" in XLA.unsupported_reason(conv, XLA_CFG)
