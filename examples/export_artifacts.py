@@ -1,15 +1,16 @@
 """Export the quickstart's ResNet-style model as deployable artifacts, load each back, check it
 against eager and time it.
 
-python examples/export_artifacts.py                    # ONNX fp32 + int8, TVM x86, in ./artifacts
+python examples/export_artifacts.py                    # ONNX fp32 + int8, TVM x86, StableHLO
+                                                       # (CPU and TPU), in ./artifacts
 python examples/export_artifacts.py --aarch64          # also a TVM library for 64-bit ARM, run
                                                        # under qemu-aarch64 (Debian packages
                                                        # g++-aarch64-linux-gnu, qemu-user-static)
 python examples/export_artifacts.py --out /tmp/a --rounds 5
 
 Each folder holds manifest.json (files with sha256, versions, options, input/output specs),
-the model (model.onnx or model.so) and report.json; `graphopt.load(folder)` checks the hashes
-and returns a callable. See README "Export".
+the model (model.onnx, model.so, or model.stablehlo with weights.safetensors) and
+report.json; `graphopt.load(folder)` checks the hashes and returns a callable. See README "Export".
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
         "onnx-fp32": {"format": "onnx"},
         "onnx-int8": {"format": "onnx", "quantize": "int8", "calibration": calibration},
         "tvm-x86": {"format": "tvm", "target": "llvm"},
+        "stablehlo": {"format": "stablehlo", "platforms": ("cpu", "tpu")},  # run here in JAX
     }
     if args.aarch64:
         exports["tvm-aarch64"] = {"format": "tvm", "target": "aarch64"}

@@ -45,10 +45,10 @@ def test_int8_digits_prints_accuracy_report_and_speed(model):
 
 def test_export_artifacts_writes_loads_and_times_each(tmp_path):
     out = _run("examples/export_artifacts.py", "--out", str(tmp_path), "--rounds", "2")
-    for name in ("onnx-fp32", "onnx-int8", "tvm-x86"):
+    for name in ("onnx-fp32", "onnx-int8", "tvm-x86", "stablehlo"):
         assert f"{name}: {tmp_path / name}" in out and f"| {name} |" in out
         assert (tmp_path / name / "manifest.json").is_file()
-    assert out.count("loaded again: max abs error vs eager") == 3
+    assert out.count("loaded again: max abs error vs eager") == 4
 
 
 def test_fpga_digits_exports_simulates_and_is_bit_exact(tmp_path):
