@@ -36,9 +36,9 @@ DEFAULT_PLATFORMS = ("cpu", "tpu")
 WEIGHTS_FILE = "weights.safetensors"
 MLIR_FILE = "model.mlir"
 # XLA may skip rounding a float16/bfloat16 intermediate to its type (a convert pair removed,
-# "excess precision"); torch rounds every op's result, and so must the program: bfloat16
-# x ** (y / 3) used y / 3 unrounded, 9135 of 20001 values off eager. Rules that compute in
-# float32 say so (`elementwise._in_float32`).
+# "excess precision"); torch rounds every op's result, and so must the program (bfloat16
+# x ** (y / 3) would use y / 3 unrounded). Rules that compute in float32 say so
+# (`elementwise._in_float32`).
 COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 
 

@@ -330,8 +330,8 @@ def _mul(x, y):
 def _divide(x: Any, y: Any) -> Any:
     """x / y, IEEE division as torch's. XLA's simplifier turns a division by a broadcast
     (a scalar divisor) into a multiplication by its reciprocal, one ulp off the quotient, and
-    floor or trunc of it one off the integer (float32 trunc(x / 0.37) was, for 10 of 20001
-    values): such a divisor is broadcast in full behind an optimization barrier."""
+    floor or trunc of it one off the integer (float32 trunc(x / 0.37), for some x): such a
+    divisor is broadcast in full behind an optimization barrier."""
     if _is_float(jnp.result_type(x, y)):
         shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
         if jnp.shape(y) != shape:
