@@ -218,9 +218,9 @@ class XLARunner:
 
     The constants are copied to the JAX device once. Inputs cross without a copy (numpy views,
     which JAX's CPU client takes as they are; DLPack for bfloat16), outputs through DLPack,
-    except one that XLA hands back in an input's memory, which is copied (torch returns a
-    tensor of its own). The program compiled for the example shapes is kept; other shapes go
-    through `jax.jit`, which compiles each once.
+    except one that XLA hands back in an input's or a constant's memory, which is copied
+    (torch returns a tensor of its own). The program compiled for the example shapes is kept;
+    other shapes go through `jax.jit`, which compiles each once.
     """
 
     def __init__(self, graph: JaxGraph):
@@ -229,6 +229,8 @@ class XLARunner:
         self.tensor_inputs = graph.tensor_inputs
         with jax.enable_x64(True):
             self.params = [jax.device_put(_to_jax(p).copy(), self.device) for p in graph.params]
+        # an output that is a constant comes back in the constant's memory: copied too
+        self.param_pointers = {p.unsafe_buffer_pointer() for p in self.params}
         self.jitted = jax.jit(graph.fn, compiler_options=COMPILER_OPTIONS)
         self.dtypes = [n.meta["val"].dtype for n in graph.input_nodes]
         self.shapes: tuple[tuple[int, ...], ...] | None = None
@@ -252,8 +254,8 @@ class XLARunner:
             fn = self.compiled if tuple(a.shape for a in arrays) == self.shapes else self.jitted
             outputs = fn(self.params, arrays)
         results = tuple(_to_torch(o) for o in outputs)
-        if tensors and any(r.numel() for r in results):
-            pointers = {t.data_ptr() for t in tensors}
+        if any(r.numel() for r in results):
+            pointers = self.param_pointers.union(t.data_ptr() for t in tensors)
             results = tuple(r.clone() if r.data_ptr() in pointers else r for r in results)
         return results
 

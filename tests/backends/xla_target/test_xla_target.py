@@ -184,6 +184,16 @@ def test_outputs_never_alias_inputs_and_int64_stays_int64():
     assert not torch.equal(clone, x)
 
 
+def test_an_output_that_is_a_constant_is_a_tensor_of_its_own():
+    """Writing to it must not change the constant the next call returns."""
+    w, x = torch.randn(3), torch.randn(3)
+    gm = make_fx(lambda x: (x + 1, w))(x)
+    compiled = targets.backend("xla").compile(gm, [x], XLA_CFG)
+    _, first = compiled(x)
+    first.add_(100)
+    assert torch.equal(compiled(x)[1], w)
+
+
 def test_non_contiguous_inputs():
     model = MLP().eval()
     compiled = graphopt.optimize(model, (torch.randn(4, 32),), target="xla")
