@@ -229,7 +229,7 @@ class XLARunner:
         self.tensor_inputs = graph.tensor_inputs
         with jax.enable_x64(True):
             self.params = [jax.device_put(_to_jax(p).copy(), self.device) for p in graph.params]
-        # an output that is a constant comes back in the constant's memory: copied too
+        # an output in a constant's memory (a runtime may return a constant as it is): copied
         self.param_pointers = {p.unsafe_buffer_pointer() for p in self.params}
         self.jitted = jax.jit(graph.fn, compiler_options=COMPILER_OPTIONS)
         self.dtypes = [n.meta["val"].dtype for n in graph.input_nodes]
