@@ -12,6 +12,7 @@ and an op without a rule becomes a PyTorch fallback partition (never a crash).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,52 @@ from graphopt.ops import op_name
 
 # A check returns None when the node is supported, or a one-line reason when it is not.
 Check = Callable[[torch.fx.Node, Any], "str | None"]
+
+
+def traced(node: torch.fx.Node, cfg: Any) -> str | None:
+    """A check: the node and its inputs carry traced values (meta["val"])."""
+    missing = [n.name for n in [node, *node.all_input_nodes] if "val" not in n.meta]
+    return f"no meta['val'] on {missing} (run FakeTensorProp)" if missing else None
+
+
+def dtypes_in(dtypes: Any, lowered_to: str) -> Check:
+    """A check: every tensor the node reads or makes has a dtype in `dtypes`."""
+
+    def check(node: torch.fx.Node, cfg: Any) -> str | None:
+        values = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
+        for v in values:
+            for value in v if isinstance(v, list | tuple) else [v]:
+                if isinstance(value, torch.Tensor) and value.dtype not in dtypes:
+                    return f"dtype {value.dtype} is not lowered to {lowered_to}"
+        return None
+
+    return check
+
+
+def first_output_only(rule_of: str) -> Check:
+    """A check for multi-output ops whose rule computes output 0 only (inference graphs use
+    no more)."""
+
+    def check(node: torch.fx.Node, cfg: Any) -> str | None:
+        for user in node.users:
+            if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
+                return f"uses more than output 0 (the {rule_of} rule computes output 0 only)"
+        return None
+
+    return check
+
+
+def all_of(*checks: Check | None) -> Check:
+    """A check passing when each of `checks` (None: skipped) passes; the first reason."""
+
+    def check(node: torch.fx.Node, cfg: Any) -> str | None:
+        for c in checks:
+            reason = c(node, cfg) if c is not None else None
+            if reason is not None:
+                return reason
+        return None
+
+    return check
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ casts, axes)."""
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -11,7 +10,14 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.fx
 from tvm import relax
 
-from graphopt.backends.registry import Check, OpRegistry
+from graphopt.backends.registry import (
+    Check,
+    OpRegistry,
+    all_of,
+    dtypes_in,
+    first_output_only,
+    traced,
+)
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -38,40 +44,12 @@ TVM_DTYPES: dict[torch.dtype, str] = {
 # helpers
 
 
-def _tensor_values(node: torch.fx.Node) -> list[torch.Tensor]:
-    values = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
-    flat = []
-    for v in values:
-        flat.extend(v if isinstance(v, list | tuple) else [v])
-    return [v for v in flat if isinstance(v, torch.Tensor)]
-
-
-def _dtypes_supported(node: torch.fx.Node, cfg: Any) -> str | None:
-    for value in _tensor_values(node):
-        if value.dtype not in TVM_DTYPES:
-            return f"dtype {value.dtype} is not lowered to TVM"
-    return None
-
-
-def _all(*checks: Check | None) -> Check:
-    def check(node, cfg):
-        for c in checks:
-            reason = c(node, cfg) if c is not None else None
-            if reason is not None:
-                return reason
-        return None
-
-    return check
-
-
-def _traced(node: torch.fx.Node, cfg: Any) -> str | None:
-    missing = [n.name for n in [node, *node.all_input_nodes] if "val" not in n.meta]
-    return f"no meta['val'] on {missing} (run FakeTensorProp)" if missing else None
+_dtypes_supported = dtypes_in(TVM_DTYPES, "TVM")
 
 
 def rule(*targets: Any, check: Check | None = None):
     """`TVM.rule`, with the checks every rule shares (traced values, dtypes) before its own."""
-    return TVM.rule(*targets, check=_all(_traced, _dtypes_supported, check))
+    return TVM.rule(*targets, check=all_of(traced, _dtypes_supported, check))
 
 
 def _static_scalars(node: torch.fx.Node, cfg: Any) -> str | None:
@@ -83,12 +61,7 @@ def _static_scalars(node: torch.fx.Node, cfg: Any) -> str | None:
     return None
 
 
-def _first_output_only(node: torch.fx.Node, cfg: Any) -> str | None:
-    """For multi-output ops whose rule computes output 0 only (inference graphs use no more)."""
-    for user in node.users:
-        if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
-            return "uses more than output 0 (the TVM rule computes output 0 only)"
-    return None
+_first_output_only = first_output_only("TVM")
 
 
 def _dtype_of(expr: relax.Expr) -> str:

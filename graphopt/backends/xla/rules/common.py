@@ -3,7 +3,6 @@ axes)."""
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import jax.numpy as jnp
@@ -12,7 +11,14 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 import torch.fx
 
-from graphopt.backends.registry import Check, OpRegistry
+from graphopt.backends.registry import (
+    Check,
+    OpRegistry,
+    all_of,
+    dtypes_in,
+    first_output_only,
+    traced,
+)
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -36,48 +42,13 @@ XLA_DTYPES: dict[torch.dtype, Any] = {
 }
 
 
-def _tensor_values(node: torch.fx.Node) -> list[torch.Tensor]:
-    values = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
-    flat = []
-    for v in values:
-        flat.extend(v if isinstance(v, list | tuple) else [v])
-    return [v for v in flat if isinstance(v, torch.Tensor)]
-
-
-def _dtypes_supported(node: torch.fx.Node, cfg: Any) -> str | None:
-    for value in _tensor_values(node):
-        if value.dtype not in XLA_DTYPES:
-            return f"dtype {value.dtype} is not lowered to XLA"
-    return None
-
-
-def _traced(node: torch.fx.Node, cfg: Any) -> str | None:
-    missing = [n.name for n in [node, *node.all_input_nodes] if "val" not in n.meta]
-    return f"no meta['val'] on {missing} (run FakeTensorProp)" if missing else None
-
-
-def _all(*checks: Check | None) -> Check:
-    def check(node, cfg):
-        for c in checks:
-            reason = c(node, cfg) if c is not None else None
-            if reason is not None:
-                return reason
-        return None
-
-    return check
+_dtypes_supported = dtypes_in(XLA_DTYPES, "XLA")
+_first_output_only = first_output_only("XLA")
 
 
 def rule(*targets: Any, check: Check | None = None):
     """`XLA.rule`, with the checks every rule shares (traced values, dtypes) before its own."""
-    return XLA.rule(*targets, check=_all(_traced, _dtypes_supported, check))
-
-
-def _first_output_only(node: torch.fx.Node, cfg: Any) -> str | None:
-    """For multi-output ops whose rule computes output 0 only (inference graphs use no more)."""
-    for user in node.users:
-        if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
-            return "uses more than output 0 (the XLA rule computes output 0 only)"
-    return None
+    return XLA.rule(*targets, check=all_of(traced, _dtypes_supported, check))
 
 
 def _axis(dim: int, ndim: int) -> int:
