@@ -114,10 +114,14 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 MODELS = {"linear": 1.0, "mobilenet_v2": 0.02}  # name: share of --calls it makes per repeat
 
 
+def _calls(calls: int, model_name: str) -> int:
+    return max(1, int(calls * MODELS[model_name]))
+
+
 def measure(calls: int, repeats: int, model_name: str = "linear") -> dict[str, dict[str, float]]:
     """{engine: {layer: microseconds a call}}."""
     model, x = _model(model_name)
-    calls = max(1, int(calls * MODELS[model_name]))
+    calls = _calls(calls, model_name)
     out: dict[str, dict[str, float]] = {}
     shuffle = random.Random(0).shuffle
     with torch.no_grad():
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Microseconds a call through each layer, median of "
         f"{args.repeats} interleaved repeats of {args.calls} calls (MobileNetV2: "
-        f"{int(args.calls * MODELS['mobilenet_v2'])}); `added` is beyond the runtime's own session "
+        f"{_calls(args.calls, 'mobilenet_v2')}); `added` is beyond the runtime's own session "
         "call. Issue #32's bar (onnxruntime, OpenVINO): at most 300 us beyond the session under "
         "torch.compile.",
         "",

@@ -302,7 +302,7 @@ def test_plan_scaling_simulates_the_published_clusters(tmp_path):
         assert slow[1024] < slow[8] <= 1.0
 
 
-def test_overhead_measures_every_layer_for_both_runtimes(tmp_path):
+def test_overhead_measures_every_layer_for_every_engine(tmp_path):
     from benchmarks import overhead
 
     assert overhead.main(["--calls", "20", "--repeats", "1", "--out", str(tmp_path / "o.md")]) == 0
@@ -310,5 +310,5 @@ def test_overhead_measures_every_layer_for_both_runtimes(tmp_path):
     for layer in overhead.LAYERS:
         assert f"| linear | {layer} |" in text and f"| mobilenet_v2 | {layer} |" in text
     results = overhead.measure(calls=20, repeats=1)
-    assert set(results) == {"onnxruntime", "openvino"}
+    assert set(results) == set(overhead.ENGINES) == {"onnxruntime", "openvino", "xla"}
     assert all(us > 0 for layers in results.values() for us in layers.values())
