@@ -139,7 +139,6 @@ TARGETS: dict[str, Target] = {
             "XLA devices through JAX: the CPU here, a TPU or GPU where JAX has one (StableHLO)",
             extra="xla",
             format="stablehlo",
-            quantize=(None, "int8"),
             dtypes=("float32", "bfloat16", "float16"),
         ),
         Target(

@@ -123,6 +123,73 @@ def test_int8_bert_matches_the_tvm_int8_path():
         assert relative_error(model(ids).last_hidden_state, got) > 1e-5  # int8, not float
 
 
+LLM_MODES = ["int8_weight_only", "int4_weight_only", "int8_dynamic"]
+
+
+@pytest.mark.parametrize("mode", LLM_MODES)
+def test_quantized_llama_runs_in_xla_as_on_the_cpu_target(mode):
+    """The graph pass's quantized layers lower to XLA (no layer in PyTorch), with the numbers
+    of graphopt's CPU kernels up to float rounding; quantized, not float."""
+    llama = tiny_llama(use_cache=False).eval()
+    tokens = torch.randint(0, 128, (2, 16))
+    options = {"quantize": mode, "group_size": 32}
+    on_xla = graphopt.optimize(llama, (tokens,), target="xla", **options)
+    on_cpu = graphopt.optimize(llama, (tokens,), target="cpu", **options)
+    assert len(on_xla.report.quantization.layers) == 16  # 15 linear layers, the embedding
+    assert _partitions(on_xla.report) == ["xla"] and not on_xla.report.fallbacks
+    with torch.no_grad():
+        got, expected = on_xla(tokens).logits, on_cpu(tokens).logits
+        assert relative_error(expected, got) < 2e-6
+        assert relative_error(llama(tokens).logits, got) > 1e-3
+
+
+@pytest.mark.parametrize("mode", LLM_MODES)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_swapped_quantized_layers_match_their_reference_under_torch_compile(mode, bias):
+    """`quantize_weights_`'s modules (int8 weights in the kernels' tiled layout where their
+    shape tiles, as here) compiled for XLA against the ops' reference implementations. Dynamic
+    int8 is the same integer arithmetic to the bit; a bias may be fused into one multiply-add
+    by XLA (a last-bit difference)."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(128, 256, bias=bias), torch.nn.ReLU(), torch.nn.Linear(256, 64, bias=bias)
+    ).eval()
+    summary = graphopt.quantize_weights_(model, mode, group_size=32)
+    assert len(summary.layers) == 2
+    if mode == "int8_weight_only":
+        assert model[0].weight.dim() == 4  # tiled
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, backend="graphopt", options={"target": "xla"})(x)
+    report = graphopt.reports()[-1]
+    assert _partitions(report) == ["xla"] and not report.fallbacks
+    if mode == "int8_dynamic" and not bias:
+        assert torch.equal(expected, got)
+    else:
+        assert relative_error(expected, got) < 2e-6
+
+
+def test_quantized_llama_decodes_through_xla_with_a_static_cache():
+    """model.generate with the forward compiled for XLA: the tokens of the quantized eager
+    model; the cache writes (in-place copies) run in PyTorch, named."""
+    llama = tiny_llama().eval()
+    graphopt.quantize_weights_(llama, "int8_weight_only")
+    ids = torch.randint(1, 128, (1, 8))
+
+    def generate():
+        return llama.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
+                              max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              cache_implementation="static", max_cache_len=32)  # fmt: skip
+
+    with torch.no_grad():
+        expected = generate()
+        llama.forward = torch.compile(llama.forward, backend="graphopt", options={"target": "xla"})
+        assert torch.equal(generate(), expected)
+    report = graphopt.reports()[-1]
+    assert "xla" in _partitions(report)
+    assert {f.op for f in report.fallbacks} <= {"aten.copy_.default"}
+
+
 @pytest.mark.parametrize(
     "case, in_pytorch",
     [
@@ -275,6 +342,27 @@ def test_bert_stablehlo_artifact_takes_int64_token_ids(tmp_path):
     with torch.no_grad():
         got = graphopt.load(tmp_path / "bert")(ids)
         assert_same_outputs(model(ids).last_hidden_state, got.last_hidden_state)
+
+
+def test_weight_only_stablehlo_artifact_keeps_the_weights_4_bit(tmp_path):
+    """The artifact's linear weights are the packed 4-bit bytes (uint8), widened inside the
+    program; it runs in plain JAX as the in-process graph does."""
+    llama = tiny_llama(use_cache=False).eval()
+    tokens = torch.randint(0, 128, (2, 16))
+    options = {"quantize": "int4_weight_only", "group_size": 32}
+    graphopt.export(llama, (tokens,), tmp_path / "f", format="stablehlo", platforms=["cpu"])
+    graphopt.export(llama, (tokens,), tmp_path / "q", format="stablehlo", platforms=["cpu"],
+                    **options)  # fmt: skip
+    from safetensors.numpy import load_file
+
+    weights = load_file(tmp_path / "q" / "weights.safetensors")
+    assert sum(w.dtype == np.uint8 for w in weights.values()) == 15  # the linear layers
+    size = {name: (tmp_path / name / "weights.safetensors").stat().st_size for name in "fq"}
+    assert size["q"] < 0.35 * size["f"]
+    in_process = graphopt.optimize(llama, (tokens,), target="xla", **options)
+    with torch.no_grad():
+        got = graphopt.load(tmp_path / "q")(tokens).logits
+        assert relative_error(in_process(tokens).logits, got) < 1e-6
 
 
 @pytest.mark.parametrize("platforms", [("gpu",), (), "cpu,tpu"])

@@ -6,7 +6,14 @@ returns None. An op with no rule here runs in PyTorch. Families come from factor
 (`_unary`, `_binary`, `_compare`, `_reduce`, ...), as the TVM rules are built.
 """
 
-from graphopt.backends.xla.rules import elementwise, nn, quantized, reductions, shapes  # noqa: F401
+from graphopt.backends.xla.rules import (  # noqa: F401
+    elementwise,
+    nn,
+    quantized,
+    reductions,
+    shapes,
+    weight_only,
+)
 from graphopt.backends.xla.rules.common import XLA, XLA_DTYPES
 
 __all__ = ["XLA", "XLA_DTYPES"]
