@@ -16,7 +16,7 @@ from graphopt.backends.tvm.rules.common import (
     _static_scalars,
     rule,
 )
-from graphopt.backends.tvm.rules.quantized import _int8_matmul, _int8_operands, _per_channel_weight
+from graphopt.backends.tvm.rules.quantized import _int8_matmul, _int8_operands
 from graphopt.backends.tvm.rules.reductions import _not_0d
 from graphopt.passes.base import named_args as args
 
@@ -75,7 +75,7 @@ def convolution(ctx, node):
         "dilation": a["dilation"],
         "groups": a["groups"],
     }
-    operands = _int8_operands(ctx, a["input"], _per_channel_weight(a["weight"], 0))
+    operands = _int8_operands(ctx, a["input"], a["weight"], 0)
     if operands is not None:
         x, weight, scale = operands
         acc = ctx.emit(conv(x, weight, **attrs, out_dtype="int32"))

@@ -4,7 +4,6 @@ conv/matmul kernels."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch.fx
 import tvm
 from tvm import relax
 
+from graphopt.backends import int8_operands
 from graphopt.backends.tvm.rules.common import (
     _axis,
     _cast,
@@ -107,107 +107,40 @@ def dequantize_per_channel(ctx, node):
     return _cast(ctx, out, "float32")
 
 
-_INT8_TYPES = (torch.uint8, torch.int8)
-
-
-def _dequantized_activation(arg: Any) -> dict[str, Any] | None:
-    """dequantize_per_tensor's arguments when `arg` is one of 8-bit values, else None."""
-    if not (isinstance(arg, torch.fx.Node) and arg.target is qd.dequantize_per_tensor.default):
-        return None
-    a = args(arg)
-    static = isinstance(a["scale"], float | int) and isinstance(a["zero_point"], int)
-    if not static or a["out_dtype"] not in (None, torch.float32):
-        return None
-    return a if a["input"].meta["val"].dtype in _INT8_TYPES else None
-
-
-def _per_channel_weight(arg: Any, out_axis: int) -> dict[str, Any] | None:
-    """dequantize_per_channel's arguments when `arg` is one of 8-bit values whose channels
-    lie along `out_axis` of `arg` (the output channels of the conv or matmul), else None.
-    A transposed 2-d weight (permute [1, 0] or t, as linear layers have) counts: "transpose"
-    is set in the result then."""
-    transpose = False
-    if isinstance(arg, torch.fx.Node) and arg.target in (aten.permute.default, aten.t.default):
-        if arg.args[0].meta["val"].dim() != 2:
-            return None
-        if arg.target is aten.permute.default and [_axis(d, 2) for d in arg.args[1]] != [1, 0]:
-            return None
-        arg, transpose, out_axis = arg.args[0], True, 1 - out_axis
-    if not (isinstance(arg, torch.fx.Node) and arg.target is qd.dequantize_per_channel.default):
-        return None
-    a = args(arg)
-    ndim = a["input"].meta["val"].dim()
-    if a["out_dtype"] not in (None, torch.float32) or _axis(a["axis"], ndim) != out_axis:
-        return None
-    if a["input"].meta["val"].dtype not in _INT8_TYPES:
-        return None
-    return {**a, "transpose": transpose, "channel_axis": out_axis}
-
-
 def _constant_values(expr: Any) -> np.ndarray | None:
     """The values of a relax constant (a frozen weight), or None for any other expression."""
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
 def _int8_operands(
-    ctx, activation: Any, weight: dict[str, Any] | None
+    ctx, activation: Any, weight: Any, out_axis: int
 ) -> tuple[relax.Expr, relax.Expr, relax.Expr] | None:
-    """(q_x - z_x, q_w - z_w, x_scale * w_scale) for an integer conv or matmul, or None.
-
-    `activation` must be a dequantize_per_tensor node and `weight` a `_per_channel_weight`
-    match (weight zero points constant). The activation operand is int16 (8-bit values minus
-    their zero point), the weight int8 as stored when its zero points are 0 (else int16):
-    every product is exact and summed in int32. None, and the caller computes in float, when
-    the sums could overflow int32.
-    """
-    act = _dequantized_activation(activation)
-    if act is None or weight is None:
+    """(q_x - z_x, q_w - z_w, x_scale * w_scale) for an integer conv or matmul reading
+    `activation` and `weight` (output channels along `out_axis`), or None: the layer computes
+    in float (`int8_operands.match` says when). The activation operand is int16, the weight
+    int8 as stored when its zero points are 0 (else int16): every product is exact and summed
+    in int32."""
+    m = int8_operands.match(activation, weight, out_axis, lambda n: _constant_values(ctx[n]))
+    if m is None:
         return None
-    zero_points = None
-    if weight["zero_points"] is not None:
-        zero_points = _constant_values(ctx[weight["zero_points"]])
-        if zero_points is None:
-            return None
-        zero_points = zero_points.astype(np.int64)
-    info = torch.iinfo(act["input"].meta["val"].dtype)
-    zx = act["zero_point"]
-    act_bound = max(abs(info.min - zx), abs(info.max - zx))
-    qw = ctx[weight["input"]]
-    qw_values = _constant_values(qw)
-    axis = weight["channel_axis"]  # of q_w as stored (before a transpose)
-    if qw_values is not None:
-        w = np.moveaxis(qw_values.astype(np.int64), axis, 0).reshape(qw_values.shape[axis], -1)
-        if zero_points is not None:
-            w = w - zero_points.reshape(-1, 1)
-        w_bound = int(np.abs(w).max(initial=0))
-        row_sum = int(np.abs(w).sum(axis=1).max(initial=0))
-    else:  # unknown values: the dtype's range, over the whole reduction
-        winfo = torch.iinfo(weight["input"].meta["val"].dtype)
-        w_bound = max(abs(winfo.min), abs(winfo.max))
-        if zero_points is not None and zero_points.size:
-            w_bound += int(np.abs(zero_points).max())
-        shape = weight["input"].meta["val"].shape
-        if any(isinstance(d, torch.SymInt) for d in shape):
-            return None
-        row_sum = w_bound * math.prod(shape) // max(int(shape[axis]), 1)
-    if act_bound >= 1 << 15 or w_bound >= 1 << 15 or act_bound * row_sum >= 1 << 31:
-        return None
-    x = ctx.emit(R.subtract(R.astype(ctx[act["input"]], "int16"), ctx.const(zx, "int16")))
-    if (zero_points is not None and zero_points.any()) or _dtype_of(qw) != "int8":
+    x = ctx.emit(R.subtract(R.astype(ctx[m.x], "int16"), ctx.const(m.x_zero_point, "int16")))
+    qw = ctx[m.weight]
+    if (m.zero_points is not None and m.zero_points.any()) or _dtype_of(qw) != "int8":
         qw = _cast(ctx, qw, "int16")
-        if zero_points is not None:
-            shape = _channel_shape(len(ctx.shape(weight["input"])), axis)
-            qw = ctx.emit(R.subtract(qw, relax.const(zero_points.astype("int16").reshape(shape))))
-    if weight["transpose"]:
+        if m.zero_points is not None:
+            shape = _channel_shape(len(ctx.shape(m.weight)), m.channel_axis)
+            zero_points = relax.const(m.zero_points.astype("int16").reshape(shape))
+            qw = ctx.emit(R.subtract(qw, zero_points))
+    if m.transpose:
         qw = ctx.emit(R.permute_dims(qw, [1, 0]))
-    w_scale = _cast(ctx, ctx[weight["scales"]], "float32")
-    scale = ctx.emit(R.multiply(w_scale, ctx.const(act["scale"], "float32")))
+    w_scale = _cast(ctx, ctx[m.scales], "float32")
+    scale = ctx.emit(R.multiply(w_scale, ctx.const(m.x_scale, "float32")))
     return x, qw, scale
 
 
 def _int8_matmul(ctx, mat1: Any, mat2: Any) -> relax.Expr | None:
     """mat1 @ mat2 as (q_x - z_x) @ q_w in int32, times x_scale * w_scale[n]; or None."""
-    operands = _int8_operands(ctx, mat1, _per_channel_weight(mat2, 1))
+    operands = _int8_operands(ctx, mat1, mat2, 1)
     if operands is None:
         return None
     x, weight, scale = operands
