@@ -20,6 +20,7 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 import torch.fx
 
+from graphopt.backends.registry import Check, static_scalars
 from graphopt.passes.base import named_args as args
 
 aten = torch.ops.aten
@@ -90,6 +91,24 @@ def per_channel_weight(arg: Any, out_axis: int) -> dict[str, Any] | None:
     if a["input"].meta["val"].dtype not in INT8_TYPES:
         return None
     return {**a, "transpose": transpose, "channel_axis": out_axis}
+
+
+def qdq_check(lowered_to: str) -> Check:
+    """A check for the quantize/dequantize ops: float32 values and scales, a nonzero per-tensor
+    scale, Python-number scalars."""
+
+    def check(node: torch.fx.Node, cfg: Any) -> str | None:
+        a = args(node)
+        if a.get("out_dtype") not in (None, torch.float32):
+            return f"dequantize to {a['out_dtype']} ({lowered_to} rule: float32)"
+        if node.target is qd.quantize_per_tensor.default and not a["scale"]:
+            return "quantization scale 0"
+        if node.target is qd.quantize_per_channel.default:
+            if a["scales"].meta["val"].dtype != torch.float32:
+                return "quantize_per_channel with non-float32 scales"
+        return static_scalars(node, cfg)
+
+    return check
 
 
 def match(

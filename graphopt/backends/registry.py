@@ -21,6 +21,7 @@ import torch
 import torch.fx
 
 from graphopt.ops import op_name
+from graphopt.passes.base import named_args
 
 # A check returns None when the node is supported, or a one-line reason when it is not.
 Check = Callable[[torch.fx.Node, Any], "str | None"]
@@ -57,6 +58,44 @@ def first_output_only(rule_of: str) -> Check:
         return None
 
     return check
+
+
+def static_scalars(node: torch.fx.Node, cfg: Any) -> str | None:
+    """A check: the node's scalar operands are Python numbers, not symbolic ones."""
+    for a in [*node.args, *node.kwargs.values()]:
+        value = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return "symbolic scalar operand"
+    return None
+
+
+def integer_size(node: torch.fx.Node, cfg: Any) -> str | None:
+    """A check for size arithmetic (sym_size, s0 * 4): the node's value is an integer."""
+    value = node.meta.get("val")
+    return None if isinstance(value, int | torch.SymInt) else "not an integer size expression"
+
+
+def same_device_strided(node: torch.fx.Node, cfg: Any) -> str | None:
+    """A check for `_to_copy`: a dtype change on the same device, strided (a device move or
+    a layout change stays in PyTorch)."""
+    a = named_args(node)
+    source = a["input"].meta["val"]
+    if a["device"] is not None and torch.device(a["device"]).type != source.device.type:
+        return f"copy from {source.device} to {a['device']}"
+    if a["layout"] not in (None, torch.strided):
+        return f"layout {a['layout']}"
+    return None
+
+
+def static_arange(node: torch.fx.Node, cfg: Any) -> str | None:
+    """A check for arange: start and step are Python numbers; the end may be a size."""
+    a = named_args(node)
+    for key in ("start", "step"):
+        if isinstance(a.get(key), torch.fx.Node | torch.SymInt | torch.SymFloat):
+            return f"symbolic arange {key}"
+    if isinstance(a["end"], torch.SymFloat):
+        return "symbolic float arange end"
+    return None
 
 
 def all_of(*checks: Check | None) -> Check:

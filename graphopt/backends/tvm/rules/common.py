@@ -52,15 +52,6 @@ def rule(*targets: Any, check: Check | None = None):
     return TVM.rule(*targets, check=all_of(traced, _dtypes_supported, check))
 
 
-def _static_scalars(node: torch.fx.Node, cfg: Any) -> str | None:
-    """Elementwise ops take Python numbers, not symbolic ones (SymInt/SymFloat)."""
-    for a in [*node.args, *node.kwargs.values()]:
-        value = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-            return "symbolic scalar operand"
-    return None
-
-
 _first_output_only = first_output_only("TVM")
 
 

@@ -11,12 +11,12 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.fx
 from tvm import relax
 
+from graphopt.backends.registry import static_scalars
 from graphopt.backends.tvm.rules.common import (
     _cast,
     _dtype_of,
     _is_float,
     _operand,
-    _static_scalars,
     rule,
 )
 from graphopt.passes.base import named_args as args
@@ -94,13 +94,13 @@ def _clamp(ctx, x: relax.Expr, low: Any, high: Any) -> relax.Expr:
     return x
 
 
-@rule(aten.clamp.default, check=_static_scalars)
+@rule(aten.clamp.default, check=static_scalars)
 def clamp(ctx, node):
     a = args(node)
     return _clamp(ctx, _operand(ctx, a["input"], ctx.dtype(node)), a["min"], a["max"])
 
 
-@rule(aten.hardtanh.default, check=_static_scalars)
+@rule(aten.hardtanh.default, check=static_scalars)
 def hardtanh(ctx, node):
     a = args(node)
     return _clamp(ctx, ctx[a["input"]], a["min_val"], a["max_val"])
@@ -124,13 +124,13 @@ def hardswish(ctx, node):
     return ctx.emit(R.multiply(x, _hardsigmoid(ctx, x)))
 
 
-@rule(aten.leaky_relu.default, check=_static_scalars)
+@rule(aten.leaky_relu.default, check=static_scalars)
 def leaky_relu(ctx, node):
     a = args(node)
     return ctx.emit(R.nn.leakyrelu(ctx[a["input"]], float(a["negative_slope"])))
 
 
-@rule(aten.elu.default, check=_static_scalars)
+@rule(aten.elu.default, check=static_scalars)
 def elu(ctx, node):
     """scale * (x if x > 0 else alpha * (exp(x * input_scale) - 1))."""
     a = args(node)
@@ -180,7 +180,7 @@ BINARY = {
     (aten.minimum.default,): R.minimum,
 }
 for _targets, _op in BINARY.items():
-    rule(*_targets, check=_static_scalars)(_binary(_op))
+    rule(*_targets, check=static_scalars)(_binary(_op))
 
 
 def _logical(op):
@@ -207,7 +207,7 @@ for _targets, (_bool_op, _int_op) in {
     (aten.bitwise_or.Tensor, aten.bitwise_or.Scalar): (R.logical_or, R.bitwise_or),
     (aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar): (R.logical_xor, R.bitwise_xor),
 }.items():
-    rule(*_targets, check=_static_scalars)(_bitwise(_bool_op, _int_op))
+    rule(*_targets, check=static_scalars)(_bitwise(_bool_op, _int_op))
 
 
 for _target, _op in {
@@ -239,13 +239,13 @@ for _name, _op in {
     "ge": R.greater_equal,
 }.items():
     _packet = getattr(aten, _name)
-    rule(_packet.Tensor, _packet.Scalar, check=_static_scalars)(_compare(_op))
+    rule(_packet.Tensor, _packet.Scalar, check=static_scalars)(_compare(_op))
 
 
 def _pow_check(node, cfg):
     a = args(node)
     if node.meta["val"].dtype.is_floating_point:
-        return _static_scalars(node, cfg)
+        return static_scalars(node, cfg)
     if node.target is aten.pow.Tensor_Scalar and a["exponent"] == 2:
         return None
     return "integer pow other than x ** 2 (TVM computes pow in floating point)"
@@ -265,7 +265,7 @@ def _div_mode_check(node, cfg):
     mode = args(node)["rounding_mode"]
     if mode == "trunc" and not node.meta["val"].dtype.is_floating_point:
         return "integer division with rounding_mode='trunc' (TVM has floor division only)"
-    return _static_scalars(node, cfg)
+    return static_scalars(node, cfg)
 
 
 def _floor_divide_float(ctx, a: relax.Expr, b: relax.Expr) -> relax.Expr:

@@ -9,11 +9,11 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.fx
 from tvm import relax
 
+from graphopt.backends.registry import static_scalars
 from graphopt.backends.tvm.rules.common import (
     _axis,
     _dtype_of,
     _first_output_only,
-    _static_scalars,
     rule,
 )
 from graphopt.backends.tvm.rules.quantized import _int8_matmul, _int8_operands
@@ -35,7 +35,7 @@ def matmul(ctx, node):
     return ctx.emit(R.matmul(ctx[node.args[0]], ctx[node.args[1]]))
 
 
-@rule(aten.addmm.default, check=_static_scalars)
+@rule(aten.addmm.default, check=static_scalars)
 def addmm(ctx, node):
     """beta * input + alpha * (mat1 @ mat2); an int8 mat1 @ mat2 runs in integers."""
     a = args(node)
@@ -193,7 +193,7 @@ def adaptive_avg_pool2d(ctx, node):
 def _pad_check(node, cfg):
     if any(p < 0 for p in args(node)["pad"]):
         return "negative padding (cropping)"
-    return _static_scalars(node, cfg)
+    return static_scalars(node, cfg)
 
 
 @rule(aten.constant_pad_nd.default, check=_pad_check)

@@ -18,7 +18,6 @@ from graphopt.backends.tvm.rules.common import (
     _axis,
     _cast,
     _dtype_of,
-    _static_scalars,
     rule,
 )
 from graphopt.backends.tvm.rules.elementwise import _clamp
@@ -27,18 +26,7 @@ from graphopt.passes.base import named_args as args
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 R = relax.op
-
-
-def _qdq_check(node, cfg):
-    a = args(node)
-    if a.get("out_dtype") not in (None, torch.float32):
-        return f"dequantize to {a['out_dtype']} (TVM rule: float32)"
-    if node.target is qd.quantize_per_tensor.default and not a["scale"]:
-        return "quantization scale 0"
-    if node.target is qd.quantize_per_channel.default:
-        if a["scales"].meta["val"].dtype != torch.float32:
-            return "quantize_per_channel with non-float32 scales"
-    return _static_scalars(node, cfg)
+_qdq_check = int8_operands.qdq_check("TVM")
 
 
 def _quantize(ctx, x: relax.Expr, inv_scale: relax.Expr, zero_point: relax.Expr, node):

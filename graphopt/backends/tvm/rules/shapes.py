@@ -11,12 +11,17 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.fx
 from tvm import relax
 
+from graphopt.backends.registry import (
+    integer_size,
+    same_device_strided,
+    static_arange,
+    static_scalars,
+)
 from graphopt.backends.tvm.rules.common import (
     TVM,
     _axis,
     _cast,
     _operand,
-    _static_scalars,
     rule,
 )
 from graphopt.passes.base import named_args as args
@@ -181,11 +186,6 @@ def getitem(ctx, node):
     return ctx.emit(relax.TupleGetItem(source, index))
 
 
-def _integer_size(node, cfg):
-    value = node.meta.get("val")
-    return None if isinstance(value, int | torch.SymInt) else "not an integer size expression"
-
-
 @rule(
     aten.sym_size.int,
     operator.add,
@@ -193,50 +193,30 @@ def _integer_size(node, cfg):
     operator.mul,
     operator.floordiv,
     operator.mod,
-    check=_integer_size,
+    check=integer_size,
 )
 def sym_size(ctx, node):
     """Sizes and size arithmetic (s0 * 4) as tirx expressions, read from the traced value."""
     return ctx.dim(ctx.val(node))
 
 
-def _to_copy_check(node, cfg):
-    a = args(node)
-    source = a["input"].meta["val"]
-    if a["device"] is not None and torch.device(a["device"]).type != source.device.type:
-        return f"copy from {source.device} to {a['device']}"
-    if a["layout"] not in (None, torch.strided):
-        return f"layout {a['layout']}"
-    return None
-
-
-@rule(aten._to_copy.default, check=_to_copy_check)
+@rule(aten._to_copy.default, check=same_device_strided)
 def to_copy(ctx, node):
     return _cast(ctx, ctx[node.args[0]], ctx.dtype(node))
 
 
-@rule(aten.full.default, aten.full_like.default, check=_static_scalars)
+@rule(aten.full.default, aten.full_like.default, check=static_scalars)
 def full(ctx, node):
     dtype = ctx.dtype(node)
     return ctx.emit(R.full(ctx.shape(node), ctx.const(args(node)["fill_value"], dtype), dtype))
 
 
-@rule(aten.scalar_tensor.default, check=_static_scalars)
+@rule(aten.scalar_tensor.default, check=static_scalars)
 def scalar_tensor(ctx, node):
     return ctx.const(args(node)["s"], ctx.dtype(node))
 
 
-def _arange_check(node, cfg):
-    a = args(node)
-    for key in ("start", "step"):
-        if isinstance(a.get(key), torch.fx.Node | torch.SymInt | torch.SymFloat):
-            return f"symbolic arange {key}"
-    if isinstance(a["end"], torch.SymFloat):
-        return "symbolic float arange end"
-    return None
-
-
-@rule(aten.arange.default, aten.arange.start, aten.arange.start_step, check=_arange_check)
+@rule(aten.arange.default, aten.arange.start, aten.arange.start_step, check=static_arange)
 def arange(ctx, node):
     """start, step static; end may be a size expression (arange(2 * batch))."""
     a = args(node)

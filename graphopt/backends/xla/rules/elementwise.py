@@ -13,19 +13,11 @@ import torch
 import torch.fx
 from jax import lax
 
+from graphopt.backends.registry import static_scalars
 from graphopt.backends.xla.rules.common import _cast, _is_float, _operand, _scalar, rule
 from graphopt.passes.base import named_args as args
 
 aten = torch.ops.aten
-
-
-def _static_scalars(node: torch.fx.Node, cfg: Any) -> str | None:
-    """Elementwise ops take Python numbers, not symbolic ones (SymInt/SymFloat)."""
-    for a in [*node.args, *node.kwargs.values()]:
-        value = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-            return "symbolic scalar operand"
-    return None
 
 
 def _in_float32(op: Callable[..., Any]) -> Callable[..., Any]:
@@ -199,7 +191,7 @@ def _clamp(x: Any, low: Any, high: Any) -> Any:
     return x
 
 
-@rule(aten.clamp.default, check=_static_scalars)
+@rule(aten.clamp.default, check=static_scalars)
 def clamp(ctx, node):
     a = args(node)
     return _clamp(_operand(ctx, a["input"], ctx.dtype(node)), a["min"], a["max"])
@@ -214,7 +206,7 @@ def clamp_tensor(ctx, node):
     return _clamp(_operand(ctx, a["input"], dtype), low, high)
 
 
-@rule(aten.hardtanh.default, check=_static_scalars)
+@rule(aten.hardtanh.default, check=static_scalars)
 def hardtanh(ctx, node):
     a = args(node)
     return _clamp(ctx[a["input"]], a["min_val"], a["max_val"])
@@ -235,7 +227,7 @@ def hardswish(ctx, node):
     return _in_float32(lambda x: x * _hardsigmoid(x))(ctx[node.args[0]])
 
 
-@rule(aten.leaky_relu.default, check=_static_scalars)
+@rule(aten.leaky_relu.default, check=static_scalars)
 def leaky_relu(ctx, node):
     a = args(node)
 
@@ -245,7 +237,7 @@ def leaky_relu(ctx, node):
     return _in_float32(leaky)(ctx[a["input"]])
 
 
-@rule(aten.elu.default, check=_static_scalars)
+@rule(aten.elu.default, check=static_scalars)
 def elu(ctx, node):
     """scale * (x if x > 0 else alpha * (exp(x * input_scale) - 1))."""
     a = args(node)
@@ -358,7 +350,7 @@ BINARY = {
 }
 for _targets, _op in BINARY.items():
     _opmath = _targets[0] in (aten.mul.Tensor, aten.div.Tensor)
-    rule(*_targets, check=_static_scalars)(_binary(_op, scalar_in_float32=_opmath))
+    rule(*_targets, check=static_scalars)(_binary(_op, scalar_in_float32=_opmath))
 
 
 def _logical(op):
@@ -384,7 +376,7 @@ for _targets, _op in {
     (aten.bitwise_or.Tensor, aten.bitwise_or.Scalar): jnp.bitwise_or,
     (aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar): jnp.bitwise_xor,
 }.items():
-    rule(*_targets, check=_static_scalars)(_binary(_op))
+    rule(*_targets, check=static_scalars)(_binary(_op))
 
 
 def _compare(op):
@@ -407,7 +399,7 @@ for _name, _op in {
     "ge": jnp.greater_equal,
 }.items():
     _packet = getattr(aten, _name)
-    rule(_packet.Tensor, _packet.Scalar, check=_static_scalars)(_compare(_op))
+    rule(_packet.Tensor, _packet.Scalar, check=static_scalars)(_compare(_op))
 
 
 def _pow_check(node, cfg):
@@ -416,7 +408,7 @@ def _pow_check(node, cfg):
         exponent = a["exponent"]
         if isinstance(exponent, torch.fx.Node) or exponent < 0:
             return "integer pow with a tensor or negative exponent"
-    return _static_scalars(node, cfg)
+    return static_scalars(node, cfg)
 
 
 @rule(aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar, check=_pow_check)
@@ -449,7 +441,7 @@ def _floor_divide_float(a: Any, b: Any) -> Any:
     return jnp.where(b == zero, quotient, floor)  # x / 0: IEEE result
 
 
-@rule(aten.div.Tensor_mode, aten.div.Scalar_mode, check=_static_scalars)
+@rule(aten.div.Tensor_mode, aten.div.Scalar_mode, check=static_scalars)
 def div_mode(ctx, node):
     a = args(node)
     dtype = ctx.dtype(node)

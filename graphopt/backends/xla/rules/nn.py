@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from jax import lax
 
+from graphopt.backends.registry import static_scalars
 from graphopt.backends.xla.rules.common import (
     _cast,
     _first_output_only,
@@ -24,7 +25,6 @@ from graphopt.backends.xla.rules.common import (
     _scalar,
     rule,
 )
-from graphopt.backends.xla.rules.elementwise import _static_scalars
 from graphopt.backends.xla.rules.quantized import int8_conv, int8_matmul
 from graphopt.passes.base import named_args as args
 
@@ -55,7 +55,7 @@ def matmul(ctx, node):
     return _matmul(ctx[node.args[0]], ctx[node.args[1]])
 
 
-@rule(aten.addmm.default, check=_static_scalars)
+@rule(aten.addmm.default, check=static_scalars)
 def addmm(ctx, node):
     """beta * input + alpha * (mat1 @ mat2); an int8 mat1 @ mat2 runs in integers."""
     a = args(node)
@@ -79,7 +79,7 @@ def _scaled_sum(ctx, node, product: Any) -> Any:
     return product.astype(ctx.dtype(node))
 
 
-@rule(aten.addmv.default, check=_static_scalars)
+@rule(aten.addmv.default, check=static_scalars)
 def addmv(ctx, node):
     """beta * input + alpha * (mat @ vec)."""
     a = args(node)
@@ -89,7 +89,7 @@ def addmv(ctx, node):
 def _addbmm_check(node, cfg):
     if isinstance(args(node)["batch1"].meta["val"].shape[0], torch.SymInt):
         return "symbolic batch count"
-    return _static_scalars(node, cfg)
+    return static_scalars(node, cfg)
 
 
 @rule(aten.addbmm.default, check=_addbmm_check)

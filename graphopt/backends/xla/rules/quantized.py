@@ -16,23 +16,12 @@ from jax import lax
 
 from graphopt.backends import int8_operands
 from graphopt.backends.xla.rules.common import _axis, _cast, rule
-from graphopt.backends.xla.rules.elementwise import _clamp, _static_scalars
+from graphopt.backends.xla.rules.elementwise import _clamp
 from graphopt.passes.base import named_args as args
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-
-
-def _qdq_check(node, cfg):
-    a = args(node)
-    if a.get("out_dtype") not in (None, torch.float32):
-        return f"dequantize to {a['out_dtype']} (XLA rule: float32)"
-    if node.target is qd.quantize_per_tensor.default and not a["scale"]:
-        return "quantization scale 0"
-    if node.target is qd.quantize_per_channel.default:
-        if a["scales"].meta["val"].dtype != torch.float32:
-            return "quantize_per_channel with non-float32 scales"
-    return _static_scalars(node, cfg)
+_qdq_check = int8_operands.qdq_check("XLA")
 
 
 def _quantize(ctx, x: Any, inv_scale: Any, zero_point: Any, node) -> Any:

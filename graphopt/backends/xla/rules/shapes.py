@@ -11,8 +11,13 @@ import torch
 import torch.fx
 from jax import lax
 
+from graphopt.backends.registry import (
+    integer_size,
+    same_device_strided,
+    static_arange,
+    static_scalars,
+)
 from graphopt.backends.xla.rules.common import XLA, _axis, _cast, _is_float, _scalar, rule
-from graphopt.backends.xla.rules.elementwise import _static_scalars
 from graphopt.passes.base import named_args as args
 
 aten = torch.ops.aten
@@ -169,11 +174,6 @@ def getitem(ctx, node):
     return source[index]
 
 
-def _integer_size(node, cfg):
-    value = node.meta.get("val")
-    return None if isinstance(value, int | torch.SymInt) else "not an integer size expression"
-
-
 @rule(
     aten.sym_size.int,
     operator.add,
@@ -181,29 +181,19 @@ def _integer_size(node, cfg):
     operator.mul,
     operator.floordiv,
     operator.mod,
-    check=_integer_size,
+    check=integer_size,
 )
 def sym_size(ctx, node):
     """Sizes and size arithmetic (s0 * 4), read from the traced value."""
     return ctx.dim(ctx.val(node))
 
 
-def _to_copy_check(node, cfg):
-    a = args(node)
-    source = a["input"].meta["val"]
-    if a["device"] is not None and torch.device(a["device"]).type != source.device.type:
-        return f"copy from {source.device} to {a['device']}"
-    if a["layout"] not in (None, torch.strided):
-        return f"layout {a['layout']}"
-    return None
-
-
-@rule(aten._to_copy.default, check=_to_copy_check)
+@rule(aten._to_copy.default, check=same_device_strided)
 def to_copy(ctx, node):
     return _cast(ctx[node.args[0]], ctx.dtype(node))
 
 
-@rule(aten.full.default, aten.full_like.default, check=_static_scalars)
+@rule(aten.full.default, aten.full_like.default, check=static_scalars)
 def full(ctx, node):
     return jnp.broadcast_to(_scalar(args(node)["fill_value"], ctx.dtype(node)), ctx.shape(node))
 
@@ -214,22 +204,12 @@ def constant_like(ctx, node):
     return jnp.full(ctx.shape(node), value, ctx.dtype(node))
 
 
-@rule(aten.scalar_tensor.default, check=_static_scalars)
+@rule(aten.scalar_tensor.default, check=static_scalars)
 def scalar_tensor(ctx, node):
     return _scalar(args(node)["s"], ctx.dtype(node))
 
 
-def _arange_check(node, cfg):
-    a = args(node)
-    for key in ("start", "step"):
-        if isinstance(a.get(key), torch.fx.Node | torch.SymInt | torch.SymFloat):
-            return f"symbolic arange {key}"
-    if isinstance(a["end"], torch.SymFloat):
-        return "symbolic float arange end"
-    return None
-
-
-@rule(aten.arange.default, aten.arange.start, aten.arange.start_step, check=_arange_check)
+@rule(aten.arange.default, aten.arange.start, aten.arange.start_step, check=static_arange)
 def arange(ctx, node):
     """start, step static; the length is the traced one (end may be a size expression).
 
@@ -246,7 +226,7 @@ def arange(ctx, node):
     return (start + step * lax.iota(acc, length)).astype(dtype)
 
 
-@rule(aten.constant_pad_nd.default, check=_static_scalars)
+@rule(aten.constant_pad_nd.default, check=static_scalars)
 def constant_pad_nd(ctx, node):
     """pad = (last dim's left, right, the dim before's left, right, ...); negative crops."""
     a = args(node)
@@ -347,7 +327,7 @@ def _scatter_operands(ctx, node):
     return x, _scatter_key(index, axis), src, lambda out: out.reshape(shape)
 
 
-@rule(aten.scatter.src, aten.scatter.value, check=_static_scalars)
+@rule(aten.scatter.src, aten.scatter.value, check=static_scalars)
 def scatter(ctx, node):
     """out[..., index[i, j], ...] = src[i, j] (src cropped to the index's shape)."""
     x, key, src, restore = _scatter_operands(ctx, node)
