@@ -8,9 +8,7 @@ Every rule's result is checked against the traced shape and dtype, so a rule bug
 
 from __future__ import annotations
 
-import functools
 import logging
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch.fx
 import tvm
 from tvm import relax, tirx
 
+from graphopt.backends import rule_context
 from graphopt.backends.tvm.rules import TVM, TVM_DTYPES
 from graphopt.backends.tvm.runtime import compact_strides
 from graphopt.config import Config
@@ -29,105 +28,40 @@ aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
 
-class LoweringError(RuntimeError):
+class LoweringError(rule_context.LoweringError):
     """A graph the TVM backend cannot build; the caller runs that partition in PyTorch."""
 
-    def __init__(self, node_name: str, reason: str):
-        self.node_name = node_name
-        self.reason = reason
-        super().__init__(f"TVM cannot lower node {node_name!r}: {reason}")
+    lowered_to = "TVM"
 
 
-class LoweringContext:
-    """What a rule sees: the relax value of each fx argument, and shapes from meta["val"].
+class LoweringContext(rule_context.RuleContext):
+    """What a rule sees (`rule_context.RuleContext`): the relax value of each fx argument (a
+    `tirx` expression for SymInt nodes, over one `tirx.Var` per symbol), and shapes from
+    meta["val"]."""
 
-    `ctx[arg]` maps an fx Node to its relax expression (a `tirx` expression for SymInt nodes),
-    lists elementwise, SymInts to `tirx` expressions, and leaves Python scalars as they are.
-    """
+    error = LoweringError
+    dtypes = TVM_DTYPES
+    size_ops = rule_context.SizeOps(
+        integer=lambda v: tirx.IntImm("int64", v), floordiv=tirx.floordiv, mod=tirx.floormod
+    )
 
     def __init__(self, bb: relax.BlockBuilder, cfg: Config):
+        super().__init__(cfg)
         self.bb = bb
-        self.cfg = cfg
-        self.env: dict[torch.fx.Node, Any] = {}
-        self.symbols: dict[str, tirx.Var] = {}  # sympy symbol name -> its tirx.Var
-        self.node: torch.fx.Node | None = None  # the node being lowered (for error messages)
-
-    def __getitem__(self, arg: Any) -> Any:
-        if isinstance(arg, torch.fx.Node):
-            return self.env[arg]
-        if isinstance(arg, list | tuple):
-            return [self[a] for a in arg]
-        if isinstance(arg, torch.SymInt):
-            return self.dim(arg)
-        return arg
 
     def emit(self, expr: relax.Expr) -> relax.Var:
         return self.bb.emit(expr)
-
-    def val(self, node: Any) -> Any:
-        """The traced value of a node: meta["val"] (a FakeTensor, SymInt or tuple of them)."""
-        if not isinstance(node, torch.fx.Node):
-            return node
-        if "val" not in node.meta:
-            raise LoweringError(node.name, "no meta['val'] (run FakeTensorProp first)")
-        return node.meta["val"]
 
     def shape(self, node: Any) -> list[int | tirx.PrimExpr]:
         """The shape of a node's tensor value, symbolic dims as tirx expressions."""
         value = self.val(node) if isinstance(node, torch.fx.Node) else node
         return [self.dim(d) for d in value.shape]
 
-    def dtype(self, node: Any) -> str:
-        """The TVM dtype of a node's tensor value (or of a torch.dtype)."""
-        dtype = node if isinstance(node, torch.dtype) else self.val(node).dtype
-        if dtype not in TVM_DTYPES:
-            raise LoweringError(self._where(), f"dtype {dtype} has no TVM equivalent")
-        return TVM_DTYPES[dtype]
-
-    def dim(self, d: Any) -> int | tirx.PrimExpr:
-        """An int stays an int; a SymInt becomes a tirx expression over the bound symbols."""
-        if isinstance(d, torch.SymInt):
-            expr = d.node.expr
-            if expr.is_Integer:
-                return int(expr)
-            return _sympy_to_tir(expr, self.symbols, self._where())
-        return int(d)
-
     def const(self, value: Any, dtype: str) -> relax.Constant:
         """A scalar relax constant of `dtype`."""
         if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
             raise LoweringError(self._where(), f"symbolic scalar {value} used as a tensor value")
         return relax.const(value, dtype)
-
-    def _where(self) -> str:
-        return self.node.name if self.node is not None else "<graph>"
-
-
-def _sympy_to_tir(expr: Any, symbols: dict[str, tirx.Var], where: str) -> tirx.PrimExpr:
-    """Translate a torch shape expression (sympy over s0, s1, ...) to tirx."""
-    import sympy
-    from torch.utils._sympy.functions import CleanDiv, FloorDiv, Mod, PythonMod
-
-    def convert(e):
-        if e.is_Integer:
-            return tirx.IntImm("int64", int(e))
-        if e.is_Symbol:
-            if e.name not in symbols:
-                raise LoweringError(where, f"symbol {e.name} is not the size of any input dim")
-            return symbols[e.name]
-        if isinstance(e, sympy.Add):
-            return functools.reduce(operator.add, map(convert, e.args))
-        if isinstance(e, sympy.Mul):
-            return functools.reduce(operator.mul, map(convert, e.args))
-        if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) > 0:
-            return functools.reduce(operator.mul, [convert(e.base)] * int(e.exp))
-        if isinstance(e, FloorDiv | CleanDiv):
-            return tirx.floordiv(convert(e.args[0]), convert(e.args[1]))
-        if isinstance(e, Mod | PythonMod):
-            return tirx.floormod(convert(e.args[0]), convert(e.args[1]))
-        raise LoweringError(where, f"symbolic size {expr} uses {type(e).__name__}")
-
-    return convert(expr)
 
 
 def build_relax(

@@ -16,8 +16,6 @@ bug is a `LoweringError` (the partition runs in PyTorch) rather than wrong numbe
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,59 +26,30 @@ import numpy as np
 import torch
 import torch.fx
 
+from graphopt.backends import rule_context
 from graphopt.backends.xla.rules import XLA, XLA_DTYPES
 from graphopt.config import Config
 from graphopt.ops import op_name
 from graphopt.passes.base import get_attr_value
 
 
-class LoweringError(RuntimeError):
+class LoweringError(rule_context.LoweringError):
     """A graph the XLA backend cannot build; the caller runs that partition in PyTorch."""
 
-    def __init__(self, node_name: str, reason: str):
-        self.node_name = node_name
-        self.reason = reason
-        super().__init__(f"XLA cannot lower node {node_name!r}: {reason}")
+    lowered_to = "XLA"
 
 
-class LoweringContext:
-    """What a rule sees: the JAX value of each fx argument, and traced values from meta["val"].
+class LoweringContext(rule_context.RuleContext):
+    """What a rule sees (`rule_context.RuleContext`): the JAX value of each fx argument (an
+    int, or a symbolic dimension under `jax.export`, for SymInt nodes), and traced values from
+    meta["val"]."""
 
-    `ctx[arg]` maps an fx Node to its JAX value (an int, or a symbolic dimension under
-    `jax.export`, for SymInt nodes), lists elementwise, SymInts to sizes, and leaves Python
-    scalars as they are.
-    """
+    error = LoweringError
+    dtypes = XLA_DTYPES
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.env: dict[torch.fx.Node, Any] = {}
-        self.symbols: dict[str, Any] = {}  # torch's symbol name -> the size it stands for
-        self.node: torch.fx.Node | None = None
+        super().__init__(cfg)
         self.constants: dict[torch.fx.Node, torch.Tensor] = {}  # get_attr node -> its tensor
-
-    def __getitem__(self, arg: Any) -> Any:
-        if isinstance(arg, torch.fx.Node):
-            return self.env[arg]
-        if isinstance(arg, list | tuple):
-            return [self[a] for a in arg]
-        if isinstance(arg, torch.SymInt):
-            return self.dim(arg)
-        return arg
-
-    def val(self, node: Any) -> Any:
-        """The traced value of a node: meta["val"] (a FakeTensor, SymInt or tuple of them)."""
-        if not isinstance(node, torch.fx.Node):
-            return node
-        if "val" not in node.meta:
-            raise LoweringError(node.name, "no meta['val'] (run FakeTensorProp first)")
-        return node.meta["val"]
-
-    def dtype(self, node: Any) -> Any:
-        """The JAX dtype of a node's tensor value (or of a torch.dtype)."""
-        dtype = node if isinstance(node, torch.dtype) else self.val(node).dtype
-        if dtype not in XLA_DTYPES:
-            raise LoweringError(self._where(), f"dtype {dtype} has no XLA equivalent")
-        return XLA_DTYPES[dtype]
 
     def ndim(self, node: Any) -> int:
         return self.val(node).dim()
@@ -89,15 +58,6 @@ class LoweringContext:
         """The shape of a node's tensor value: its traced shape, symbolic dims as sizes."""
         return tuple(self.dim(d) for d in self.val(node).shape)
 
-    def dim(self, d: Any) -> Any:
-        """An int stays an int; a SymInt becomes the size it stands for here."""
-        if isinstance(d, torch.SymInt):
-            expr = d.node.expr
-            if expr.is_Integer:
-                return int(expr)
-            return _evaluate(expr, self.symbols, self._where())
-        return int(d)
-
     def constant(self, arg: Any) -> np.ndarray | None:
         """The values of a graph constant (a frozen weight) as numpy, None for any other
         argument: rules that choose a lowering by the values (int8 overflow bounds) read them."""
@@ -105,36 +65,6 @@ class LoweringContext:
         if value is None or value.dtype in (torch.bfloat16,):
             return None
         return value.detach().cpu().numpy()
-
-    def _where(self) -> str:
-        return self.node.name if self.node is not None else "<graph>"
-
-
-def _evaluate(expr: Any, symbols: dict[str, Any], where: str) -> Any:
-    """A torch shape expression (sympy over s0, s1, ...) over the sizes the symbols stand for."""
-    import sympy
-    from torch.utils._sympy.functions import CleanDiv, FloorDiv, Mod, PythonMod
-
-    def convert(e):
-        if e.is_Integer:
-            return int(e)
-        if e.is_Symbol:
-            if e.name not in symbols:
-                raise LoweringError(where, f"symbol {e.name} is not the size of any input dim")
-            return symbols[e.name]
-        if isinstance(e, sympy.Add):
-            return functools.reduce(operator.add, map(convert, e.args))
-        if isinstance(e, sympy.Mul):
-            return functools.reduce(operator.mul, map(convert, e.args))
-        if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) > 0:
-            return functools.reduce(operator.mul, [convert(e.base)] * int(e.exp))
-        if isinstance(e, FloorDiv | CleanDiv):
-            return convert(e.args[0]) // convert(e.args[1])
-        if isinstance(e, Mod | PythonMod):
-            return convert(e.args[0]) % convert(e.args[1])
-        raise LoweringError(where, f"symbolic size {expr} uses {type(e).__name__}")
-
-    return convert(expr)
 
 
 @dataclass
