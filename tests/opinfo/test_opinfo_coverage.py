@@ -20,6 +20,9 @@ What CI runs, and why (measured on the 2-core machine, cold inductor cache):
   * cpu gradients (training graphs: outputs and the gradient of every input, up to 6 samples
     of each op in one compile): a fixed third, crc32(name) % 3 == 1, so the forward and
     gradient samples cover different ops.
+  * xla gradients: every baseline-passing op (~520 ops; the whole sweep takes ~250 s with 2
+    workers): training graphs through the XLA rules, forward and backward, against eager's
+    gradients.
   * double backward: a fixed sample of 12 ops, each equal to eager or refused by torch.compile
     itself (aot_autograd has no double backward in torch 2.13), never wrong.
   GRAPHOPT_OPINFO_FULL=1 runs every cpu op too.
@@ -37,13 +40,19 @@ import pytest
 from . import sweep
 
 HERE = Path(__file__).parent
-BASELINES = (("cpu", "forward"), ("llvm", "forward"), ("xla", "forward"), ("cpu", "grad"))
+BASELINES = (
+    ("cpu", "forward"),
+    ("llvm", "forward"),
+    ("xla", "forward"),
+    ("cpu", "grad"),
+    ("xla", "grad"),
+)
 CPU_SAMPLE = 3  # cpu runs the ops with crc32(name) % CPU_SAMPLE == residue unless ..._FULL
 RESIDUE = {"forward": 0, "grad": 1}
 # Lower bounds on each baseline's "match" count (~80% of cpu 629, llvm 304, xla 476, cpu grad
-# 470 when written), so a baseline regenerated from a broken tree cannot pass; "fallback" is not
+# 470, xla grad 329 when written), so a baseline regenerated from a broken tree cannot pass; "fallback" is not
 # counted, as an llvm sweep with no TVM rule at all would still have ~600 ops that fall back.
-MIN_MATCH = {"cpu": 500, "llvm": 240, "xla": 380, "cpu_grad": 376}
+MIN_MATCH = {"cpu": 500, "llvm": 240, "xla": 380, "cpu_grad": 376, "xla_grad": 263}
 DOUBLE_BACKWARD = (
     "sin", "mul", "matmul", "nn.functional.linear", "nn.functional.layer_norm", "softmax",
     "nn.functional.gelu", "nn.functional.conv2d", "nn.functional.silu", "tanh",

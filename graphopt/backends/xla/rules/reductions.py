@@ -4,6 +4,7 @@ rounded once, as torch's CPU kernels."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -176,19 +177,32 @@ rule(aten.max.dim)(_value_and_index(jnp.max, jnp.argmax))
 rule(aten.min.dim)(_value_and_index(jnp.min, jnp.argmin))
 
 
+def _scan_as_torch(x: Any, scan: Any) -> Any:
+    """scan(x) with the running value torch's CPU kernels keep (`at::acc_type`): float64 for
+    float32 on a CPU, float32 for half types, each output rounded once to x's dtype. A
+    float32 scan elsewhere (a TPU has no float64): `lax.platform_dependent` picks per platform
+    when the program runs, so one artifact serves both. The running precision matters where
+    a scan feeds a difference: logcumsumexp's gradient is exp(a) - exp(b)."""
+    if x.dtype == jnp.float32:
+
+        def wide(v):
+            return scan(v.astype(jnp.float64)).astype(v.dtype)
+
+        return lax.platform_dependent(x, cpu=wide, default=scan)
+    return scan(_wide(x)).astype(x.dtype)
+
+
 @rule(aten.cumsum.default, aten.cumprod.default)
 def cumulative(ctx, node):
-    """In the output dtype, half types accumulated in float32 and each output rounded, as
-    torch's CPU kernel (a running bfloat16 sum drifts from it by several ulps)."""
+    """In the output dtype, with the running value of torch's CPU kernel (`_scan_as_torch`;
+    a running bfloat16 sum drifts from it by several ulps)."""
     a = args(node)
     dtype = ctx.dtype(node)
     x = _cast(ctx[a["input"]], dtype)
     if x.ndim == 0:
         return x
-    if _is_float(dtype) and jnp.finfo(dtype).bits < 32:
-        x = x.astype(jnp.float32)
     op = jnp.cumsum if node.target is aten.cumsum.default else jnp.cumprod
-    return op(x, axis=_axis(a["dim"], x.ndim)).astype(dtype)
+    return _scan_as_torch(x, functools.partial(op, axis=_axis(a["dim"], x.ndim)))
 
 
 def _running_extreme(later_wins):
@@ -219,12 +233,12 @@ rule(aten.cummin.default)(_running_extreme(jnp.less_equal))
 
 @rule(aten.logcumsumexp.default)
 def logcumsumexp(ctx, node):
-    """log(cumsum(exp(x))) without overflow; half types in float32, as torch's."""
+    """log(cumsum(exp(x))) without overflow, with torch's running precision (`_scan_as_torch`)."""
     a = args(node)
     x = ctx[a["input"]]
     if x.ndim == 0:
         return x
-    return lax.cumlogsumexp(_wide(x), axis=_axis(a["dim"], x.ndim)).astype(x.dtype)
+    return _scan_as_torch(x, functools.partial(lax.cumlogsumexp, axis=_axis(a["dim"], x.ndim)))
 
 
 def _softmax_check(node, cfg):
