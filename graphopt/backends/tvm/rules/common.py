@@ -59,12 +59,23 @@ def _dtype_of(expr: relax.Expr) -> str:
     return str(expr.ty.dtype)
 
 
+def _not_equal(a: relax.Expr, b: relax.Expr) -> relax.Expr:
+    """a != b with IEEE semantics: true where either side is NaN. TVM's LLVM codegen compiles
+    not_equal on floats to an ordered comparison (`fcmp one`: false for NaN), and its
+    simplifier turns not(a == b) back into a != b in a fused kernel, so floats also test
+    isnan (`fcmp uno`) on both sides."""
+    ne = R.not_equal(a, b)
+    if not _is_float(_dtype_of(a)):
+        return ne
+    return R.logical_or(ne, R.logical_or(R.isnan(a), R.isnan(b)))
+
+
 def _cast(ctx, expr: relax.Expr, dtype: str) -> relax.Expr:
     """`expr` as `dtype`; to bool means `!= 0` (a plain float->bool cast truncates 0.5 to 0)."""
     if _dtype_of(expr) == dtype:
         return expr
     if dtype == "bool":
-        return ctx.emit(R.not_equal(expr, relax.const(0, _dtype_of(expr))))
+        return ctx.emit(_not_equal(expr, relax.const(0, _dtype_of(expr))))  # NaN is True
     return ctx.emit(R.astype(expr, dtype))
 
 

@@ -16,6 +16,7 @@ from graphopt.backends.tvm.rules.common import (
     _cast,
     _dtype_of,
     _is_float,
+    _not_equal,
     _operand,
     rule,
 )
@@ -56,6 +57,15 @@ UNARY = {
 }
 for _target, _op in UNARY.items():
     rule(_target)(_unary(_op))
+
+
+@rule(aten.isnan.default)
+def isnan(ctx, node):
+    """TVM's isnan (LLVM's unordered comparison); integers are never NaN."""
+    x = ctx[node.args[0]]
+    if _is_float(_dtype_of(x)):
+        return ctx.emit(R.isnan(x))
+    return ctx.emit(R.zeros_like(x, "bool"))
 
 
 def _rounding(op):
@@ -232,7 +242,7 @@ def _compare(op):
 
 for _name, _op in {
     "eq": R.equal,
-    "ne": R.not_equal,
+    "ne": _not_equal,
     "lt": R.less,
     "le": R.less_equal,
     "gt": R.greater,
@@ -277,7 +287,7 @@ def _floor_divide_float(ctx, a: relax.Expr, b: relax.Expr) -> relax.Expr:
     mod = ctx.emit(R.mod(a, b))  # C fmod on floats
     div = ctx.emit(R.divide(R.subtract(a, mod), b))
     wrong_sign = R.logical_and(
-        R.not_equal(mod, zero), R.logical_xor(R.less(b, zero), R.less(mod, zero))
+        _not_equal(mod, zero), R.logical_xor(R.less(b, zero), R.less(mod, zero))
     )
     div = ctx.emit(R.where(wrong_sign, R.subtract(div, one), div))
     floor = ctx.emit(R.floor(div))

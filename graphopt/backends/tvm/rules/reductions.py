@@ -14,6 +14,8 @@ from graphopt.backends.tvm.rules.common import (
     _axis,
     _cast,
     _dtype_of,
+    _is_float,
+    _not_equal,
     rule,
 )
 from graphopt.passes.base import named_args as args
@@ -31,6 +33,42 @@ def _axes(dim: Any, ndim: int) -> list[int] | None:
     return sorted(_axis(d, ndim) for d in dims)
 
 
+def _count_int8(ctx, mask: relax.Expr, axes: list[int] | None, keepdim: bool) -> relax.Expr:
+    """Whether any element of a bool mask is set over axes (int8 0 or 1)."""
+    return ctx.emit(R.max(R.astype(mask, "int8"), axes, keepdim))
+
+
+def _extreme(ctx, op, x: relax.Expr, axes: list[int] | None, keepdim: bool) -> relax.Expr:
+    """max (op R.max) or min (R.min) of x over axes, as torch's: a NaN anywhere gives NaN, and
+    a max over nothing but -inf (a fully masked row) is -inf. TVM's reductions skip NaN and
+    start from the dtype's lowest (highest) finite value, so both are put right here."""
+    out = ctx.emit(op(x, axes, keepdim))
+    dtype = _dtype_of(x)
+    if not _is_float(dtype):
+        return out
+    inf = ctx.const(-math.inf if op is R.max else math.inf, dtype)
+    zero = ctx.const(0, "int8")
+    only_inf = R.equal(_count_int8(ctx, _not_equal(x, inf), axes, keepdim), zero)
+    out = ctx.emit(R.where(only_inf, inf, out))
+    any_nan = R.not_equal(_count_int8(ctx, R.isnan(x), axes, keepdim), zero)
+    return ctx.emit(R.where(any_nan, ctx.const(math.nan, dtype), out))
+
+
+def _arg_extreme(ctx, op, x: relax.Expr, axis: int | None, keepdim: bool) -> relax.Expr:
+    """argmax/argmin of x along axis, as torch's: the first NaN where there is one, and the
+    first element where all are the infinity TVM's start value stands in for (TVM gives -1
+    there: its running index starts at -1 and no element beats its start value)."""
+    index = ctx.emit(op(x, axis, keepdim))
+    if not _is_float(_dtype_of(x)):
+        return index
+    index = ctx.emit(R.where(R.less(index, ctx.const(0, "int64")), ctx.const(0, "int64"), index))
+    nan = ctx.emit(R.astype(R.isnan(x), "int8"))
+    first_nan = ctx.emit(R.argmax(nan, axis, keepdim))
+    any_nan = R.not_equal(ctx.emit(R.max(nan, [axis] if axis is not None else None, keepdim)),
+                          ctx.const(0, "int8"))  # fmt: skip
+    return ctx.emit(R.where(any_nan, first_nan, index))
+
+
 def _reduce(op, *, via_int8_for_bool: bool = False):
     """op(x, axes, keepdims), x cast to the output dtype first (sum of int32 is int64)."""
 
@@ -46,6 +84,8 @@ def _reduce(op, *, via_int8_for_bool: bool = False):
         if via_int8_for_bool and dtype == "bool":  # TVM's max/min take no bool
             out = ctx.emit(op(_cast(ctx, x, "int8"), axes, keepdim))
             return _cast(ctx, out, "bool")
+        if op in (R.max, R.min):
+            return _extreme(ctx, op, _cast(ctx, x, dtype), axes, keepdim)
         return ctx.emit(op(_cast(ctx, x, dtype), axes, keepdim))
 
     return lower
@@ -102,7 +142,7 @@ def _arg_reduce(op):
         a = args(node)
         dim = a["dim"]
         axis = None if dim is None else _axis(dim, ctx.val(a["input"]).dim())
-        return ctx.emit(op(ctx[a["input"]], axis, a["keepdim"]))
+        return _arg_extreme(ctx, op, ctx[a["input"]], axis, a["keepdim"])
 
     return lower
 
@@ -124,8 +164,8 @@ def _value_and_index(value_op, index_op):
         x = ctx[a["input"]]
         axis = _axis(a["dim"], ctx.val(a["input"]).dim())
         return (
-            ctx.emit(value_op(x, [axis], a["keepdim"])),
-            ctx.emit(index_op(x, axis, a["keepdim"])),
+            _extreme(ctx, value_op, x, [axis], a["keepdim"]),
+            _arg_extreme(ctx, index_op, x, axis, a["keepdim"]),
         )
 
     return lower
