@@ -33,8 +33,8 @@ def _axes(dim: Any, ndim: int) -> list[int] | None:
     return sorted(_axis(d, ndim) for d in dims)
 
 
-def _count_int8(ctx, mask: relax.Expr, axes: list[int] | None, keepdim: bool) -> relax.Expr:
-    """Whether any element of a bool mask is set over axes (int8 0 or 1)."""
+def _any_int8(ctx, mask: relax.Expr, axes: list[int] | None, keepdim: bool) -> relax.Expr:
+    """Whether any element of a bool mask is set over axes, as int8 0 or 1."""
     return ctx.emit(R.max(R.astype(mask, "int8"), axes, keepdim))
 
 
@@ -48,9 +48,9 @@ def _extreme(ctx, op, x: relax.Expr, axes: list[int] | None, keepdim: bool) -> r
         return out
     inf = ctx.const(-math.inf if op is R.max else math.inf, dtype)
     zero = ctx.const(0, "int8")
-    only_inf = R.equal(_count_int8(ctx, _not_equal(x, inf), axes, keepdim), zero)
+    only_inf = R.equal(_any_int8(ctx, _not_equal(x, inf), axes, keepdim), zero)
     out = ctx.emit(R.where(only_inf, inf, out))
-    any_nan = R.not_equal(_count_int8(ctx, R.isnan(x), axes, keepdim), zero)
+    any_nan = R.not_equal(_any_int8(ctx, R.isnan(x), axes, keepdim), zero)
     return ctx.emit(R.where(any_nan, ctx.const(math.nan, dtype), out))
 
 
@@ -62,10 +62,9 @@ def _arg_extreme(ctx, op, x: relax.Expr, axis: int | None, keepdim: bool) -> rel
     if not _is_float(_dtype_of(x)):
         return index
     index = ctx.emit(R.where(R.less(index, ctx.const(0, "int64")), ctx.const(0, "int64"), index))
-    nan = ctx.emit(R.astype(R.isnan(x), "int8"))
-    first_nan = ctx.emit(R.argmax(nan, axis, keepdim))
-    any_nan = R.not_equal(ctx.emit(R.max(nan, [axis] if axis is not None else None, keepdim)),
-                          ctx.const(0, "int8"))  # fmt: skip
+    first_nan = ctx.emit(R.argmax(R.astype(R.isnan(x), "int8"), axis, keepdim))
+    axes = [axis] if axis is not None else None
+    any_nan = R.not_equal(_any_int8(ctx, R.isnan(x), axes, keepdim), ctx.const(0, "int8"))
     return ctx.emit(R.where(any_nan, first_nan, index))
 
 
