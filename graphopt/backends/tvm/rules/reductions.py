@@ -62,9 +62,10 @@ def _arg_extreme(ctx, op, x: relax.Expr, axis: int | None, keepdim: bool) -> rel
     if not _is_float(_dtype_of(x)):
         return index
     index = ctx.emit(R.where(R.less(index, ctx.const(0, "int64")), ctx.const(0, "int64"), index))
-    first_nan = ctx.emit(R.argmax(R.astype(R.isnan(x), "int8"), axis, keepdim))
+    nan = ctx.emit(R.isnan(x))
+    first_nan = ctx.emit(R.argmax(R.astype(nan, "int8"), axis, keepdim))
     axes = [axis] if axis is not None else None
-    any_nan = R.not_equal(_any_int8(ctx, R.isnan(x), axes, keepdim), ctx.const(0, "int8"))
+    any_nan = R.not_equal(_any_int8(ctx, nan, axes, keepdim), ctx.const(0, "int8"))
     return ctx.emit(R.where(any_nan, first_nan, index))
 
 
